@@ -1,0 +1,191 @@
+"""Energy functions.
+
+Every energy is a plain :class:`torch.nn.Module` (or any callable) mapping a batch ``x`` of shape
+``(B, *event)`` to energies of shape ``(B,)``. Lower energy means more likely:
+``p(x) = exp(-E(x)) / Z``. That is the only sign convention used in this library.
+
+The gradient ``∇ₓE`` is computed in exactly one place, :func:`energy_and_grad`, which checks shapes
+and never touches the parameters' ``.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+EnergyFn = Callable[[Tensor], Tensor]
+
+
+def check_energy_output(energy: Tensor, x: Tensor) -> Tensor:
+    """Raise unless ``energy`` has shape ``(B,)`` for an input ``x`` of shape ``(B, *event)``."""
+    if energy.shape != (x.shape[0],):
+        raise ValueError(
+            f"an energy must map x of shape (B, *event) = {tuple(x.shape)} to shape (B,) = "
+            f"({x.shape[0]},), got {tuple(energy.shape)}"
+        )
+    return energy
+
+
+@contextmanager
+def frozen(energy: EnergyFn) -> Iterator[None]:
+    """Temporarily stop ``energy``'s parameters from requiring gradients.
+
+    Sampling needs ``∇ₓE`` only; with frozen parameters autograd neither saves what the weight
+    gradients would need nor computes them, and nothing can leak into ``param.grad``.
+    """
+    if not isinstance(energy, nn.Module):
+        yield
+        return
+    params = [p for p in energy.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def energy_and_grad(energy: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Return ``(E(x), ∇ₓE(x))`` for a batch, with shapes ``(B,)`` and ``x.shape``.
+
+    The gradient is taken with respect to the input only (``torch.autograd.grad``), so the
+    energy's parameters accumulate nothing. Both results are detached.
+    """
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        e = check_energy_output(energy(x), x)
+        (grad,) = torch.autograd.grad(e.sum(), x)
+    return e.detach(), grad
+
+
+# --- analytic energies: examples, oracles for tests, and baselines -------------------------------
+
+
+class GaussianEnergy(nn.Module):
+    """E(x) = ½ (x − μ)ᵀ Σ⁻¹ (x − μ) + ½ log det(2πΣ): a normalised Gaussian, so log Z = 0."""
+
+    def __init__(self, mean: Tensor, covariance: Tensor) -> None:
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.get_default_dtype())
+        covariance = torch.as_tensor(covariance, dtype=torch.get_default_dtype())
+        if covariance.shape != (mean.numel(), mean.numel()):
+            raise ValueError(
+                f"covariance must be {mean.numel()}×{mean.numel()} for a mean of {mean.numel()} "
+                f"dimensions, got {tuple(covariance.shape)}"
+            )
+        self.register_buffer("mean", mean)
+        self.register_buffer("scale_tril", torch.linalg.cholesky(covariance))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dist = torch.distributions.MultivariateNormal(self.mean, scale_tril=self.scale_tril)
+        return -dist.log_prob(x)
+
+
+class GaussianMixtureEnergy(nn.Module):
+    """E(x) = −log Σₖ wₖ N(x; μₖ, σₖ² I): a normalised isotropic Gaussian mixture (log Z = 0)."""
+
+    def __init__(self, means: Tensor, stds: Tensor | float, weights: Tensor | None = None) -> None:
+        super().__init__()
+        means = torch.as_tensor(means, dtype=torch.get_default_dtype())
+        if means.ndim != 2:
+            raise ValueError(f"means must have shape (K, D), got {tuple(means.shape)}")
+        n_components = means.shape[0]
+        stds = torch.as_tensor(stds, dtype=means.dtype).expand(n_components).clone()
+        if weights is None:
+            weights = torch.full((n_components,), 1.0 / n_components, dtype=means.dtype)
+        weights = torch.as_tensor(weights, dtype=means.dtype)
+        if (stds <= 0).any() or (weights < 0).any() or weights.shape != (n_components,):
+            raise ValueError("stds must be positive and weights non-negative with one per component")
+        self.register_buffer("means", means)
+        self.register_buffer("stds", stds)
+        self.register_buffer("log_weights", torch.log(weights / weights.sum()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dim = self.means.shape[1]
+        sq_dist = torch.cdist(x, self.means).square()  # (B, K)
+        log_norm = -dim * (torch.log(self.stds) + 0.5 * math.log(2 * math.pi))  # (K,)
+        log_prob = self.log_weights + log_norm - 0.5 * sq_dist / self.stds.square()
+        return -torch.logsumexp(log_prob, dim=1)
+
+
+# --- learned energies -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MLPEnergyConfig:
+    """An MLP energy for 2D and tabular data.
+
+    Attributes:
+        in_features: dimension of one input row.
+        widths: hidden layer widths.
+        spectral_norm: wrap every linear layer in spectral normalisation (Miyato et al. 2018), which
+            bounds the energy's Lipschitz constant and keeps Langevin chains tame.
+    """
+
+    in_features: int = 2
+    widths: Sequence[int] = (128, 128, 128)
+    spectral_norm: bool = False
+
+
+class MLPEnergy(nn.Module):
+    """E(x) = MLP(x) with SiLU (Swish) activations and a scalar output per row."""
+
+    def __init__(self, config: MLPEnergyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.net = mlp(config.in_features, config.widths, 1, spectral_norm=config.spectral_norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1)).squeeze(1)
+
+
+def mlp(in_features: int, widths: Sequence[int], out_features: int, *, spectral_norm: bool) -> nn.Sequential:
+    """Linear layers of the given widths with SiLU between them, optionally spectrally normalised."""
+    sizes = [in_features, *widths, out_features]
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(sizes[:-1], sizes[1:], strict=True):
+        linear = nn.Linear(width_in, width_out)
+        layers += [nn.utils.parametrizations.spectral_norm(linear) if spectral_norm else linear, nn.SiLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class ClassConditionalEnergy(nn.Module):
+    """E(x, y) = −logit_y(x) over a classifier's logits, with marginal E(x) = −logsumexp_y logit_y(x).
+
+    ``forward(x)`` is the marginal energy, so the module satisfies the ``(B, *event) → (B,)``
+    contract; :meth:`joint` gives E(x, y) and :meth:`logits` the classifier view
+    (JEM, Grathwohl et al. 2019, https://arxiv.org/abs/1912.03263).
+    """
+
+    def __init__(self, logits_net: nn.Module) -> None:
+        super().__init__()
+        self.logits_net = logits_net
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.logits_net(x)
+
+    def joint(self, x: Tensor, y: Tensor) -> Tensor:
+        return -self.logits(x).gather(1, y.long().view(-1, 1)).squeeze(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return -torch.logsumexp(self.logits(x), dim=1)
+
+
+@dataclass(frozen=True)
+class MLPClassifierConfig:
+    in_features: int = 2
+    n_classes: int = 2
+    widths: Sequence[int] = (64, 64)
+    spectral_norm: bool = False
+
+
+def mlp_logits(config: MLPClassifierConfig) -> nn.Module:
+    """An MLP producing ``n_classes`` logits: the body of a :class:`ClassConditionalEnergy`."""
+    body = mlp(config.in_features, config.widths, config.n_classes, spectral_norm=config.spectral_norm)
+    return nn.Sequential(nn.Flatten(1), body)
