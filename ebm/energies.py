@@ -10,6 +10,7 @@ and never touches the parameters' ``.grad``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -70,6 +71,9 @@ def energy_and_grad(energy: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
 class GaussianEnergy(nn.Module):
     """E(x) = ½ (x − μ)ᵀ Σ⁻¹ (x − μ) + ½ log det(2πΣ): a normalised Gaussian, so log Z = 0."""
 
+    mean: Tensor
+    scale_tril: Tensor
+
     def __init__(self, mean: Tensor, covariance: Tensor) -> None:
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.get_default_dtype())
@@ -89,6 +93,10 @@ class GaussianEnergy(nn.Module):
 
 class GaussianMixtureEnergy(nn.Module):
     """E(x) = −log Σₖ wₖ N(x; μₖ, σₖ² I): a normalised isotropic Gaussian mixture (log Z = 0)."""
+
+    means: Tensor
+    stds: Tensor
+    log_weights: Tensor
 
     def __init__(self, means: Tensor, stds: Tensor | float, weights: Tensor | None = None) -> None:
         super().__init__()
@@ -149,7 +157,7 @@ def mlp(in_features: int, widths: Sequence[int], out_features: int, *, spectral_
     """Linear layers of the given widths with SiLU between them, optionally spectrally normalised."""
     sizes = [in_features, *widths, out_features]
     layers: list[nn.Module] = []
-    for width_in, width_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for width_in, width_out in itertools.pairwise(sizes):
         linear = nn.Linear(width_in, width_out)
         layers += [nn.utils.parametrizations.spectral_norm(linear) if spectral_norm else linear, nn.SiLU()]
     return nn.Sequential(*layers[:-1])

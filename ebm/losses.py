@@ -86,7 +86,12 @@ class ContrastiveDivergence:
         return x_neg, stats
 
     def __call__(
-        self, energy: EnergyFn, x_pos: Tensor, *, generator: torch.Generator | None = None, step: int | None = None
+        self,
+        energy: EnergyFn,
+        x_pos: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
     ) -> tuple[Tensor, CDStats]:
         x_neg, sampler_stats = self.negatives(energy, x_pos, generator=generator)
         energies = check_energy_output(energy(torch.cat([x_pos, x_neg])), torch.cat([x_pos, x_neg]))

@@ -33,7 +33,8 @@ class SamplerStats:
 
 
 class Sampler(Protocol):
-    step_size: float
+    @property
+    def step_size(self) -> float: ...
 
     def run(
         self, energy: EnergyFn, x0: Tensor, n_steps: int, *, generator: torch.Generator | None = None
@@ -81,7 +82,9 @@ class Langevin:
     def __post_init__(self) -> None:
         _check_positive("step_size", self.step_size)
         if self.noise_scale is not None and self.noise_scale < 0:
-            raise ValueError(f"noise_scale must be ≥ 0 or None (meaning √(2·step_size)), got {self.noise_scale}")
+            raise ValueError(
+                f"noise_scale must be ≥ 0 or None (meaning √(2·step_size)), got {self.noise_scale}"
+            )
         if self.grad_clip is not None:
             _check_positive("grad_clip", self.grad_clip)
         _check_box(self.clamp)
@@ -276,3 +279,33 @@ class ReplayBuffer:
         self.states = states.to(self.states.device, self.states.dtype).clone()
         self.reinit_prob = float(state["reinit_prob"])
 
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """A sampler by name plus its hyperparameters, as ``params.yaml`` gives them.
+
+    ``noise_scale``, ``grad_clip`` and ``clamp`` apply to ``langevin`` only; setting them for
+    ``mala`` (which has no such knobs: it must keep exp(−E) invariant) is an error.
+    """
+
+    name: str = "langevin"
+    step_size: float = 0.01
+    noise_scale: float | None = None
+    grad_clip: float | None = None
+    clamp: tuple[float, float] | None = None
+
+    def build(self) -> Sampler:
+        if self.name == "langevin":
+            return Langevin(self.step_size, self.noise_scale, self.grad_clip, self.clamp)
+        extras = {
+            k: v
+            for k, v in (
+                ("noise_scale", self.noise_scale),
+                ("grad_clip", self.grad_clip),
+                ("clamp", self.clamp),
+            )
+            if v is not None
+        }
+        if extras:
+            raise ValueError(f"sampler {self.name!r} takes no {sorted(extras)}")
+        return make_sampler(self.name, step_size=self.step_size)

@@ -1,0 +1,122 @@
+"""Atomic, code-free checkpoints and model files.
+
+Everything written here holds tensors and plain Python data only and is read back with
+``torch.load(..., weights_only=True)``: opening a checkpoint or a model file never runs code. Every
+write goes to a temporary file in the destination folder and is renamed over the target, so a killed
+process leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ebm.energies import MLPEnergy, MLPEnergyConfig
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or model file could not be written or read; the message says which and why."""
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and rename the temporary file onto ``path`` once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def assert_finite_state(state_dict: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`CheckpointError` if any floating tensor in ``state_dict`` is NaN or infinite."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"refusing to write {what}: tensor {name!r} holds NaN or infinite values")
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """Write a training checkpoint (nested dicts of tensors and plain data) atomically."""
+    payload = {"format_version": FORMAT_VERSION, **state}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; raise a clear error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"{path} is not a readable ebm checkpoint: {err}") from err
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not an ebm checkpoint of format version {FORMAT_VERSION}")
+    return state
+
+
+# --- model files: architecture spec + weights, rebuilt through an explicit registry ---------------
+
+MODEL_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "mlp_energy": lambda config: MLPEnergy(MLPEnergyConfig(**config)),
+}
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    kind: str,
+    config: Any,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``model``'s weights with the spec that rebuilds it (``kind`` + its config dataclass)."""
+    if kind not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODEL_BUILDERS)}")
+    state_dict = model.state_dict()
+    assert_finite_state(state_dict, f"model file {path}")
+    is_instance = dataclasses.is_dataclass(config) and not isinstance(config, type)
+    config_dict = dataclasses.asdict(config) if is_instance else dict(config)
+    payload = {
+        "kind": kind,
+        "config": _plain(config_dict),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "metadata": _plain(dict(metadata or {})),
+    }
+    return save_checkpoint(path, payload)
+
+
+def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_model`, in eval mode."""
+    payload = load_checkpoint(path, map_location)
+    kind = payload.get("kind")
+    if kind not in MODEL_BUILDERS:
+        raise CheckpointError(
+            f"{path} holds a model of unknown kind {kind!r}; known: {sorted(MODEL_BUILDERS)}"
+        )
+    model = MODEL_BUILDERS[kind](payload["config"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists, recursively, so configs survive ``weights_only`` loading unchanged in meaning."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,299 @@
+"""The training loop: seeded, resumable exactly, guarded against divergence.
+
+One :class:`Trainer` trains an energy with any objective that follows the
+:class:`~ebm.losses.ContrastiveDivergence` interface (``objective(energy, x, generator=, step=)``
+returning ``(loss, stats)``, plus ``state_dict``/``load_state_dict``/``with_step_size``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from ebm.checkpoint import assert_finite_state, load_checkpoint, save_checkpoint
+from ebm.losses import CDStats, NonFiniteLossError
+
+
+class Objective(Protocol):
+    def __call__(
+        self,
+        energy: nn.Module,
+        x_pos: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> tuple[Tensor, CDStats]: ...
+
+    def with_step_size(self, factor: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training kept diverging after every allowed rollback; no diverged weights were written."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` picks cuda, then mps, then cpu; any other name is used as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping knobs of a training run.
+
+    Attributes:
+        steps: total optimiser steps.
+        batch_size: positives per step (drawn with replacement by the seeded generator).
+        lr: Adam learning rate; decays to ``lr * final_lr_fraction`` on a cosine after ``warmup_steps``.
+        betas: Adam betas; β₁ = 0 is the usual EBM choice (Du & Mordatch 2019).
+        grad_clip: clip the parameters' gradient to this global L2 norm (``None``: off).
+        ema_decay: keep an exponential moving average of the weights (``None``: off).
+        checkpoint_every: write an atomic checkpoint every this many steps (0: only at the end).
+        log_every: record metrics (a host sync) every this many steps.
+        max_abs_energy: divergence guard; |E| above this on data or negatives counts as divergence.
+        max_recoveries: rollbacks allowed before :class:`TrainingDivergedError`.
+        recovery_factor: after a rollback, sampler step size and learning rate are multiplied by this.
+    """
+
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    final_lr_fraction: float = 1.0
+    grad_clip: float | None = 10.0
+    ema_decay: float | None = None
+    checkpoint_every: int = 0
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    max_abs_energy: float = 1e4
+    max_recoveries: int = 3
+    recovery_factor: float = 0.5
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.log_every < 1 or self.checkpoint_every < 0:
+            raise ValueError(
+                "steps ≥ 0, batch_size ≥ 1, log_every ≥ 1 and checkpoint_every ≥ 0 are required, got "
+                f"{self.steps}, {self.batch_size}, {self.log_every}, {self.checkpoint_every}"
+            )
+        if not (self.lr > 0 and 0 < self.final_lr_fraction <= 1 and 0 < self.recovery_factor < 1):
+            raise ValueError("lr > 0, 0 < final_lr_fraction ≤ 1 and 0 < recovery_factor < 1 are required")
+
+
+MetricsCallback = Callable[["Trainer", int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    recoveries: int = 0
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Train ``energy`` on the rows of ``data`` with ``objective``.
+
+    Args:
+        energy: the model, already on the training device.
+        objective: e.g. :class:`~ebm.losses.ContrastiveDivergence` (with its buffer on the same device).
+        data: training set, shape ``(N, *event)``, moved to the model's device once.
+        config: :class:`TrainConfig`.
+        checkpoint_path: where checkpoints go; if the file exists, training resumes from it exactly.
+        callbacks: called as ``callback(trainer, step, metrics)`` at every log step (side effects only).
+    """
+
+    def __init__(
+        self,
+        energy: nn.Module,
+        objective: Objective,
+        data: Tensor,
+        config: TrainConfig,
+        *,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        callbacks: Sequence[MetricsCallback] = (),
+    ) -> None:
+        self.energy = energy
+        self.objective = objective
+        self.config = config
+        self.device = next(energy.parameters()).device
+        self.data = data.to(self.device)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.callbacks = list(callbacks)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.optimizer = torch.optim.Adam(
+            energy.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.ema = (
+            AveragedModel(energy, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+            if config.ema_decay is not None
+            else None
+        )
+        self.step = 0
+        self.recoveries = 0
+        self.history: list[dict[str, float]] = []
+        self._last_good = self.state_dict()
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.load_state_dict(load_checkpoint(self.checkpoint_path, self.device))
+            self._last_good = self.state_dict()
+
+    @property
+    def model(self) -> nn.Module:
+        """The weights to evaluate and save: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.energy
+
+    def _lr_factor(self, step: int) -> float:
+        warmup, total = self.config.warmup_steps, self.config.steps
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        floor = self.config.final_lr_fraction
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def train_step(self) -> tuple[CDStats, Tensor]:
+        """One optimiser step: positives, negatives and loss, backward, clip, step, EMA."""
+        slots = torch.randint(
+            self.data.shape[0], (self.config.batch_size,), generator=self.generator, device=self.device
+        )
+        loss, stats = self.objective(self.energy, self.data[slots], generator=self.generator, step=self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.energy.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.energy)
+        return stats, grad_norm
+
+    def fit(self) -> TrainResult:
+        """Train until ``config.steps``, checkpointing, logging and rolling back on divergence."""
+        config = self.config
+        bar = tqdm(
+            total=config.steps, initial=self.step, disable=not config.progress, desc="train", unit="step"
+        )
+        start = time.perf_counter()
+        while self.step < config.steps:
+            try:
+                stats, grad_norm = self.train_step()
+                self._check_energies(stats)
+            except NonFiniteLossError as err:
+                self._recover(str(err))
+                bar.n = self.step
+                bar.refresh()
+                continue
+            log_now = self.step % config.log_every == 0 or self.step + 1 == config.steps
+            metrics = self._metrics(stats, grad_norm) if log_now else None
+            self.step += 1
+            bar.update(1)
+            if metrics is not None:
+                metrics["step"] = float(self.step)
+                self.history.append(metrics)
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("energy_pos", "energy_neg", "gap")})
+                for callback in self.callbacks:
+                    callback(self, self.step, metrics)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.checkpoint_path is not None:
+            self.save_checkpoint()
+        return TrainResult(self.step, self.history, self.recoveries, time.perf_counter() - start)
+
+    def _metrics(self, stats: CDStats, grad_norm: Tensor) -> dict[str, float]:
+        metrics = stats.as_floats()
+        metrics["param_grad_norm"] = float(grad_norm)
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["sampler_step_size"] = float(self.objective.state_dict()["step_size"])
+        return metrics
+
+    def _check_energies(self, stats: CDStats) -> None:
+        worst = float(torch.maximum(stats.energy_pos.abs(), stats.energy_neg.abs()))
+        if not worst <= self.config.max_abs_energy:
+            raise NonFiniteLossError(self.step, f"or exploding energies (|E| = {worst:.3g})")
+
+    def _recover(self, reason: str) -> None:
+        self.recoveries += 1
+        if self.recoveries > self.config.max_recoveries:
+            raise TrainingDivergedError(
+                f"training diverged ({reason}) and {self.config.max_recoveries} rollbacks with smaller steps "
+                f"did not help; last good state is step {self._last_good['step']}"
+                + (f", saved at {self.checkpoint_path}" if self.checkpoint_path else "")
+                + ". Try a smaller lr or sampler step size, or a larger alpha."
+            )
+        recoveries = self.recoveries
+        self.load_state_dict(copy.deepcopy(self._last_good))
+        self.recoveries = recoveries
+        shrink = self.config.recovery_factor**recoveries
+        self.objective.with_step_size(shrink)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= shrink
+        self.scheduler.base_lrs = [base * shrink for base in self.scheduler.base_lrs]
+        tqdm.write(f"rolled back to step {self.step} after {reason}; sampler step and lr × {shrink:g}")
+
+    def save_checkpoint(self) -> None:
+        """Write the whole training state atomically; diverged weights are never written."""
+        state = self.state_dict()
+        assert_finite_state(state["energy"], "a checkpoint")
+        self._last_good = state
+        if self.checkpoint_path is not None:
+            save_checkpoint(self.checkpoint_path, state)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": self.step,
+            "recoveries": self.recoveries,
+            "config": asdict(self.config),
+            "energy": self.energy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return copy.deepcopy(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.energy.load_state_dict(state["energy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state["objective"])
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError("the checkpoint has no EMA weights but this run keeps an EMA")
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        self.recoveries = int(state["recoveries"])
+        self.history = list(state["history"])
