@@ -125,3 +125,22 @@ class ContrastiveDivergence:
         self.sampler = dataclasses.replace(self.sampler, step_size=state["step_size"])  # type: ignore[type-var]
         if self.buffer is not None:
             self.buffer.load_state_dict(state["buffer"])
+
+
+@dataclass(frozen=True)
+class CDConfig:
+    """Contrastive-divergence settings as ``params.yaml`` gives them.
+
+    Attributes:
+        n_steps: MCMC steps per training step (the k of CD-k).
+        alpha: energy regularisation weight.
+        persistent: negatives from a replay buffer (PCD) instead of chains started at the data (CD-k).
+        buffer_size: replay-buffer capacity.
+        reinit_prob: fraction of buffer draws replaced by fresh uniform noise.
+    """
+
+    n_steps: int = 10
+    alpha: float = 0.0
+    persistent: bool = True
+    buffer_size: int = 10000
+    reinit_prob: float = 0.05

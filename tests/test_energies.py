@@ -1,0 +1,260 @@
+"""Energies: the (B, *event) → (B,) contract, the one gradient function, and the analytic oracles."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from ebm.energies import (
+    ClassConditionalEnergy,
+    GaussianEnergy,
+    GaussianMixtureEnergy,
+    MLPClassifierConfig,
+    MLPEnergy,
+    MLPEnergyConfig,
+    energy_and_grad,
+    frozen,
+    mlp_logits,
+)
+
+MEAN_3D = torch.tensor([1.0, -0.5, 0.0])
+COVARIANCE_3D = torch.tensor([[1.0, 0.6, 0.1], [0.6, 0.8, 0.0], [0.1, 0.0, 0.5]])
+MIXTURE_MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+MIXTURE_STDS = torch.tensor([0.5, 0.7, 1.0])
+MIXTURE_WEIGHTS = torch.tensor([0.2, 0.3, 0.5])
+
+# One line per energy: (factory, event shape). Factories run under a fixed seed (see `build`).
+ENERGY_CASES = [
+    pytest.param(lambda: GaussianEnergy(MEAN_3D, COVARIANCE_3D), (3,), id="gaussian"),
+    pytest.param(
+        lambda: GaussianMixtureEnergy(MIXTURE_MEANS, MIXTURE_STDS, MIXTURE_WEIGHTS),
+        (2,),
+        id="gaussian_mixture",
+    ),
+    pytest.param(lambda: MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16))), (2,), id="mlp"),
+    pytest.param(
+        lambda: MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16), spectral_norm=True)),
+        (2,),
+        id="mlp_spectral_norm",
+    ),
+    pytest.param(lambda: MLPEnergy(MLPEnergyConfig(in_features=12, widths=(16,))), (1, 3, 4), id="mlp_image"),
+    pytest.param(
+        lambda: ClassConditionalEnergy(
+            mlp_logits(MLPClassifierConfig(in_features=2, n_classes=3, widths=(16,)))
+        ),
+        (2,),
+        id="class_conditional_mlp_logits",
+    ),
+]
+
+
+def build(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Construct an energy with seeded initial weights, leaving the global RNG as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return factory()
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+@pytest.mark.parametrize(("factory", "event_shape"), ENERGY_CASES)
+def test_energy_contract(
+    factory: Callable[[], nn.Module], event_shape: tuple[int, ...], batch_size: int
+) -> None:
+    energy = build(factory)
+    requires_grad_before = [p.requires_grad for p in energy.parameters()]
+    x = torch.randn((batch_size, *event_shape), generator=torch.Generator().manual_seed(1))
+    x_before = x.clone()
+
+    value, grad = energy_and_grad(energy, x)
+
+    assert value.shape == (batch_size,)
+    assert grad.shape == x.shape
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    assert not value.requires_grad and not grad.requires_grad
+    assert torch.equal(x, x_before) and not x.requires_grad
+    # Close, not equal: a spectrally normalised layer refines its σ estimate on every training forward.
+    torch.testing.assert_close(value, energy(x).detach())
+    assert all(p.grad is None for p in energy.parameters())
+    assert [p.requires_grad for p in energy.parameters()] == requires_grad_before
+
+
+@pytest.mark.parametrize(("factory", "event_shape"), ENERGY_CASES)
+def test_energy_and_grad_matches_central_differences(
+    factory: Callable[[], nn.Module], event_shape: tuple[int, ...]
+) -> None:
+    # eval(): a spectrally normalised layer runs a power iteration per forward in training mode, which
+    # would move the function between the two finite-difference evaluations.
+    energy = build(factory).double().eval()
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn((4, *event_shape), generator=generator, dtype=torch.float64)
+    direction = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    eps = 1e-5
+
+    _, grad = energy_and_grad(energy, x)
+    with torch.no_grad():
+        finite_difference = (energy(x + eps * direction) - energy(x - eps * direction)) / (2 * eps)
+
+    directional = (grad * direction).flatten(1).sum(1)
+    torch.testing.assert_close(directional, finite_difference, rtol=1e-6, atol=1e-7)
+
+
+def test_energy_and_grad_matches_analytic_gaussian_gradient() -> None:
+    energy = GaussianEnergy(MEAN_3D, COVARIANCE_3D).double()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mean, covariance = MEAN_3D.double(), COVARIANCE_3D.double()
+
+    _, grad = energy_and_grad(energy, x)
+
+    # ∇ₓE = −Σ⁻¹(μ − x), one row per chain.
+    expected = -torch.linalg.solve(covariance, (mean - x).T).T
+    torch.testing.assert_close(grad, expected)
+
+
+def test_energy_and_grad_detaches_from_the_callers_graph() -> None:
+    energy = GaussianEnergy(MEAN_3D, COVARIANCE_3D)
+    leaf = torch.randn(4, 3, generator=torch.Generator().manual_seed(4), requires_grad=True)
+
+    value, grad = energy_and_grad(energy, leaf * 2)
+
+    assert not value.requires_grad and not grad.requires_grad
+    assert leaf.grad is None
+
+
+@pytest.mark.parametrize(
+    ("bad_energy", "got"),
+    [
+        pytest.param(lambda x: x.sum(1, keepdim=True), "(4, 1)", id="column"),
+        pytest.param(lambda x: x.sum(), "()", id="scalar"),
+        pytest.param(lambda x: x, "(4, 2)", id="per_coordinate"),
+    ],
+)
+def test_energy_and_grad_rejects_wrong_output_shape(bad_energy: Callable, got: str) -> None:
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match=r"to shape \(B,\) = \(4,\), got " + re.escape(got)):
+        energy_and_grad(bad_energy, x)
+
+
+def test_gaussian_energy_equals_scipy_negative_log_density() -> None:
+    energy = GaussianEnergy(MEAN_3D, COVARIANCE_3D).double()
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    expected = -stats.multivariate_normal(MEAN_3D.numpy(), COVARIANCE_3D.numpy()).logpdf(x.numpy())
+
+    # The buffers were factorised in float32 before .double(), hence float32-level agreement.
+    np.testing.assert_allclose(energy(x).numpy(), expected, rtol=1e-6)
+
+
+def test_gaussian_mixture_energy_equals_scipy_negative_log_density() -> None:
+    energy = GaussianMixtureEnergy(MIXTURE_MEANS, MIXTURE_STDS, MIXTURE_WEIGHTS).double()
+    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    density = sum(
+        weight * stats.multivariate_normal(mean.numpy(), std**2 * np.eye(2)).pdf(x.numpy())
+        for mean, std, weight in zip(
+            MIXTURE_MEANS, MIXTURE_STDS.tolist(), MIXTURE_WEIGHTS.tolist(), strict=True
+        )
+    )
+
+    np.testing.assert_allclose(energy(x).numpy(), -np.log(density), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [10, 100])
+def test_gaussian_mixture_gradient_is_exact_near_a_mode_at_any_batch_size(batch_size: int) -> None:
+    # Regression: torch.cdist switches to ‖x‖² + ‖μ‖² − 2x·μ above 25 rows, whose float32 cancellation
+    # made ∇ₓE ~100% wrong within 1e-3 of a mode, for large batches only.
+    energy = GaussianMixtureEnergy(MIXTURE_MEANS, MIXTURE_STDS, MIXTURE_WEIGHTS)
+    x = MIXTURE_MEANS[1] + 1e-3 * torch.randn(batch_size, 2, generator=torch.Generator().manual_seed(10))
+
+    _, grad = energy_and_grad(energy, x)
+
+    # ∇ₓE = Σₖ rₖ(x) (x − μₖ) / σₖ², with responsibilities rₖ(x) ∝ wₖ N(x; μₖ, σₖ² I), in float64.
+    offsets = x.double()[:, None, :] - MIXTURE_MEANS.double()  # (B, K, D)
+    variances = MIXTURE_STDS.double().square()
+    log_joint = (
+        MIXTURE_WEIGHTS.double().log() - torch.log(variances) - 0.5 * offsets.square().sum(-1) / variances
+    )
+    responsibilities = torch.softmax(log_joint, dim=1)  # (B, K)
+    expected = (responsibilities[:, :, None] * offsets / variances[:, None]).sum(1)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "energy",
+    [
+        pytest.param(GaussianEnergy(MEAN_3D[:2], COVARIANCE_3D[:2, :2]), id="gaussian"),
+        pytest.param(
+            GaussianMixtureEnergy(MIXTURE_MEANS, MIXTURE_STDS, MIXTURE_WEIGHTS), id="gaussian_mixture"
+        ),
+    ],
+)
+def test_analytic_energies_are_normalised(energy: nn.Module) -> None:
+    # ∫ exp(−E) dx = 1 (log Z = 0), by the trapezoid rule on a grid that misses
+    # under 1e-10 of the mass (every component is ≥ 7 standard deviations from the edge).
+    axis = torch.linspace(-9.0, 9.0, 601, dtype=torch.float64)
+    grid = torch.cartesian_prod(axis, axis)  # (601², 2)
+    with torch.no_grad():
+        density = torch.exp(-energy.double()(grid)).reshape(len(axis), len(axis))
+    mass = torch.trapezoid(torch.trapezoid(density, axis, dim=1), axis)
+    assert mass.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_class_conditional_energy_views_agree() -> None:
+    energy = build(lambda: ClassConditionalEnergy(mlp_logits(MLPClassifierConfig(n_classes=3, widths=(8,)))))
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(8))
+    labels = torch.tensor([0, 1, 2, 1, 0])
+
+    logits = energy.logits(x)  # (B, n_classes)
+
+    torch.testing.assert_close(energy(x), -torch.logsumexp(logits, dim=1))
+    torch.testing.assert_close(energy.joint(x, labels), -logits[torch.arange(5), labels])
+    # E(x, y) − E(x) = −log p(y | x): the classifier view is the softmax of the logits.
+    torch.testing.assert_close(
+        energy.joint(x, labels) - energy(x), -torch.log_softmax(logits, dim=1)[torch.arange(5), labels]
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: GaussianEnergy(torch.zeros(2), torch.eye(3)), id="gaussian_covariance_shape"),
+        pytest.param(lambda: GaussianMixtureEnergy(torch.zeros(2), 1.0), id="mixture_means_not_2d"),
+        pytest.param(lambda: GaussianMixtureEnergy(torch.zeros(2, 2), -1.0), id="mixture_negative_std"),
+        pytest.param(
+            lambda: GaussianMixtureEnergy(torch.zeros(2, 2), 1.0, torch.ones(3)), id="mixture_weight_count"
+        ),
+    ],
+)
+def test_analytic_energies_reject_invalid_parameters(make: Callable[[], nn.Module]) -> None:
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_frozen_restores_exactly_the_parameters_it_froze() -> None:
+    energy = build(lambda: MLPEnergy(MLPEnergyConfig(widths=(4,))))
+    first, *rest = energy.parameters()
+    first.requires_grad_(False)
+
+    with pytest.raises(RuntimeError, match="inside"), frozen(energy):
+        assert not any(p.requires_grad for p in energy.parameters())
+        raise RuntimeError("inside")
+
+    assert not first.requires_grad
+    assert all(p.requires_grad for p in rest)
+
+
+def test_frozen_and_energy_and_grad_accept_plain_callables() -> None:
+    def half_square_norm(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x.square().sum(1)
+
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(9))
+    with frozen(half_square_norm):
+        value, grad = energy_and_grad(half_square_norm, x)
+
+    torch.testing.assert_close(value, 0.5 * x.square().sum(1))
+    torch.testing.assert_close(grad, x)

@@ -1,0 +1,450 @@
+"""Samplers and the replay buffer: the contract, statistical correctness on Gaussians, and the knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch.distributions import Normal
+
+from ebm.energies import GaussianEnergy, MLPEnergy, MLPEnergyConfig
+from ebm.samplers import (
+    MALA,
+    SAMPLERS,
+    Langevin,
+    ReplayBuffer,
+    SamplerStats,
+    UniformBox,
+    make_sampler,
+)
+
+# The correlated 2D target of the statistical tests: Σ has eigenvalues 1.51 and 0.29, so the
+# precision P = Σ⁻¹ has eigenvalues λ_min = 0.66 and λ_max = 3.43.
+MEAN = torch.tensor([1.0, -0.5])
+COVARIANCE = torch.tensor([[1.0, 0.6], [0.6, 0.8]])
+PRECISION = torch.linalg.inv(COVARIANCE)
+N_CHAINS = 4000
+
+# One line per sampler configuration. Every registered sampler needs at least one case (checked below).
+SAMPLER_CASES = [
+    pytest.param("langevin", {}, id="langevin"),
+    pytest.param(
+        "langevin",
+        {"step_size": 0.05, "noise_scale": 0.01, "grad_clip": 0.5, "clamp": (-2.0, 2.0)},
+        id="langevin_decoupled_clipped_clamped",
+    ),
+    pytest.param("mala", {"step_size": 0.05}, id="mala"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread() -> Iterator[None]:
+    """Run this module's many small tensor ops on one thread, then restore the setting.
+
+    On a busy 2-core runner every multi-threaded op waits at a barrier for a descheduled thread
+    (milliseconds, against microseconds of work), which made these tests ~4× slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def small_mlp_energy(event_shape: tuple[int, ...], dtype: torch.dtype) -> MLPEnergy:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        energy = MLPEnergy(MLPEnergyConfig(in_features=math.prod(event_shape), widths=(16, 16)))
+    return energy.to(dtype)
+
+
+def mean_and_covariance_with_standard_errors(samples: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sample mean and covariance of independent rows, each with its Monte Carlo standard error."""
+    n = samples.shape[0]
+    centred = samples - samples.mean(0)
+    products = centred[:, :, None] * centred[:, None, :]  # (N, D, D)
+    return (
+        samples.mean(0),
+        samples.std(0) / math.sqrt(n),
+        products.mean(0),
+        products.std(0) / math.sqrt(n),
+    )
+
+
+def unadjusted_langevin_stationary_covariance(step_size: float) -> Tensor:
+    """Stationary covariance of x' = x − ηP(x − μ) + √(2η)ξ, the ULA chain on N(μ, Σ).
+
+    It solves S = (I − ηP) S (I − ηP) + 2ηI, whose solution is S = Σ(I − ηP/2)⁻¹ = Σ + (η/2)(I − ηP/2)⁻¹:
+    the exact O(η) discretisation bias of unadjusted Langevin on a Gaussian (the mean is unbiased).
+    """
+    return COVARIANCE + step_size / 2 * torch.linalg.inv(torch.eye(2) - step_size * PRECISION / 2)
+
+
+# --- contract -----------------------------------------------------------------------------------
+
+
+def test_every_registered_sampler_has_a_contract_case() -> None:
+    assert {case.values[0] for case in SAMPLER_CASES} == set(SAMPLERS)
+
+
+@pytest.mark.parametrize(
+    ("event_shape", "dtype"),
+    [
+        pytest.param((2,), torch.float32, id="rows_float32"),
+        pytest.param((1, 3, 3), torch.float64, id="images_float64"),
+    ],
+)
+@pytest.mark.parametrize(("name", "hyperparameters"), SAMPLER_CASES)
+def test_sampler_contract(
+    name: str, hyperparameters: dict[str, Any], event_shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    sampler = make_sampler(name, **hyperparameters)
+    energy = small_mlp_energy(event_shape, dtype)
+    next(energy.parameters()).requires_grad_(False)  # a partly frozen model must stay partly frozen
+    requires_grad_before = [p.requires_grad for p in energy.parameters()]
+    x0 = torch.randn((6, *event_shape), generator=seeded(1), dtype=dtype)
+    x0_before = x0.clone()
+    global_rng_before = torch.get_rng_state()
+
+    x, stats = sampler.run(energy, x0, 5, generator=seeded(0))
+
+    assert x.shape == x0.shape and x.dtype == x0.dtype and x.device == x0.device
+    assert torch.isfinite(x).all() and not x.requires_grad
+    assert not torch.equal(x, x0), "the chains did not move"
+    assert torch.equal(x0, x0_before), "x0 was modified in place"
+    assert isinstance(stats, SamplerStats)
+    for field in dataclasses.fields(stats):
+        value = getattr(stats, field.name)
+        assert isinstance(value, Tensor) and value.ndim == 0 and torch.isfinite(value), field.name
+    assert 0.0 <= stats.acceptance_rate.item() <= 1.0
+    assert torch.equal(torch.get_rng_state(), global_rng_before), "the global RNG was used"
+    assert [p.requires_grad for p in energy.parameters()] == requires_grad_before
+    assert all(p.grad is None for p in energy.parameters())
+
+    x_again, stats_again = sampler.run(energy, x0, 5, generator=seeded(0))
+    x_other_seed, _ = sampler.run(energy, x0, 5, generator=seeded(1))
+    assert torch.equal(x_again, x)
+    assert all(
+        torch.equal(getattr(stats, f.name), getattr(stats_again, f.name)) for f in dataclasses.fields(stats)
+    )
+    assert not torch.equal(x_other_seed, x)
+
+
+def test_make_sampler_builds_registered_samplers_and_names_the_valid_choices() -> None:
+    assert all(isinstance(make_sampler(name), sampler_class) for name, sampler_class in SAMPLERS.items())
+    assert make_sampler("mala", step_size=0.2) == MALA(step_size=0.2)
+    with pytest.raises(ValueError, match="unknown sampler 'nope'") as raised:
+        make_sampler("nope")
+    assert all(repr(name) in str(raised.value) for name in SAMPLERS)
+
+
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [
+        {"step_size": 0.0},
+        {"step_size": -0.1},
+        {"step_size": math.nan},
+        {"step_size": math.inf},
+        {"noise_scale": -1.0},
+        {"grad_clip": 0.0},
+        {"clamp": (1.0, -1.0)},
+    ],
+)
+def test_langevin_rejects_invalid_hyperparameters(hyperparameters: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Langevin(**hyperparameters)
+
+
+@pytest.mark.parametrize("step_size", [0.0, -1.0, math.nan])
+def test_mala_rejects_invalid_step_size(step_size: float) -> None:
+    with pytest.raises(ValueError, match="step_size"):
+        MALA(step_size=step_size)
+
+
+# --- statistics on Gaussians --------------------------------------------------------------------
+#
+# Every chain's final state is an independent draw, so the Monte Carlo standard error (SE) of a
+# mean or a covariance entry over N_CHAINS chains is the sample std of the summand over √N_CHAINS.
+# Tolerances are 4 SE (a two-sided miss has probability ~6e-5 per entry were the seed changed),
+# plus, for unadjusted Langevin, its known discretisation bias and the transient left from x0.
+
+
+def test_langevin_recovers_mean_and_covariance_of_correlated_gaussian() -> None:
+    step_size, n_steps = 0.05, 250
+    energy = GaussianEnergy(MEAN, COVARIANCE)
+    x0 = torch.zeros(N_CHAINS, 2)
+
+    x, _ = Langevin(step_size=step_size).run(energy, x0, n_steps, generator=seeded(0))
+    mean, mean_se, covariance, covariance_se = mean_and_covariance_with_standard_errors(x)
+
+    # On a Gaussian the chain is linear: E[x_n] − μ = (I − ηP)ⁿ(x0 − μ) and
+    # S_n − S = (I − ηP)ⁿ(S_0 − S)(I − ηP)ⁿ with S_0 = 0, both contracting by 1 − ηλ_min per step
+    # (η λ_max < 1 here). The stationary covariance S differs from Σ by the O(η) bias
+    # (η/2)(I − ηP/2)⁻¹ ≈ 0.025·I, which the tolerance allows in full.
+    eigenvalues = torch.linalg.eigvalsh(PRECISION)
+    assert step_size * eigenvalues.max() < 1
+    contraction = (1 - step_size * eigenvalues.min()).item() ** n_steps  # ≈ 2e-4
+    stationary = unadjusted_langevin_stationary_covariance(step_size)
+    mean_tolerance = 4 * mean_se + contraction * (x0[0] - MEAN).norm()
+    covariance_tolerance = (
+        4 * covariance_se + (stationary - COVARIANCE).abs() + contraction**2 * stationary.abs()
+    )
+    assert ((mean - MEAN).abs() <= mean_tolerance).all(), (mean, mean_tolerance)
+    assert ((covariance - COVARIANCE).abs() <= covariance_tolerance).all(), (covariance, covariance_tolerance)
+
+
+def test_mala_recovers_mean_and_covariance_of_correlated_gaussian() -> None:
+    # MALA is exact, so only Monte Carlo error is allowed. 150 steps are ~17 times the relaxation time
+    # 1 / (η λ_min · acceptance) ≈ 9 steps of the slowest direction.
+    energy = GaussianEnergy(MEAN, COVARIANCE)
+
+    x, stats = MALA(step_size=0.2).run(energy, torch.zeros(N_CHAINS, 2), 150, generator=seeded(1))
+    mean, mean_se, covariance, covariance_se = mean_and_covariance_with_standard_errors(x)
+
+    assert ((mean - MEAN).abs() <= 4 * mean_se).all(), (mean, mean_se)
+    assert ((covariance - COVARIANCE).abs() <= 4 * covariance_se).all(), (covariance, covariance_se)
+    assert 0.5 < stats.acceptance_rate.item() < 1.0
+
+
+def test_mala_is_exact_at_a_step_size_where_unadjusted_langevin_is_biased() -> None:
+    step_size = 0.4  # η λ_max = 1.37: ULA is stable (< 2) but its covariance is ~(η/2)(I − ηP/2)⁻¹ off
+    energy = GaussianEnergy(MEAN, COVARIANCE)
+    x0 = torch.zeros(N_CHAINS, 2)
+
+    x_ula, _ = Langevin(step_size=step_size).run(energy, x0, 100, generator=seeded(2))
+    x_mala, _ = MALA(step_size=step_size).run(energy, x0, 150, generator=seeded(3))
+    _, _, covariance_ula, se_ula = mean_and_covariance_with_standard_errors(x_ula)
+    _, _, covariance_mala, se_mala = mean_and_covariance_with_standard_errors(x_mala)
+
+    # ULA is clearly biased, and by exactly the amount its stationary covariance predicts (the transient
+    # from x0 has shrunk by max|1 − ηλ|¹⁰⁰ = 0.735¹⁰⁰, i.e. to nothing)...
+    assert ((covariance_ula - COVARIANCE).abs() / se_ula).max() > 10
+    stationary = unadjusted_langevin_stationary_covariance(step_size)
+    assert ((covariance_ula - stationary).abs() <= 4 * se_ula).all(), (covariance_ula, stationary)
+    # ...while MALA, with the same proposal, recovers Σ within Monte Carlo error.
+    assert ((covariance_mala - COVARIANCE).abs() <= 4 * se_mala).all(), (covariance_mala, se_mala)
+
+
+def stationary_mala_acceptance(
+    dim: int, step_size: float, n: int, generator: torch.Generator
+) -> tuple[float, float]:
+    """Monte Carlo estimate (and SE) of MALA's stationary acceptance on π = N(0, I_d),
+
+        a(h) = E_{x∼π, y∼q(·|x)}[min(1, α(x, y))],   α = π(y) q(x|y) / (π(x) q(y|x)),
+
+    with exact draws x ~ π and the Langevin proposal q(·|x) = N((1 − h)x, 2h I), written from the
+    densities independently of the sampler's code.
+    """
+    x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    proposal_std = math.sqrt(2 * step_size)
+    y = (1 - step_size) * x + proposal_std * torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    target = Normal(0.0, 1.0)
+    log_alpha = (
+        target.log_prob(y).sum(1)
+        - target.log_prob(x).sum(1)
+        + Normal((1 - step_size) * y, proposal_std).log_prob(x).sum(1)
+        - Normal((1 - step_size) * x, proposal_std).log_prob(y).sum(1)
+    )
+    acceptance = log_alpha.exp().clamp(max=1.0)
+    return acceptance.mean().item(), acceptance.std().item() / math.sqrt(n)
+
+
+@pytest.mark.parametrize("step_size", [0.1, 0.5, 1.0])
+def test_mala_acceptance_at_stationarity_matches_its_expectation(step_size: float) -> None:
+    # Theory tested: started at stationarity (x0 ~ π exactly), every MALA step's acceptance indicator has
+    # mean a(h) above, for any d and h; this is exact, not the d → ∞ limit of Roberts & Rosenthal (1998).
+    # The sampler's rate averages 5 steps over B independent chains, so its SE is at most √(a(1 − a)/B).
+    # Sensitivity: dropping the Hastings correction q(x|y)/q(y|x) gives 0.48 instead of 0.70 at h = 0.5.
+    dim, n_chains, n_steps = 10, 20_000, 5
+    energy = GaussianEnergy(torch.zeros(dim), torch.eye(dim))
+    x0 = torch.randn(n_chains, dim, generator=seeded(4))
+
+    _, stats = MALA(step_size=step_size).run(energy, x0, n_steps, generator=seeded(5))
+    expected, expected_se = stationary_mala_acceptance(dim, step_size, 200_000, seeded(6))
+
+    sampler_se = math.sqrt(expected * (1 - expected) / n_chains)
+    tolerance = 4 * math.hypot(sampler_se, expected_se)
+    assert stats.acceptance_rate.item() == pytest.approx(expected, abs=tolerance)
+
+
+def test_mala_acceptance_tends_to_one_and_decreases_with_step_size() -> None:
+    # At stationarity 1 − a(h) = O(h^{3/2}) as h → 0 (log α has standard deviation O(√d h^{3/2})), and on
+    # N(0, I_10) a(h) falls from 0.99997 (h = 1e-3) to 0.29 (h = 1): adjacent steps below differ by
+    # ≥ 0.0008 in rejection rate, i.e. ≥ 40 expected rejections over the 50 000 chain-steps.
+    dim, n_chains, n_steps = 10, 10_000, 5
+    energy = GaussianEnergy(torch.zeros(dim), torch.eye(dim))
+    x0 = torch.randn(n_chains, dim, generator=seeded(7))
+    step_sizes = [1e-3, 1e-2, 0.1, 0.3, 0.5, 0.7, 1.0]
+
+    rates = [
+        MALA(step_size=h).run(energy, x0, n_steps, generator=seeded(8))[1].acceptance_rate.item()
+        for h in step_sizes
+    ]
+
+    assert rates[0] > 0.999
+    assert all(smaller > larger for smaller, larger in itertools.pairwise(rates)), rates
+
+
+# --- the Langevin knobs -------------------------------------------------------------------------
+
+
+def test_grad_clip_caps_each_chains_step_separately() -> None:
+    step_size, max_norm, stiffness = 0.1, 1.0, 100.0
+
+    def stiff_quadratic(x: Tensor) -> Tensor:
+        return 0.5 * stiffness * x.square().sum(1)  # ∇ₓE = stiffness · x
+
+    x0 = torch.tensor([[0.001, 0.002], [0.003, -0.004], [1.0, 0.0], [-3.0, 4.0]])  # ‖∇E‖: 0.22, 0.5, 100, 500
+    sampler = Langevin(step_size=step_size, noise_scale=0.0, grad_clip=max_norm)
+
+    x, stats = sampler.run(stiff_quadratic, x0, 1)
+
+    step = x - x0
+    small = slice(0, 2)
+    torch.testing.assert_close(step[small], -step_size * stiffness * x0[small])  # under the cap: untouched
+    large = slice(2, 4)
+    torch.testing.assert_close(step[large].norm(dim=1), torch.full((2,), step_size * max_norm))
+    torch.testing.assert_close(
+        step[large] / step[large].norm(dim=1, keepdim=True), -x0[large] / x0[large].norm(dim=1, keepdim=True)
+    )
+    # The reported gradient norm is the pre-clipping one.
+    torch.testing.assert_close(stats.grad_norm, (stiffness * x0.norm(dim=1)).mean())
+
+
+def test_clamp_keeps_chains_in_the_box() -> None:
+    energy = GaussianEnergy(torch.tensor([3.0, -3.0]), torch.eye(2))  # pulls chains out of both sides
+    sampler = Langevin(step_size=0.1, noise_scale=1.0, clamp=(-1.0, 1.0))
+    x0 = UniformBox((2,)).sample(500, generator=seeded(9))
+
+    x, _ = sampler.run(energy, x0, 50, generator=seeded(10))
+
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert (x[:, 0] == 1.0).any() and (x[:, 1] == -1.0).any(), "the box was never reached: test too weak"
+
+
+def test_zero_noise_is_deterministic_gradient_descent_to_the_mode() -> None:
+    energy = GaussianEnergy(MEAN, COVARIANCE)
+    sampler = Langevin(step_size=0.2, noise_scale=0.0)
+    x0 = 3 * torch.randn(64, 2, generator=seeded(11))
+
+    x, _ = sampler.run(energy, x0, 150, generator=seeded(12))
+    x_other_seed, _ = sampler.run(energy, x0, 150, generator=seeded(13))
+    one_step, _ = sampler.run(energy, x0, 1)
+
+    # One step is exactly x − η∇E(x) = x − ηP(x − μ); then it contracts by (1 − ηλ_min)¹⁵⁰ ≈ 6e-10.
+    torch.testing.assert_close(one_step, x0 - 0.2 * (x0 - MEAN) @ PRECISION)
+    assert torch.equal(x, x_other_seed)
+    torch.testing.assert_close(x, MEAN.expand_as(x), atol=1e-5, rtol=0)
+
+
+# --- proposals and the replay buffer ------------------------------------------------------------
+
+
+def test_uniform_box_fills_exactly_its_box() -> None:
+    box = UniformBox((3, 2), low=-2.0, high=0.5)
+
+    x = box.sample(20_000, generator=seeded(14), dtype=torch.float64)
+
+    assert x.shape == (20_000, 3, 2) and x.dtype == torch.float64
+    assert x.min() >= -2.0 and x.max() <= 0.5
+    assert x.min() < -1.99 and x.max() > 0.49  # fills the box, not a corner of it
+    assert x.mean().item() == pytest.approx(-0.75, abs=0.01)  # 4 SE of the mean of 120 000 uniforms
+    with pytest.raises(ValueError, match="low < high"):
+        UniformBox((2,), low=1.0, high=1.0)
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replay_buffer_shape_device_and_dtype(device: str) -> None:
+    buffer = ReplayBuffer(
+        100, UniformBox((1, 4, 4)), generator=seeded(15), device=device, dtype=torch.float64
+    )
+
+    x, slots = buffer.sample(32, generator=torch.Generator(device).manual_seed(16))
+
+    assert buffer.states.shape == (100, 1, 4, 4) and buffer.capacity == 100
+    assert x.shape == (32, 1, 4, 4) and x.dtype == torch.float64 and x.device.type == device
+    assert slots.shape == (32,) and slots.dtype == torch.long and slots.device.type == device
+    assert slots.min() >= 0 and slots.max() < 100
+
+
+@pytest.mark.parametrize("reinit_prob", [0.0, 0.05, 0.3, 1.0])
+def test_replay_buffer_reinitialises_the_expected_fraction(reinit_prob: float) -> None:
+    buffer = ReplayBuffer(50, UniformBox((2,)), reinit_prob=reinit_prob)
+    stale = 5.0  # outside the proposal box, so a fresh draw is recognisable
+    buffer.load_state_dict({"states": torch.full((50, 2), stale), "reinit_prob": reinit_prob})
+    generator, n_draws, batch = seeded(17), 20, 5000
+
+    x = torch.cat([buffer.sample(batch, generator=generator)[0] for _ in range(n_draws)])
+    fresh = (x.abs() <= 1.0).all(1)
+
+    assert (fresh | (x == stale).all(1)).all()
+    n = n_draws * batch
+    assert fresh.float().mean().item() == pytest.approx(
+        reinit_prob, abs=4 * math.sqrt(reinit_prob * (1 - reinit_prob) / n)
+    )
+
+
+def test_replay_buffer_sample_is_a_copy_and_update_writes_back_its_slots() -> None:
+    buffer = ReplayBuffer(10, UniformBox((2,)), reinit_prob=0.0, generator=seeded(18))
+    before = buffer.states.clone()
+
+    x, slots = buffer.sample(4, generator=seeded(19))
+    torch.testing.assert_close(x, before[slots])
+    x.add_(100.0)
+    assert torch.equal(buffer.states, before), "sample returned a view into the buffer"
+
+    slots = torch.tensor([7, 2, 4])
+    new_states = torch.arange(6, dtype=torch.float64).reshape(3, 2).requires_grad_(True)
+    buffer.update(slots, new_states * 1)
+
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(buffer.states[slots], new_states.detach().float())
+    assert torch.equal(buffer.states[untouched], before[untouched])
+    assert buffer.states.dtype == torch.float32 and not buffer.states.requires_grad
+
+
+def test_replay_buffer_state_dict_round_trips_through_torch_save() -> None:
+    saved = ReplayBuffer(20, UniformBox((3,)), reinit_prob=0.2, generator=seeded(20))
+    state = saved.state_dict()
+    saved.update(torch.tensor([0]), torch.zeros(1, 3))  # later changes must not leak into the saved state
+
+    restored = ReplayBuffer(5, UniformBox((3,)), reinit_prob=0.9, generator=seeded(21))
+    restored.load_state_dict(state)
+    assert torch.equal(restored.states, state["states"]) and restored.reinit_prob == 0.2
+    assert not torch.equal(restored.states[0], torch.zeros(3))
+
+    file = io.BytesIO()
+    torch.save(state, file)
+    file.seek(0)
+    reloaded = ReplayBuffer(20, UniformBox((3,)))
+    reloaded.load_state_dict(torch.load(file, weights_only=True))
+    assert torch.equal(reloaded.states, restored.states) and reloaded.reinit_prob == 0.2
+    assert torch.equal(
+        reloaded.sample(8, generator=seeded(22))[0], restored.sample(8, generator=seeded(22))[0]
+    )
+
+
+def test_replay_buffer_rejects_states_of_another_shape() -> None:
+    buffer = ReplayBuffer(10, UniformBox((2,)))
+    with pytest.raises(ValueError, match=r"\(2,\).*\(3,\)"):
+        buffer.load_state_dict({"states": torch.zeros(10, 3), "reinit_prob": 0.05})
+
+
+@pytest.mark.parametrize(("capacity", "reinit_prob"), [(0, 0.05), (10, -0.1), (10, 1.5)])
+def test_replay_buffer_rejects_invalid_arguments(capacity: int, reinit_prob: float) -> None:
+    with pytest.raises(ValueError):
+        ReplayBuffer(capacity, UniformBox((2,)), reinit_prob=reinit_prob)
