@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ebm.config import from_dict
 from ebm.energies import MLPEnergy, MLPEnergyConfig
 
 FORMAT_VERSION = 1
@@ -27,7 +28,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file could not be written or read; the message says which and why."""
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` and rename the temporary file onto ``path`` once it is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 # --- model files: architecture spec + weights, rebuilt through an explicit registry ---------------
 
 MODEL_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
-    "mlp_energy": lambda config: MLPEnergy(MLPEnergyConfig(**config)),
+    "mlp_energy": lambda config: MLPEnergy(from_dict(MLPEnergyConfig, config)),
 }
 
 

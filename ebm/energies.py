@@ -34,15 +34,19 @@ def check_energy_output(energy: Tensor, x: Tensor) -> Tensor:
 
 @contextmanager
 def frozen(energy: EnergyFn) -> Iterator[None]:
-    """Temporarily stop ``energy``'s parameters from requiring gradients.
+    """Temporarily stop ``energy``'s parameters from requiring gradients, in eval mode.
 
     Sampling needs ``∇ₓE`` only; with frozen parameters autograd neither saves what the weight
-    gradients would need nor computes them, and nothing can leak into ``param.grad``.
+    gradients would need nor computes them, and nothing can leak into ``param.grad``. Eval mode makes
+    the energy a fixed function while the chains run: spectral norm, for one, would otherwise take a
+    power-iteration step (and change its buffers) on every call.
     """
     if not isinstance(energy, nn.Module):
         yield
         return
     params = [p for p in energy.parameters() if p.requires_grad]
+    was_training = energy.training
+    energy.eval()
     for p in params:
         p.requires_grad_(False)
     try:
@@ -50,6 +54,7 @@ def frozen(energy: EnergyFn) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+        energy.train(was_training)
 
 
 def energy_and_grad(energy: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:

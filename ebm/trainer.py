@@ -201,6 +201,9 @@ class Trainer:
             try:
                 stats, grad_norm = self.train_step()
                 self._check_energies(stats)
+                checkpoint_due = config.checkpoint_every and (self.step + 1) % config.checkpoint_every == 0
+                if checkpoint_due or self.step + 1 == config.steps:
+                    self._check_weights()
             except NonFiniteLossError as err:
                 self._recover(str(err))
                 bar.n = self.step
@@ -226,7 +229,7 @@ class Trainer:
     def _metrics(self, stats: CDStats, grad_norm: Tensor) -> dict[str, float]:
         metrics = stats.as_floats()
         metrics["param_grad_norm"] = float(grad_norm)
-        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["lr"] = float(self.scheduler.base_lrs[0]) * self._lr_factor(self.step)  # the lr this step used
         metrics["sampler_step_size"] = float(self.objective.state_dict()["step_size"])
         return metrics
 
@@ -234,6 +237,11 @@ class Trainer:
         worst = float(torch.maximum(stats.energy_pos.abs(), stats.energy_neg.abs()))
         if not worst <= self.config.max_abs_energy:
             raise NonFiniteLossError(self.step, f"or exploding energies (|E| = {worst:.3g})")
+
+    def _check_weights(self) -> None:
+        """Before weights are kept (checkpoint, end of training): a NaN model is never written."""
+        if not all(torch.isfinite(p).all() for p in self.energy.parameters()):
+            raise NonFiniteLossError(self.step, "weights after the optimiser step")
 
     def _recover(self, reason: str) -> None:
         self.recoveries += 1
@@ -247,11 +255,14 @@ class Trainer:
         recoveries = self.recoveries
         self.load_state_dict(copy.deepcopy(self._last_good))
         self.recoveries = recoveries
-        shrink = self.config.recovery_factor**recoveries
+        shrink = self.config.recovery_factor
         self.objective.with_step_size(shrink)
         for group in self.optimizer.param_groups:
             group["lr"] *= shrink
         self.scheduler.base_lrs = [base * shrink for base in self.scheduler.base_lrs]
+        # The shrunk step sizes become part of the last good state, so the next rollback shrinks them
+        # once more whether or not a checkpoint was written in between.
+        self._last_good = self.state_dict()
         tqdm.write(f"rolled back to step {self.step} after {reason}; sampler step and lr × {shrink:g}")
 
     def save_checkpoint(self) -> None:

@@ -1,0 +1,285 @@
+"""Checkpoints and model files: code-free loading, clear errors, atomic writes, no NaN on disk."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ebm.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
+from ebm.energies import MLPEnergy, MLPEnergyConfig
+from ebm.losses import ContrastiveDivergence
+from ebm.samplers import MALA, ReplayBuffer, UniformBox
+from ebm.trainer import TrainConfig, Trainer
+
+PLAIN_LEAVES = (torch.Tensor, int, float, str, bool, type(None))
+
+
+def tiny_energy(*, spectral_norm: bool = False) -> MLPEnergy:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16), spectral_norm=spectral_norm))
+
+
+def tiny_trainer(checkpoint_path: Path) -> Trainer:
+    """A PCD run with an EMA, so the checkpoint holds every kind of state the trainer keeps."""
+    data = torch.randn(128, 2, generator=torch.Generator().manual_seed(1))
+    buffer = ReplayBuffer(64, UniformBox((2,), -3.0, 3.0), generator=torch.Generator().manual_seed(2))
+    objective = ContrastiveDivergence(MALA(step_size=0.05), n_steps=2, buffer=buffer)
+    config = TrainConfig(steps=3, batch_size=16, ema_decay=0.9, log_every=1, progress=False)
+    return Trainer(tiny_energy(), objective, data, config, checkpoint_path=checkpoint_path)
+
+
+def leaves(value: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """Every non-container value in nested dicts, lists and tuples, with its path."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert isinstance(key, str | int), f"{where}: key {key!r} is not plain data"
+            yield from leaves(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from leaves(item, f"{where}[{index}]")
+    else:
+        yield where, value
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def test_trainer_checkpoint_loads_code_free_and_holds_only_tensors_and_plain_data(tmp_path: Path) -> None:
+    path = tmp_path / "run.ckpt"
+    tiny_trainer(path).fit()
+
+    state = torch.load(path, weights_only=True)
+
+    assert state["format_version"] == 1
+    assert state["step"] == 3
+    assert {"energy", "ema", "optimizer", "scheduler", "objective", "generator", "history"} <= set(state)
+    assert torch.equal(state["energy"]["net.0.weight"], load_checkpoint(path)["energy"]["net.0.weight"])
+    for where, value in leaves(state):
+        assert isinstance(value, PLAIN_LEAVES), f"{where} holds a {type(value).__name__}"
+    assert files_in(tmp_path) == ["run.ckpt"]
+
+
+def test_model_file_loads_code_free_and_holds_only_tensors_and_plain_data(tmp_path: Path) -> None:
+    energy = tiny_energy()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+
+    payload = torch.load(path, weights_only=True)
+
+    assert payload["kind"] == "mlp_energy"
+    assert payload["config"] == {"in_features": 2, "widths": [16, 16], "spectral_norm": False}
+    for where, value in leaves(payload):
+        assert isinstance(value, PLAIN_LEAVES), f"{where} holds a {type(value).__name__}"
+
+
+class ArbitraryObject:
+    """A class outside torch's weights-only allow-list."""
+
+    def __init__(self) -> None:
+        self.value = 3
+
+
+class TouchesFileWhenUnpickled:
+    """Unpickling this calls ``Path.touch(marker)``: a stand-in for a payload that runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        return (Path.touch, (self.marker,))
+
+
+def write_text(path: Path) -> None:
+    path.write_text("step: 3\n")
+
+
+def write_random_bytes(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+def write_bare_tensor(path: Path) -> None:
+    torch.save(torch.zeros(3), path)
+
+
+def write_other_format_version(path: Path) -> None:
+    torch.save({"format_version": 999, "step": 3}, path)
+
+
+def write_arbitrary_object(path: Path) -> None:
+    torch.save({"format_version": 1, "step": 3, "extra": ArbitraryObject()}, path)
+
+
+def write_raw_pickle(path: Path) -> None:
+    path.write_bytes(pickle.dumps({"format_version": 1, "extra": ArbitraryObject()}, protocol=2))
+
+
+@pytest.mark.parametrize(
+    ("write", "fragment"),
+    [
+        pytest.param(None, "no checkpoint at", id="missing"),
+        pytest.param(write_text, "not a readable ebm checkpoint", id="text"),
+        pytest.param(write_random_bytes, "not a readable ebm checkpoint", id="random_bytes"),
+        pytest.param(write_bare_tensor, "not an ebm checkpoint", id="bare_tensor"),
+        pytest.param(write_other_format_version, "format version 1", id="other_format_version"),
+        pytest.param(write_arbitrary_object, "not a readable ebm checkpoint", id="pickled_object"),
+        pytest.param(write_raw_pickle, "not a readable ebm checkpoint", id="raw_pickle"),
+    ],
+)
+def test_load_checkpoint_errors_name_the_file(tmp_path: Path, write: Any, fragment: str) -> None:
+    path = tmp_path / "run.ckpt"
+    if write is not None:
+        write(path)
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path)
+    assert str(path) in str(raised.value)
+    assert fragment in str(raised.value)
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path)
+
+
+def test_loading_a_malicious_file_runs_no_code(tmp_path: Path) -> None:
+    path, marker = tmp_path / "model.pt", tmp_path / "code-ran"
+    torch.save({"format_version": 1, "kind": "mlp_energy", "payload": TouchesFileWhenUnpickled(marker)}, path)
+
+    with pytest.raises(CheckpointError, match="not a readable ebm checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_model(path)
+    assert not marker.exists()
+
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load would have run it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
+def test_atomic_write_keeps_the_old_file_and_no_temp_file_when_the_writer_raises(
+    tmp_path: Path, exception: type[BaseException]
+) -> None:
+    path = tmp_path / "run.ckpt"
+    path.write_bytes(b"old checkpoint")
+
+    def half_write_then_fail(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half of a new")
+        raise exception("disk full")
+
+    with pytest.raises(exception, match="disk full"):
+        atomic_write(path, half_write_then_fail)
+
+    assert path.read_bytes() == b"old checkpoint"
+    assert files_in(tmp_path) == ["run.ckpt"]
+
+
+def test_atomic_write_replaces_the_file_and_makes_missing_folders(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "folder" / "run.ckpt"
+    written = atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"first"))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"second"))
+
+    assert written == path
+    assert path.read_bytes() == b"second"
+    assert files_in(path.parent) == ["run.ckpt"]
+
+
+def test_save_checkpoint_round_trips_nested_plain_state(tmp_path: Path) -> None:
+    state = {"step": 4, "nested": {"weights": torch.arange(6.0).view(2, 3), "betas": (0.0, 0.9)}, "n": None}
+    save_checkpoint(tmp_path / "state.ckpt", state)
+
+    loaded = load_checkpoint(tmp_path / "state.ckpt")
+
+    assert loaded["step"] == 4 and loaded["n"] is None
+    assert loaded["nested"]["betas"] == (0.0, 0.9)
+    assert torch.equal(loaded["nested"]["weights"], state["nested"]["weights"])
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True], ids=["plain", "spectral_norm"])
+def test_save_model_load_model_round_trip_gives_identical_energies_in_eval_mode(
+    tmp_path: Path, spectral_norm: bool
+) -> None:
+    energy = tiny_energy(spectral_norm=spectral_norm)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    energy(x)  # in training mode spectral norm runs a power iteration and updates its buffers
+    energy.eval()
+    metadata = {"steps": 10, "betas": (0.0, 0.9), "data": "two_moons"}
+    path = save_model(
+        tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config, metadata=metadata
+    )
+
+    loaded = load_model(path)
+
+    assert isinstance(loaded, MLPEnergy)
+    assert not any(module.training for module in loaded.modules())
+    assert loaded.config == energy.config
+    with torch.no_grad():
+        assert torch.equal(loaded(x), energy(x))
+    assert load_checkpoint(path)["metadata"] == {"steps": 10, "betas": [0.0, 0.9], "data": "two_moons"}
+
+
+def test_save_model_accepts_a_config_mapping(tmp_path: Path) -> None:
+    energy = tiny_energy().eval()
+    config = {"in_features": 2, "widths": (16, 16), "spectral_norm": False}
+    loaded = load_model(save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=config))
+    x = torch.randn(8, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), energy(x))
+
+
+def test_save_model_rejects_an_unknown_kind(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown model kind 'resnet'.*mlp_energy"):
+        save_model(tmp_path / "model.pt", tiny_energy(), kind="resnet", config={})
+    assert files_in(tmp_path) == []
+
+
+def test_load_model_rejects_a_file_of_unknown_kind(tmp_path: Path) -> None:
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, {"step": 3})  # a training checkpoint is not a model file
+    with pytest.raises(CheckpointError, match="unknown kind None") as raised:
+        load_model(path)
+    assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_save_model_refuses_non_finite_weights_and_keeps_the_old_file(
+    tmp_path: Path, bad_value: float
+) -> None:
+    energy = tiny_energy()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+    old_bytes = path.read_bytes()
+    with torch.no_grad():
+        energy.net[2].weight[0, 0] = bad_value
+
+    with pytest.raises(CheckpointError, match=r"refusing to write .*'net\.2\.weight'"):
+        save_model(path, energy, kind="mlp_energy", config=energy.config)
+
+    assert path.read_bytes() == old_bytes
+    assert files_in(tmp_path) == ["model.pt"]
+
+
+def test_trainer_refuses_to_checkpoint_non_finite_weights_and_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.ckpt"
+    trainer = tiny_trainer(path)
+    trainer.fit()
+    old_bytes = path.read_bytes()
+    with torch.no_grad():
+        trainer.energy.net[0].bias[1] = float("nan")
+
+    with pytest.raises(CheckpointError, match="holds NaN"):
+        trainer.save_checkpoint()
+
+    assert path.read_bytes() == old_bytes
+    assert files_in(tmp_path) == ["run.ckpt"]

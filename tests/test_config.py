@@ -1,0 +1,194 @@
+"""The params.yaml → frozen dataclass path: coercion, errors that name the key, and round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import yaml
+
+from ebm.config import ConfigError, from_dict, load_params, section, to_dict
+from ebm.energies import MLPEnergyConfig
+from ebm.samplers import SamplerConfig
+from ebm.trainer import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run config composed of the library's component configs, as a stage would declare it."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    energy: MLPEnergyConfig = field(default_factory=MLPEnergyConfig)
+    mode: Literal["cd", "pcd"] = "pcd"
+    buffer_size: int | None = None
+    name: str = "run"
+
+
+def test_from_dict_builds_nested_dataclasses_and_coerces_lists_and_ints() -> None:
+    values = {
+        "train": {"steps": 10, "lr": 1, "betas": [0, 0.9], "grad_clip": None, "ema_decay": 1},
+        "sampler": {"name": "mala", "step_size": 1},
+        "energy": {"widths": [8, 4]},
+        "mode": "cd",
+        "buffer_size": 100,
+    }
+
+    config = from_dict(RunConfig, values)
+
+    assert config == RunConfig(
+        train=TrainConfig(steps=10, lr=1.0, betas=(0.0, 0.9), grad_clip=None, ema_decay=1.0),
+        sampler=SamplerConfig(name="mala", step_size=1.0),
+        energy=MLPEnergyConfig(widths=(8, 4)),
+        mode="cd",
+        buffer_size=100,
+    )
+    assert type(config.train.lr) is float
+    assert type(config.train.ema_decay) is float
+    assert type(config.sampler.step_size) is float
+    assert config.train.betas == (0.0, 0.9)
+    assert all(type(beta) is float for beta in config.train.betas)
+    assert config.energy.widths == (8, 4)
+    assert isinstance(config.energy.widths, tuple)
+    hash(config)  # frozen and built from tuples only, so hashable
+
+
+def test_missing_keys_keep_their_defaults() -> None:
+    assert from_dict(RunConfig, None) == RunConfig()
+    assert from_dict(RunConfig, {}) == RunConfig()
+    assert from_dict(RunConfig, {"train": {"steps": 3}}) == RunConfig(train=TrainConfig(steps=3))
+
+
+def test_optional_fields_take_none_or_a_value() -> None:
+    config = from_dict(RunConfig, {"buffer_size": None, "sampler": {"clamp": [-2, 2], "noise_scale": None}})
+    assert config.buffer_size is None
+    assert config.sampler.noise_scale is None
+    assert config.sampler.clamp == (-2.0, 2.0)
+    assert all(type(bound) is float for bound in config.sampler.clamp)
+
+
+@pytest.mark.parametrize(
+    ("values", "fragments"),
+    [
+        pytest.param({"trian": {}}, ["'trian'", "valid keys"], id="unknown_top_level_key"),
+        pytest.param({"train": {"stepz": 1}}, ["'train.stepz'", "valid keys"], id="unknown_nested_key"),
+        pytest.param({"train": {"steps": 1.5}}, ["train.steps", "integer"], id="float_for_int"),
+        pytest.param({"train": {"steps": True}}, ["train.steps", "integer"], id="bool_for_int"),
+        pytest.param({"train": {"lr": "fast"}}, ["train.lr", "number", "'fast'"], id="str_for_float"),
+        pytest.param({"train": {"lr": None}}, ["train.lr", "number"], id="none_for_required_float"),
+        pytest.param({"train": {"grad_clip": "x"}}, ["train.grad_clip", "number"], id="str_for_optional"),
+        pytest.param({"train": {"progress": "yes"}}, ["train.progress", "bool"], id="str_for_bool"),
+        pytest.param({"train": {"betas": [0.5]}}, ["train.betas", "2 entries"], id="tuple_too_short"),
+        pytest.param({"train": {"betas": [0.5, "x"]}}, ["train.betas[1]", "number"], id="tuple_item"),
+        pytest.param({"train": {"betas": 0.5}}, ["train.betas", "list"], id="scalar_for_tuple"),
+        pytest.param({"sampler": {"clamp": [0, 1, 2]}}, ["sampler.clamp", "2 entries"], id="optional_tuple"),
+        pytest.param({"energy": {"widths": "16"}}, ["energy.widths", "list"], id="str_for_sequence"),
+        pytest.param({"energy": {"widths": [16, 1.5]}}, ["energy.widths[1]", "integer"], id="sequence_item"),
+        pytest.param({"mode": "sgd"}, ["mode", "one of ['cd', 'pcd']", "'sgd'"], id="literal"),
+        pytest.param({"name": 3}, ["name", "str"], id="int_for_str"),
+        pytest.param({"train": 3}, ["train must be a mapping"], id="scalar_for_dataclass"),
+        pytest.param({"train": {"steps": -1}}, ["train:", "steps ≥ 0"], id="dataclass_validation"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_dotted_path(
+    values: dict[str, Any], fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        from_dict(RunConfig, values)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+def test_unknown_key_error_lists_every_valid_key() -> None:
+    with pytest.raises(ConfigError) as raised:
+        from_dict(RunConfig, {"train": {"stepz": 1}})
+    for valid in dataclasses.fields(TrainConfig):
+        assert repr(valid.name) in str(raised.value)
+
+
+def test_top_level_validation_error_names_the_class() -> None:
+    with pytest.raises(ConfigError, match="TrainConfig"):
+        from_dict(TrainConfig, {"batch_size": 0})
+    with pytest.raises(ConfigError, match="TrainConfig must be a mapping"):
+        from_dict(TrainConfig, [1, 2])  # type: ignore[arg-type]
+
+
+def test_from_dict_rejects_a_class_that_is_not_a_dataclass() -> None:
+    with pytest.raises(TypeError, match="not a dataclass"):
+        from_dict(dict, {})
+
+
+NON_DEFAULT_RUN = RunConfig(
+    train=TrainConfig(steps=7, lr=0.25, betas=(0.5, 0.99), grad_clip=None, ema_decay=0.9, progress=False),
+    sampler=SamplerConfig(name="langevin", step_size=0.1, noise_scale=0.01, clamp=(-3.0, 3.0)),
+    energy=MLPEnergyConfig(widths=(16, 16), spectral_norm=True),
+    mode="cd",
+    buffer_size=64,
+    name="tiny",
+)
+
+
+def test_to_dict_gives_plain_data_that_from_dict_turns_back_into_the_config() -> None:
+    plain = to_dict(NON_DEFAULT_RUN)
+
+    assert plain["train"]["betas"] == [0.5, 0.99]
+    assert plain["sampler"]["clamp"] == [-3.0, 3.0]
+    assert plain["energy"]["widths"] == [16, 16]
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # safe_dump refuses tuples and objects
+    assert from_dict(RunConfig, plain) == NON_DEFAULT_RUN
+
+
+def test_params_file_section_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"toy": {"run": to_dict(NON_DEFAULT_RUN)}, "seed": 3}))
+
+    params = load_params(path)
+
+    assert from_dict(RunConfig, section(params, "toy.run"), "toy.run") == NON_DEFAULT_RUN
+    assert section(params, "toy.run.train.lr") == 0.25
+    assert section(params, "seed") == 3
+
+
+def test_errors_from_a_params_section_name_the_full_path(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("toy:\n  run:\n    train:\n      stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"'toy\.run\.train\.stepz'"):
+        from_dict(RunConfig, section(load_params(path), "toy.run"), "toy.run")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param(None, "no params file", id="missing"),
+        pytest.param("train: [1, 2\n", "not valid YAML", id="invalid_yaml"),
+        pytest.param("- 1\n- 2\n", "mapping at the top level, got list", id="list"),
+        pytest.param("", "mapping at the top level, got NoneType", id="empty"),
+        pytest.param("just a string\n", "mapping at the top level, got str", id="scalar"),
+    ],
+)
+def test_load_params_errors_name_the_file(tmp_path: Path, text: str | None, fragment: str) -> None:
+    path = tmp_path / "params.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_params(path)
+    assert str(path) in str(raised.value)
+    assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "missing"),
+    [
+        pytest.param("eval", "'eval'", id="top_level"),
+        pytest.param("toy.eval", "'toy.eval'", id="nested"),
+        pytest.param("toy.train.lr.value", "'toy.train.lr.value'", id="below_a_scalar"),
+    ],
+)
+def test_section_errors_name_the_missing_key(dotted: str, missing: str) -> None:
+    params = {"toy": {"train": {"lr": 0.1}}}
+    with pytest.raises(ConfigError, match="params has no key") as raised:
+        section(params, dotted)
+    assert missing in str(raised.value)

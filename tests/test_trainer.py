@@ -1,0 +1,505 @@
+"""The trainer: exact resume after a kill, the divergence guard, seeding, config checks and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import ebm.trainer
+from ebm.checkpoint import load_checkpoint
+from ebm.energies import MLPEnergy, MLPEnergyConfig
+from ebm.losses import CDStats, ContrastiveDivergence
+from ebm.samplers import MALA, Langevin, ReplayBuffer, UniformBox
+from ebm.trainer import TrainConfig, Trainer, TrainingDivergedError, resolve_device
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# --- exact resume ----------------------------------------------------------------------------------
+
+HALF_STEPS, TOTAL_STEPS, CHECKPOINT_EVERY = 12, 24, 4
+
+# The run a user would launch: PCD with a replay buffer, MALA negatives, an EMA and a learning-rate
+# warm-up that spans the first checkpoint. ``--block-after-checkpoint`` makes the callback block at the
+# first log step after a checkpoint exists, so the kill always lands mid-run, past that checkpoint.
+RUN_SCRIPT = f"""
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from ebm.energies import MLPEnergy, MLPEnergyConfig
+from ebm.losses import ContrastiveDivergence
+from ebm.samplers import MALA, ReplayBuffer, UniformBox
+from ebm.trainer import TrainConfig, Trainer
+
+
+def build_trainer(checkpoint_path, *, steps, callbacks=()):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        energy = MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16)))
+    data_rng = torch.Generator().manual_seed(1)
+    data = torch.randn(256, 2, generator=data_rng) * torch.tensor([1.0, 0.5]) + torch.tensor([0.5, -1.0])
+    proposal = UniformBox((2,), low=-3.0, high=3.0)
+    buffer = ReplayBuffer(128, proposal, reinit_prob=0.1, generator=torch.Generator().manual_seed(2))
+    objective = ContrastiveDivergence(MALA(step_size=0.05), n_steps=5, alpha=0.1, buffer=buffer)
+    config = TrainConfig(
+        steps=steps, batch_size=32, lr=5e-3, warmup_steps=8, ema_decay=0.9,
+        checkpoint_every={CHECKPOINT_EVERY}, log_every=3, seed=7, device="cpu", progress=False,
+    )
+    return Trainer(energy, objective, data, config, checkpoint_path=checkpoint_path, callbacks=callbacks)
+
+
+def block_after_first_checkpoint(trainer, step, metrics):
+    if trainer.checkpoint_path.exists():
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    path = Path(sys.argv[1])
+    block = sys.argv[2:] == ["--block-after-checkpoint"]
+    callbacks = [block_after_first_checkpoint] if block else []
+    trainer = build_trainer(path, steps={TOTAL_STEPS}, callbacks=callbacks)
+    print(f"starting at step {{trainer.step}}", flush=True)
+    trainer.fit()
+"""
+
+# The global RNG state is saved for code that uses it, but it is no part of the trained state and
+# differs between the pytest process and a script.
+NOT_COMPARED = {"torch_rng", "format_version"}
+
+
+@pytest.fixture(scope="module")
+def run_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("script") / "train_run.py"
+    path.write_text(textwrap.dedent(RUN_SCRIPT))
+    return path
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread, as in the script, so in-process results match it bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_trainer(run_script: Path, checkpoint_path: Path | None, *, steps: int) -> Trainer:
+    script = runpy.run_path(str(run_script), run_name="train_run")
+    return script["build_trainer"](checkpoint_path, steps=steps)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_state(run_script: Path) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = build_trainer(run_script, None, steps=TOTAL_STEPS)
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert trainer.step == TOTAL_STEPS
+    return trainer.state_dict()
+
+
+def assert_identical(actual: Any, expected: Any, where: str = "state") -> None:
+    """Nested dicts, lists and tensors equal exactly: same keys, dtypes, shapes and bits."""
+    if isinstance(expected, Tensor):
+        assert isinstance(actual, Tensor), where
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict), where
+        assert set(actual) - NOT_COMPARED == set(expected) - NOT_COMPARED, where
+        for key in set(expected) - NOT_COMPARED:
+            assert_identical(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(actual, list | tuple) and len(actual) == len(expected), where
+        for index, (item, expected_item) in enumerate(zip(actual, expected, strict=True)):
+            assert_identical(item, expected_item, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the training process exited early with {process.returncode}"
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(
+    run_script: Path, uninterrupted_state: dict[str, Any], tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "run.ckpt"
+    command = [sys.executable, str(run_script), str(checkpoint)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with (tmp_path / "killed.log").open("wb") as log:
+        process = subprocess.Popen([*command, "--block-after-checkpoint"], stdout=log, stderr=log, env=env)
+        try:
+            wait_until(checkpoint.exists, process, timeout=120)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert load_checkpoint(checkpoint)["step"] == CHECKPOINT_EVERY  # killed mid-run, after one checkpoint
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"starting at step {CHECKPOINT_EVERY}" in resumed.stdout
+    final = load_checkpoint(checkpoint)
+    assert final["step"] == TOTAL_STEPS
+    assert_identical(final, uninterrupted_state)
+    assert sorted(os.listdir(tmp_path)) == ["killed.log", "run.ckpt"]  # no temporary file left behind
+
+
+def test_fit_resumes_from_its_checkpoint_in_process(
+    run_script: Path, uninterrupted_state: dict[str, Any], tmp_path: Path, single_thread: None
+) -> None:
+    checkpoint = tmp_path / "run.ckpt"
+    build_trainer(run_script, checkpoint, steps=HALF_STEPS).fit()
+
+    resumed = build_trainer(run_script, checkpoint, steps=TOTAL_STEPS)
+    assert resumed.step == HALF_STEPS
+    resumed.fit()
+
+    state = resumed.state_dict()
+    # The first fit logs its own last step, so the histories differ by that one entry.
+    for key in ("energy", "ema", "optimizer", "scheduler", "objective", "generator", "step", "config"):
+        assert_identical(state[key], uninterrupted_state[key], key)
+    assert_identical(load_checkpoint(checkpoint)["energy"], uninterrupted_state["energy"], "saved energy")
+
+
+def test_resuming_an_ema_run_from_a_checkpoint_without_ema_fails(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run.ckpt"
+    small_trainer(small_config(steps=2), checkpoint_path=checkpoint).fit()
+    with pytest.raises(ValueError, match="no EMA weights"):
+        small_trainer(small_config(steps=4, ema_decay=0.9), checkpoint_path=checkpoint)
+
+
+# --- small runs for the remaining tests ------------------------------------------------------------
+
+
+def gaussian_data(n: int = 256) -> Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + torch.tensor([1.0, -1.0])
+
+
+def small_energy() -> MLPEnergy:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16)))
+
+
+def pcd_objective(step_size: float = 0.1) -> ContrastiveDivergence:
+    buffer = ReplayBuffer(64, UniformBox((2,), -3.0, 3.0), generator=torch.Generator().manual_seed(2))
+    return ContrastiveDivergence(Langevin(step_size=step_size), n_steps=3, alpha=0.1, buffer=buffer)
+
+
+def small_config(**overrides: Any) -> TrainConfig:
+    defaults: dict[str, Any] = {"steps": 12, "batch_size": 32, "lr": 1e-2, "log_every": 1, "progress": False}
+    return TrainConfig(**{**defaults, **overrides})
+
+
+def small_trainer(config: TrainConfig, objective: Any = None, **kwargs: Any) -> Trainer:
+    return Trainer(small_energy(), objective or pcd_objective(), gaussian_data(), config, **kwargs)
+
+
+def energy_weights(trainer: Trainer) -> dict[str, Tensor]:
+    return trainer.energy.state_dict()
+
+
+def test_same_seed_gives_the_same_weights_and_another_seed_different_ones() -> None:
+    first = small_trainer(small_config(seed=3))
+    second = small_trainer(small_config(seed=3))
+    other = small_trainer(small_config(seed=4))
+    for trainer in (first, second, other):
+        trainer.fit()
+
+    assert_identical(energy_weights(second), energy_weights(first))
+    assert any(
+        not torch.equal(energy_weights(other)[name], weight) for name, weight in energy_weights(first).items()
+    )
+
+
+def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device() == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"steps": -1},
+        {"batch_size": 0},
+        {"log_every": 0},
+        {"checkpoint_every": -1},
+        {"lr": 0.0},
+        {"lr": -1e-3},
+        {"lr": math.nan},
+        {"final_lr_fraction": 0.0},
+        {"final_lr_fraction": 1.5},
+        {"recovery_factor": 0.0},
+        {"recovery_factor": 1.0},
+    ],
+    ids=lambda overrides: "-".join(f"{k}={v}" for k, v in overrides.items()),
+)
+def test_train_config_rejects_invalid_values(overrides: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="required"):
+        TrainConfig(**overrides)
+
+
+def test_zero_steps_is_a_valid_run(tmp_path: Path) -> None:
+    result = small_trainer(small_config(steps=0), checkpoint_path=tmp_path / "run.ckpt").fit()
+    assert result.steps == 0 and result.history == []
+    assert load_checkpoint(tmp_path / "run.ckpt")["step"] == 0
+
+
+DOCUMENTED_METRICS = {
+    "energy_pos",
+    "energy_neg",
+    "gap",
+    "sampler_grad_norm",
+    "acceptance_rate",
+    "lr",
+    "param_grad_norm",
+    "step",
+}
+
+
+def test_metrics_history_has_the_documented_keys_and_callbacks_run_at_log_steps() -> None:
+    calls: list[tuple[int, int, dict[str, float]]] = []
+
+    def record(trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        calls.append((step, trainer.step, metrics))
+
+    mala = ContrastiveDivergence(MALA(step_size=0.05), n_steps=3)
+    trainer = small_trainer(small_config(steps=10, log_every=4), mala, callbacks=[record])
+    result = trainer.fit()
+
+    logged_steps = [1, 5, 9, 10]  # every 4th step from the first, and the last
+    assert [entry["step"] for entry in result.history] == logged_steps
+    assert [step for step, _, _ in calls] == logged_steps
+    assert [trainer_step for _, trainer_step, _ in calls] == logged_steps
+    assert [metrics for _, _, metrics in calls] == result.history
+    for entry in result.history:
+        assert DOCUMENTED_METRICS <= set(entry)
+        assert all(isinstance(value, float) and math.isfinite(value) for value in entry.values())
+        assert entry["gap"] == pytest.approx(entry["energy_pos"] - entry["energy_neg"], abs=1e-6)
+        assert 0.0 <= entry["acceptance_rate"] <= 1.0
+        assert entry["param_grad_norm"] > 0.0
+        assert entry["lr"] == pytest.approx(1e-2)
+
+
+def test_learning_rate_warms_up_then_decays_on_a_cosine() -> None:
+    config = small_config(steps=12, warmup_steps=4, final_lr_fraction=0.1)
+    lrs = [entry["lr"] for entry in small_trainer(config).fit().history]
+
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(1e-2)
+    assert lrs[0] < 0.75e-2 and 1 <= peak <= 4
+    assert lrs[: peak + 1] == sorted(lrs[: peak + 1])  # warm-up
+    assert lrs[peak:] == sorted(lrs[peak:], reverse=True)  # cosine decay
+    # the last step (index 11) used lr · (f + (1 − f)·½(1 + cos(π·7/8))), just above lr · f at the end
+    assert lrs[-1] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8))))
+
+
+# --- the divergence guard --------------------------------------------------------------------------
+
+
+class BlowsUpObjective:
+    """Contrastive divergence whose loss and data energy become ``blowup`` whenever ``blows_up(step,
+    sampler step size)`` says so: NaN for non-finite energies, a huge number for exploding ones."""
+
+    def __init__(self, inner: ContrastiveDivergence, blows_up: Callable[[int, float], bool], blowup: float):
+        self.inner = inner
+        self.blows_up = blows_up
+        self.blowup = blowup
+        self.blown_up_at: list[int] = []
+
+    def __call__(
+        self,
+        energy: nn.Module,
+        x_pos: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> tuple[Tensor, CDStats]:
+        loss, stats = self.inner(energy, x_pos, generator=generator, step=step)
+        assert step is not None
+        if self.blows_up(step, self.step_size):
+            self.blown_up_at.append(step)
+            loss = loss * self.blowup  # a NaN loss also turns the weights NaN at the optimiser step
+            stats = dataclasses.replace(stats, energy_pos=stats.energy_pos + self.blowup)
+        return loss, stats
+
+    @property
+    def step_size(self) -> float:
+        return self.inner.sampler.step_size
+
+    def with_step_size(self, factor: float) -> None:
+        self.inner.with_step_size(factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+@pytest.fixture
+def written_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every state the trainer writes to disk, each checked for NaN and infinities as it is written."""
+    written: list[dict[str, Any]] = []
+    save = ebm.trainer.save_checkpoint
+
+    def save_finite_only(path: Path, state: dict[str, Any]) -> Path:
+        for name, tensor in finite_checked_tensors(state):
+            assert torch.isfinite(tensor).all(), f"a checkpoint with non-finite {name} was written"
+        written.append(state)
+        return save(path, state)
+
+    monkeypatch.setattr(ebm.trainer, "save_checkpoint", save_finite_only)
+    return written
+
+
+def finite_checked_tensors(state: Any, where: str = "") -> Iterator[tuple[str, Tensor]]:
+    if isinstance(state, Tensor):
+        if state.is_floating_point():
+            yield where, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from finite_checked_tensors(value, f"{where}.{key}")
+    elif isinstance(state, list | tuple):
+        for index, value in enumerate(state):
+            yield from finite_checked_tensors(value, f"{where}[{index}]")
+
+
+@pytest.mark.parametrize("blowup", [math.nan, 1e9], ids=["nan", "exploding"])
+def test_divergence_rolls_back_shrinks_step_sizes_and_finishes(
+    blowup: float, tmp_path: Path, written_checkpoints: list[dict[str, Any]]
+) -> None:
+    # Energies blow up from step 6 on while the sampler step is above 0.06; one rollback to the
+    # checkpoint at step 4 halves it (0.1 → 0.05) and training completes.
+    objective = BlowsUpObjective(pcd_objective(0.1), lambda step, eta: step >= 6 and eta > 0.06, blowup)
+    config = small_config(steps=12, lr=1e-2, ema_decay=0.9, checkpoint_every=4, recovery_factor=0.5)
+    trainer = small_trainer(config, objective, checkpoint_path=tmp_path / "run.ckpt")
+    clean = small_trainer(config, BlowsUpObjective(pcd_objective(0.1), lambda step, eta: False, blowup))
+    clean.fit()
+
+    result = trainer.fit()
+
+    assert result.steps == trainer.step == 12
+    assert result.recoveries == trainer.recoveries == 1
+    assert objective.blown_up_at == [6]
+    assert objective.step_size == pytest.approx(0.05)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert trainer.scheduler.base_lrs == pytest.approx([5e-3])
+    assert [entry["step"] for entry in result.history] == list(range(1, 13))  # rolled-back steps dropped
+    assert result.history[:4] == clean.history[:4]  # up to the last good state
+    for entry in result.history[4:]:
+        assert entry["lr"] == pytest.approx(5e-3)
+        assert entry["sampler_step_size"] == pytest.approx(0.05)
+    assert trainer.ema is not None
+    final_weights = {"energy": trainer.energy.state_dict(), "ema": trainer.ema.state_dict()}
+    for name, tensor in finite_checked_tensors(final_weights):
+        assert torch.isfinite(tensor).all(), name
+    assert sorted({state["step"] for state in written_checkpoints}) == [4, 8, 12]
+    saved = load_checkpoint(tmp_path / "run.ckpt")
+    assert saved["recoveries"] == 1 and saved["objective"]["step_size"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 5], ids=["no_checkpoint_between", "checkpoint_between"])
+def test_each_rollback_shrinks_step_sizes_by_the_factor_once(
+    checkpoint_every: int, written_checkpoints: list[dict[str, Any]]
+) -> None:
+    # Two one-off blow-ups; with checkpoint_every=5 a checkpoint (already holding the once-shrunk
+    # step sizes) is written between them. Either way two rollbacks mean a factor 0.5² overall.
+    pending = {7, 13}
+
+    def blows_up_once_at_7_and_13(step: int, eta: float) -> bool:
+        if step in pending:
+            pending.remove(step)
+            return True
+        return False
+
+    objective = BlowsUpObjective(pcd_objective(0.1), blows_up_once_at_7_and_13, math.nan)
+    trainer = small_trainer(small_config(steps=16, checkpoint_every=checkpoint_every), objective)
+
+    result = trainer.fit()
+
+    assert result.recoveries == 2 and result.steps == 16
+    assert objective.step_size == pytest.approx(0.1 * 0.25)
+    assert trainer.scheduler.base_lrs == pytest.approx([1e-2 * 0.25])
+    assert result.history[-1]["lr"] == pytest.approx(1e-2 * 0.25)
+
+
+def test_persistent_divergence_raises_after_max_recoveries_and_never_writes_nan(
+    tmp_path: Path, written_checkpoints: list[dict[str, Any]]
+) -> None:
+    checkpoint = tmp_path / "run.ckpt"
+    objective = BlowsUpObjective(pcd_objective(0.1), lambda step, eta: step >= 6, math.nan)
+    config = small_config(steps=12, ema_decay=0.9, checkpoint_every=4, max_recoveries=2)
+    trainer = small_trainer(config, objective, checkpoint_path=checkpoint)
+
+    with pytest.raises(TrainingDivergedError) as raised:
+        trainer.fit()
+
+    message = str(raised.value)
+    assert "non-finite" in message and "at step 6" in message
+    assert "2 rollbacks" in message
+    assert "last good state is step 4" in message
+    assert str(checkpoint) in message
+    assert objective.blown_up_at == [6, 6, 6]  # the first try and one per rollback
+    assert objective.step_size == pytest.approx(0.1 * 0.25)
+    assert [state["step"] for state in written_checkpoints] == [4]
+    saved = load_checkpoint(checkpoint)
+    assert saved["step"] == 4
+    for name, tensor in finite_checked_tensors(saved):
+        assert torch.isfinite(tensor).all(), name
+    assert sorted(os.listdir(tmp_path)) == ["run.ckpt"]
+
+
+def test_a_sampler_step_far_too_big_ends_in_training_diverged_error(
+    tmp_path: Path, written_checkpoints: list[dict[str, Any]]
+) -> None:
+    # Langevin chains thrown ~1e12 away give energies far above max_abs_energy; halving the step
+    # three times does not bring them back, so the run stops without writing anything.
+    objective = ContrastiveDivergence(Langevin(step_size=1e12), n_steps=3)
+    checkpoint = tmp_path / "run.ckpt"
+    trainer = small_trainer(
+        small_config(checkpoint_every=1, max_recoveries=3), objective, checkpoint_path=checkpoint
+    )
+
+    with pytest.raises(TrainingDivergedError, match=r"exploding energies .* 3 rollbacks"):
+        trainer.fit()
+
+    assert trainer.recoveries == 4
+    assert objective.sampler.step_size == pytest.approx(1e12 * 0.5**3)
+    assert written_checkpoints == []
+    assert not checkpoint.exists()
