@@ -1,0 +1,405 @@
+"""Run the DVC pipeline from Prefect: one task per stage, DVC deciding what runs.
+
+Each task calls ``Repo(root).reproduce(targets=[stage], single_item=True)``, exactly what
+``dvc repro --single-item <stage>`` does, so DVC compares deps and params with ``dvc.lock``, skips unchanged
+stages, restores known results from its run cache and rewrites ``dvc.lock``; a ``dvc repro`` after a flow run
+is a no-op. The flow never calls the library itself.
+
+Prefect adds what DVC lacks: schedules (``flows/deploy.py``), retries, timeouts, run history, and a markdown
+summary of each run (per stage: ran, skipped or restored from the run cache, and seconds; the metrics files
+``dvc.yaml`` names; the MLflow runs the stages logged).
+
+Per-stage policy comes from the optional ``schedule.stages`` section of ``params.yaml``
+(keys: ``retries``, ``retry_delay_seconds``, ``timeout_seconds``)::
+
+    schedule:
+      stages:
+        prepare_mnist: {retries: 2, retry_delay_seconds: 30}
+        train_mnist: {timeout_seconds: 7200}
+
+Stages whose name starts with ``prepare`` retry once after 10 s by default (downloads flake); nothing has
+a timeout by default. A timeout is enforced here rather than by Prefect's ``timeout_seconds``, which cannot
+interrupt a sync task blocked on a subprocess: past its deadline the stage's command (found by the
+``DVC_STAGE`` variable DVC gives it) is terminated, DVC records the stage as failed and the task raises
+:class:`StageTimeoutError`.
+
+Usage::
+
+    python -m flows.pipeline                         # whole pipeline, project in the current folder
+    python -m flows.pipeline --stages train_toy      # that stage and everything upstream of it
+    python -m flows.pipeline --force                 # rerun even unchanged stages
+"""
+
+# Prefect starts its analytics thread during ``import prefect``: the switches go first.
+from ebm.offline import apply_offline_env
+
+apply_offline_env()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator, Mapping  # noqa: E402
+from contextlib import chdir, contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, Literal  # noqa: E402
+from urllib.parse import urlparse  # noqa: E402
+
+import yaml  # noqa: E402
+from prefect import Task, flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.client.schemas.objects import TaskRun  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from prefect.states import State  # noqa: E402
+
+from ebm.tracking import FLOW_RUN_ID_ENV, read_run_links, tracking_uri  # noqa: E402
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
+
+SUMMARY_ARTIFACT_KEY = "ebm-pipeline-summary"
+MLFLOW_UI_ENV = "EBM_MLFLOW_UI_URL"
+"""Base URL of the MLflow UI for summary links; defaults to the tracking server or ``mlflow ui``'s address."""
+
+Outcome = Literal["ran", "skipped", "restored", "failed"]
+
+
+class PipelineLockedError(RuntimeError):
+    """Another ``dvc repro`` (or pipeline flow) holds the DVC repository lock."""
+
+
+class StageTimeoutError(RuntimeError):
+    """A stage ran past its timeout and its command was terminated."""
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    """How Prefect treats one stage's task."""
+
+    retries: int = 0
+    retry_delay_seconds: float = 0.0
+    timeout_seconds: float | None = None
+
+
+PREPARE_POLICY = StagePolicy(retries=1, retry_delay_seconds=10.0)
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What DVC did with one stage in one flow run."""
+
+    stage: str
+    outcome: Outcome
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    """One flow run: the stages in order, the metrics files' values, and the MLflow run links."""
+
+    stages: tuple[StageOutcome, ...]
+    metrics: dict[str, dict[str, Any]]
+    run_links: dict[str, str]
+
+    def to_markdown(self, mlflow_ui: str) -> str:
+        """Render the summary; ``mlflow_ui`` is the UI base the relative run links hang off."""
+        lines = ["# ebm pipeline", "", "| stage | DVC | seconds | MLflow run |", "|---|---|---:|---|"]
+        for stage in self.stages:
+            link = self.run_links.get(stage.stage)
+            run = f"[run]({mlflow_ui.rstrip('/')}/{link})" if link else ""
+            lines.append(f"| {stage.stage} | {stage.outcome} | {stage.seconds:.1f} | {run} |")
+        if self.metrics:
+            lines += ["", "## Metrics", "", "| file | metric | value |", "|---|---|---:|"]
+            for path, values in self.metrics.items():
+                lines += [f"| {path} | {name} | {value} |" for name, value in values.items()]
+        return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def _dvc_repo(project_root: Path | str) -> Iterator["Repo"]:
+    """The DVC repo, used from its root as ``dvc repro`` would be.
+
+    DVC resolves stage addresses against the working directory and hands them to commands as
+    ``DVC_STAGE``; from the root they read ``train``, the name ``ebm.tracking`` tags runs with. The working
+    directory is process-wide: run one pipeline flow per process (the deployment allows one at a time).
+    """
+    from dvc.repo import Repo
+
+    with chdir(project_root), Repo(".") as repo:
+        yield repo
+
+
+def load_schedule_config(project_root: Path) -> dict[str, Any]:
+    """The ``schedule`` section of ``<root>/params.yaml``; empty when either is missing."""
+    params_file = Path(project_root) / "params.yaml"
+    if not params_file.exists():
+        return {}
+    params = yaml.safe_load(params_file.read_text()) or {}
+    return dict(params.get("schedule") or {})
+
+
+def stage_policy(stage: str, schedule: Mapping[str, Any]) -> StagePolicy:
+    """The policy for ``stage``: the default for its kind, overridden by ``schedule.stages.<stage>``.
+
+    Raises:
+        ValueError: The override names a key :class:`StagePolicy` does not have.
+    """
+    default = PREPARE_POLICY if stage.startswith("prepare") else StagePolicy()
+    overrides = dict((schedule.get("stages") or {}).get(stage) or {})
+    known = {field.name for field in dataclasses.fields(StagePolicy)}
+    if unknown := sorted(set(overrides) - known):
+        raise ValueError(f"schedule.stages.{stage}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    return dataclasses.replace(default, **overrides)
+
+
+def stage_order(project_root: Path, targets: list[str] | None = None) -> list[str]:
+    """The pipeline stages DVC knows, dependencies first (ties in ``dvc.yaml`` order).
+
+    Args:
+        project_root: The DVC project root.
+        targets: Stage addresses to run together with everything upstream of them (as ``dvc repro
+            <targets>`` does); all stages when ``None``.
+
+    Returns:
+        Stage addresses (``train``, ``train@toy``); data sources (``.dvc`` files) are left to DVC.
+
+    Raises:
+        ValueError: A target is not a stage of the pipeline.
+    """
+    import networkx as nx
+
+    with _dvc_repo(project_root) as repo:
+        graph = repo.index.graph  # edge: stage → stage it depends on
+        position = {stage: index for index, stage in enumerate(repo.index.stages)}
+        by_address = {stage.addressing: stage for stage in graph if stage.cmd}
+        if targets is None:
+            selected = set(graph)
+        else:
+            if unknown := [target for target in targets if target not in by_address]:
+                raise ValueError(f"unknown stages {unknown}; stages: {sorted(by_address)}")
+            selected = set()
+            for target in targets:
+                selected |= {by_address[target], *nx.descendants(graph, by_address[target])}
+        upstream_first = graph.reverse(copy=False).subgraph(selected)
+        ordered = nx.lexicographical_topological_sort(upstream_first, key=lambda stage: position[stage])
+        return [stage.addressing for stage in ordered if stage.cmd]
+
+
+def collect_metrics(project_root: Path) -> dict[str, dict[str, Any]]:
+    """The workspace values of every metrics file ``dvc.yaml`` names, flattened to dotted keys."""
+    with _dvc_repo(project_root) as repo:
+        shown = repo.metrics.show()
+    files = shown.get("", {}).get("data", {})
+    return {path: _flatten(entry["data"]) for path, entry in sorted(files.items()) if "data" in entry}
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix=f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _mlflow_ui_base(project_root: Path) -> str:
+    if explicit := os.environ.get(MLFLOW_UI_ENV):
+        return explicit
+    uri = tracking_uri(project_root)
+    return uri if urlparse(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+
+
+def _terminate_stage_processes(address: str) -> None:
+    """Terminate this process's descendants that DVC started for ``address`` (then kill stragglers)."""
+    import psutil
+
+    stage_processes = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.environ().get("DVC_STAGE") == address:
+                stage_processes.append(child)
+        except psutil.Error:
+            continue
+    for process in stage_processes:
+        process.terminate()
+    _, alive = psutil.wait_procs(stage_processes, timeout=10)
+    for process in alive:
+        process.kill()
+
+
+@contextmanager
+def _deadline(address: str, seconds: float | None) -> Iterator[threading.Event]:
+    """Terminate the stage's command after ``seconds``; the yielded event tells whether that happened."""
+    expired = threading.Event()
+    if seconds is None:
+        yield expired
+        return
+
+    def expire() -> None:
+        expired.set()
+        _terminate_stage_processes(address)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
+class _RunCacheRestores(logging.Handler):
+    """Notices DVC restoring a stage's outs from its run cache instead of running the command."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen |= str(record.msg).startswith("Stage '%s' is cached")
+
+
+@contextmanager
+def _watch_run_cache() -> Iterator[_RunCacheRestores]:
+    dvc_cache_logger = logging.getLogger("dvc.stage.cache")
+    handler = _RunCacheRestores()
+    previous_level = dvc_cache_logger.level
+    dvc_cache_logger.setLevel(logging.INFO)
+    dvc_cache_logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        dvc_cache_logger.removeHandler(handler)
+        dvc_cache_logger.setLevel(previous_level)
+
+
+def _retry_unless_locked(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a failed stage, except when the repository is locked: a retry would hit the same lock."""
+    return not isinstance(state.result(raise_on_failure=False), PipelineLockedError)
+
+
+@task(cache_policy=NO_CACHE)
+def reproduce_stage(
+    project_root: str,
+    stage: str,
+    *,
+    force: bool = False,
+    timeout_seconds: float | None = None,
+    flow_run_id: str | None = None,
+) -> StageOutcome:
+    """``dvc repro --single-item <stage>``, in process; reports whether DVC ran, skipped or restored it.
+
+    Raises:
+        PipelineLockedError: Another DVC process holds the repository lock.
+        StageTimeoutError: The stage ran past ``timeout_seconds``.
+        dvc.exceptions.ReproductionError: The stage's command failed.
+    """
+    from dvc.exceptions import ReproductionError
+    from dvc.lock import LockError
+
+    run_env = {FLOW_RUN_ID_ENV: flow_run_id} if flow_run_id else {}
+    started = time.perf_counter()
+    with (
+        _dvc_repo(project_root) as repo,
+        _watch_run_cache() as run_cache,
+        _deadline(stage, timeout_seconds) as expired,
+    ):
+        try:
+            reproduced = repo.reproduce(targets=[stage], single_item=True, force=force, run_env=run_env)
+        except LockError as exc:
+            lock_file = Path(repo.lock.lockfile).resolve()
+            raise PipelineLockedError(
+                f"another pipeline run holds the DVC lock at {lock_file}; wait for it to finish "
+                f"(or stop it) and run again. A `dvc repro` or `python -m flows.pipeline` in {project_root} "
+                "is the usual holder."
+            ) from exc
+        except ReproductionError as exc:
+            if expired.is_set():
+                raise StageTimeoutError(
+                    f"stage {stage!r} ran past its timeout of {timeout_seconds} s and was stopped"
+                ) from exc
+            raise
+    outcome: Outcome = ("restored" if run_cache.seen else "ran") if reproduced else "skipped"
+    result = StageOutcome(stage=stage, outcome=outcome, seconds=time.perf_counter() - started)
+    get_run_logger().info("stage %s: %s in %.1f s", stage, outcome, result.seconds)
+    return result
+
+
+@flow(name="ebm-pipeline")
+def pipeline(
+    project_root: str = ".", stages: list[str] | None = None, force: bool = False
+) -> PipelineSummary:
+    """Run the DVC pipeline stage by stage and publish a markdown summary as a Prefect artifact.
+
+    Args:
+        project_root: The DVC project root.
+        stages: Stages to run with everything upstream of them; all stages when omitted.
+        force: Rerun stages even when DVC finds them unchanged.
+
+    Returns:
+        The summary also published as the ``ebm-pipeline-summary`` artifact.
+
+    Raises:
+        PipelineLockedError: Another DVC process holds the repository lock.
+        StageTimeoutError: A stage ran past its timeout.
+        dvc.exceptions.ReproductionError: A stage's command failed. The summary is published anyway,
+            with that stage marked failed.
+    """
+    root = Path(project_root).resolve()
+    schedule = load_schedule_config(root)
+    planned = [(stage, stage_policy(stage, schedule)) for stage in stage_order(root, stages)]
+    outcomes: list[StageOutcome] = []
+    try:
+        for stage, policy in planned:
+            run_stage = reproduce_stage.with_options(
+                name=f"dvc-{stage}",
+                retries=policy.retries,
+                retry_delay_seconds=policy.retry_delay_seconds,
+                retry_condition_fn=_retry_unless_locked,
+            )
+            started = time.perf_counter()
+            try:
+                outcomes.append(
+                    run_stage(
+                        str(root),
+                        stage,
+                        force=force,
+                        timeout_seconds=policy.timeout_seconds,
+                        flow_run_id=flow_run.id,
+                    )
+                )
+            except Exception:
+                outcomes.append(StageOutcome(stage, "failed", time.perf_counter() - started))
+                raise
+    finally:
+        summary = PipelineSummary(
+            stages=tuple(outcomes), metrics=collect_metrics(root), run_links=read_run_links(root)
+        )
+        create_markdown_artifact(
+            markdown=summary.to_markdown(_mlflow_ui_base(root)),
+            key=SUMMARY_ARTIFACT_KEY,
+            description="DVC stages run or skipped, metrics and MLflow runs of this pipeline run",
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m flows.pipeline [--project-root DIR] [--stages S ...] [--force]``."""
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project-root", default=".", help="DVC project root (default: current folder)")
+    parser.add_argument("--stages", nargs="+", metavar="STAGE", help="run these and everything upstream")
+    parser.add_argument("--force", action="store_true", help="rerun stages DVC finds unchanged")
+    args = parser.parse_args(argv)
+    try:
+        pipeline(project_root=args.project_root, stages=args.stages, force=args.force)
+    except PipelineLockedError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""flows/: the Prefect flow runs DVC stages (DVC deciding what to skip) and the deployment's schedule."""
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flows.deploy import DEFAULT_CRON, load_schedule, nightly_deployment
+from flows.pipeline import (
+    PREPARE_POLICY,
+    SUMMARY_ARTIFACT_KEY,
+    PipelineLockedError,
+    StageOutcome,
+    StagePolicy,
+    StageTimeoutError,
+    pipeline,
+    stage_order,
+    stage_policy,
+)
+
+
+def _write_params(root: Path, params: dict[str, Any]) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _outcomes(stages: tuple[StageOutcome, ...]) -> dict[str, str]:
+    return {stage.stage: stage.outcome for stage in stages}
+
+
+def _task_runs(flow_run_id: Any) -> list[Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _summary_artifact(flow_run_id: Any) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    artifact_filter = ArtifactFilter(
+        key=ArtifactFilterKey(any_=[SUMMARY_ARTIFACT_KEY]),
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+    )
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=artifact_filter)
+    return str(artifact.data)
+
+
+def test_stage_policy_defaults_retry_prepare_stages_and_params_override_them() -> None:
+    schedule = {"stages": {"train": {"timeout_seconds": 60}, "prepare_mnist": {"retries": 3}}}
+    assert stage_policy("train", schedule) == StagePolicy(timeout_seconds=60)
+    assert stage_policy("prepare_mnist", schedule) == StagePolicy(
+        retries=3, retry_delay_seconds=PREPARE_POLICY.retry_delay_seconds
+    )
+    assert stage_policy("prepare_toy", {}) == PREPARE_POLICY
+    with pytest.raises(ValueError, match="unknown keys \\['retry'\\]"):
+        stage_policy("train", {"stages": {"train": {"retry": 1}}})
+
+
+def test_stage_order_puts_dependencies_first_and_targets_bring_their_upstream(
+    tiny_pipeline: Path,
+) -> None:
+    assert stage_order(tiny_pipeline) == ["prepare", "train", "report"]
+    assert stage_order(tiny_pipeline, ["train"]) == ["prepare", "train"]
+    with pytest.raises(ValueError, match="unknown stages \\['evaluate'\\]"):
+        stage_order(tiny_pipeline, ["evaluate"])
+
+
+def test_schedule_comes_from_params_with_a_nightly_default(tmp_path: Path) -> None:
+    assert load_schedule(tmp_path).cron == DEFAULT_CRON
+    _write_params(tmp_path, {"schedule": {"cron": "30 4 * * 1", "timezone": "Europe/Paris"}})
+    schedule = load_schedule(tmp_path)
+    assert (schedule.cron, schedule.timezone) == ("30 4 * * 1", "Europe/Paris")
+    _write_params(tmp_path, {"schedule": {"cron": "every night"}})
+    with pytest.raises(ValueError, match="cron"):
+        load_schedule(tmp_path)
+
+
+def test_nightly_deployment_runs_one_pipeline_at_a_time_on_the_params_schedule(tmp_path: Path) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    _write_params(tmp_path, {"schedule": {"cron": "15 3 * * *"}})
+
+    deployment = nightly_deployment(tmp_path)
+
+    assert [entry.schedule for entry in deployment.schedules or []] == [CronSchedule(cron="15 3 * * *")]
+    assert deployment.concurrency_limit == 1
+    assert deployment.concurrency_options is not None
+    assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert deployment.parameters == {"project_root": str(tmp_path.resolve())}
+    assert deployment.entrypoint == "flows/pipeline.py:pipeline"
+
+
+@pytest.mark.slow
+def test_flow_runs_stages_through_dvc_then_skips_them_all(
+    prefect_harness: None, tiny_pipeline: Path, mlflow_tracking_uri: str
+) -> None:
+    import mlflow
+    from dvc.repo import Repo
+
+    first = pipeline(project_root=str(tiny_pipeline), return_state=True)
+    summary = first.result()
+    assert _outcomes(summary.stages) == {"prepare": "ran", "train": "ran", "report": "ran"}
+    assert (tiny_pipeline / "dvc.lock").exists()
+    assert (tiny_pipeline / "report.txt").read_text() == "ENERGY\n"
+    assert summary.metrics == {"metrics.json": {"loss": 0.5, "eval.nll": 1.25}}
+
+    # The stage's MLflow run knows which flow run started it, and the summary links to it.
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment is not None
+    (train_run,) = client.search_runs([experiment.experiment_id])
+    assert train_run.data.tags["prefect_flow_run_id"] == str(first.state_details.flow_run_id)
+    assert train_run.data.tags["dvc_stage"] == "train"
+    # Hashed while the stage ran, before DVC wrote dvc.lock: the same values it then wrote.
+    lock = yaml.safe_load((tiny_pipeline / "dvc.lock").read_text())
+    locked_deps = {dep["path"]: dep["md5"] for dep in lock["stages"]["train"]["deps"]}
+    assert json.loads(train_run.data.tags["dvc_deps"]) == locked_deps
+    markdown = _summary_artifact(first.state_details.flow_run_id)
+    assert f"#/experiments/{train_run.info.experiment_id}/runs/{train_run.info.run_id}" in markdown
+    assert "| train | ran |" in markdown
+    assert "| metrics.json | eval.nll | 1.25 |" in markdown
+
+    second = pipeline(project_root=str(tiny_pipeline), return_state=True)
+    assert _outcomes(second.result().stages) == {
+        "prepare": "skipped",
+        "train": "skipped",
+        "report": "skipped",
+    }
+    assert "| report | skipped |" in _summary_artifact(second.state_details.flow_run_id)
+    with Repo(str(tiny_pipeline)) as repo:
+        assert repo.status() == {}
+
+
+@pytest.mark.slow
+def test_flow_fails_clearly_and_without_retrying_while_another_run_holds_the_dvc_lock(
+    prefect_harness: None, tiny_pipeline: Path
+) -> None:
+    from dvc.repo import Repo
+
+    with Repo(str(tiny_pipeline)) as repo, repo.lock:
+        state = pipeline(project_root=str(tiny_pipeline), return_state=True)
+        lock_file = repo.lock.lockfile
+
+    assert state.is_failed()
+    with pytest.raises(PipelineLockedError, match="another pipeline run holds the DVC lock at") as raised:
+        state.result()
+    assert str(Path(lock_file).resolve()) in str(raised.value)
+    # "prepare" would retry once after 10 s on other failures; a retry could only meet the same lock.
+    (prepare_run,) = _task_runs(state.state_details.flow_run_id)
+    assert prepare_run.run_count == 1
+    assert "| prepare | failed |" in _summary_artifact(state.state_details.flow_run_id)
+
+
+@pytest.mark.slow
+def test_stage_past_its_timeout_is_stopped(prefect_harness: None, dvc_project: Path) -> None:
+    (dvc_project / "dvc.yaml").write_text(
+        textwrap.dedent(f"""
+        stages:
+          sleepy:
+            cmd: {sys.executable} -c "import time; time.sleep(120)"
+            outs: [never.txt]
+        """)
+    )
+    _write_params(dvc_project, {"schedule": {"stages": {"sleepy": {"timeout_seconds": 1}}}})
+
+    state = pipeline(project_root=str(dvc_project), return_state=True)
+
+    with pytest.raises(StageTimeoutError, match="'sleepy' ran past its timeout of 1 s"):
+        state.result()
+
+
+@pytest.mark.slow
+def test_flow_reports_outs_dvc_restored_from_its_run_cache(prefect_harness: None, dvc_project: Path) -> None:
+    copy = "import shutil; shutil.copy('raw.txt', 'copy.txt')"
+    (dvc_project / "dvc.yaml").write_text(
+        textwrap.dedent(f"""
+        stages:
+          copy:
+            cmd: {sys.executable} -c "{copy}"
+            deps: [raw.txt]
+            outs: [copy.txt]
+        """)
+    )
+    outcomes: list[str] = []
+    for content in ("first\n", "second\n", "first\n"):
+        (dvc_project / "raw.txt").write_text(content)
+        outcomes += _outcomes(pipeline(project_root=str(dvc_project)).stages).values()
+
+    assert outcomes == ["ran", "ran", "restored"]
+    assert (dvc_project / "copy.txt").read_text() == "first\n"
