@@ -15,9 +15,12 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 EnergyFn = Callable[[Tensor], Tensor]
 
@@ -204,3 +207,38 @@ def mlp_logits(config: MLPClassifierConfig) -> nn.Module:
     """An MLP producing ``n_classes`` logits: the body of a :class:`ClassConditionalEnergy`."""
     body = mlp(config.in_features, config.widths, config.n_classes, spectral_norm=config.spectral_norm)
     return nn.Sequential(nn.Flatten(1), body)
+
+
+def seed_linear_layers_(module: nn.Module, *, generator: torch.Generator) -> nn.Module:
+    """Redraw every linear layer's initial weights from ``generator`` (in place), not the global RNG.
+
+    Each layer gets PyTorch's default range U(−1/√fan_in, 1/√fan_in); with spectral normalisation
+    the underlying weight and the power-iteration vectors are redrawn too. Returns ``module``.
+    """
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                _seed_linear(layer, generator)
+    return module
+
+
+def _seed_linear(linear: nn.Linear, generator: torch.Generator) -> None:
+    bound = 1.0 / math.sqrt(linear.in_features)
+    if not parametrize.is_parametrized(linear, "weight"):
+        linear.weight.uniform_(-bound, bound, generator=generator)
+        linear.bias.uniform_(-bound, bound, generator=generator)
+        return
+    parametrizations = cast(nn.ModuleDict, linear.parametrizations)
+    weight = cast(parametrize.ParametrizationList, parametrizations["weight"])
+    weight.original.uniform_(-bound, bound, generator=generator)
+    linear.bias.uniform_(-bound, bound, generator=generator)
+    # spectral_norm drew its singular-vector estimates u, v from the global RNG: redraw v and run the
+    # 15 power iterations u ← W v / ‖W v‖, v ← Wᵀu / ‖Wᵀu‖ that it runs at construction.
+    spectral_norm = weight[0]
+    matrix = weight.original  # (out_features, in_features)
+    v = F.normalize(torch.randn(matrix.shape[1], generator=generator, device=generator.device), dim=0)
+    for _ in range(15):
+        u = F.normalize(matrix @ v, dim=0)
+        v = F.normalize(matrix.T @ u, dim=0)
+    cast(Tensor, spectral_norm._u).copy_(u)
+    cast(Tensor, spectral_norm._v).copy_(v)

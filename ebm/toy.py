@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ebm.energies import MLPEnergy, MLPEnergyConfig
+from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
 from ebm.losses import CDConfig, ContrastiveDivergence
 from ebm.samplers import ReplayBuffer, SamplerConfig, UniformBox
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer, TrainResult, resolve_device
@@ -75,7 +75,7 @@ def train_energy(
     """Train an MLP energy on ``x_train`` (N, D); return the weights to use (EMA if on) and the run."""
     device = resolve_device(config.train.device)
     init_generator = torch.Generator().manual_seed(config.train.seed)
-    energy = _seeded_mlp(config.model, init_generator).to(device)
+    energy = seed_linear_layers_(MLPEnergy(config.model), generator=init_generator).to(device)
     buffer_generator = torch.Generator(device).manual_seed(config.train.seed + 1)
     objective = build_objective(config, bounds, device=device, generator=buffer_generator)
     trainer = Trainer(
@@ -83,18 +83,6 @@ def train_energy(
     )
     result = trainer.fit()
     return trainer.model.eval(), result
-
-
-def _seeded_mlp(config: MLPEnergyConfig, generator: torch.Generator) -> MLPEnergy:
-    """An :class:`MLPEnergy` whose initial weights come from ``generator``, not the global RNG."""
-    energy = MLPEnergy(config)
-    with torch.no_grad():
-        for module in energy.modules():
-            if isinstance(module, nn.Linear):
-                bound = 1.0 / module.in_features**0.5  # PyTorch's default Linear initialisation range
-                module.weight.uniform_(-bound, bound, generator=generator)
-                module.bias.uniform_(-bound, bound, generator=generator)
-    return energy
 
 
 def sample_energy(

@@ -229,7 +229,9 @@ class Trainer:
     def _metrics(self, stats: CDStats, grad_norm: Tensor) -> dict[str, float]:
         metrics = stats.as_floats()
         metrics["param_grad_norm"] = float(grad_norm)
-        metrics["lr"] = float(self.scheduler.base_lrs[0]) * self._lr_factor(self.step)  # the lr this step used
+        metrics["lr"] = float(self.scheduler.base_lrs[0]) * self._lr_factor(
+            self.step
+        )  # the lr this step used
         metrics["sampler_step_size"] = float(self.objective.state_dict()["step_size"])
         return metrics
 

@@ -1,0 +1,80 @@
+"""The real pipeline, end to end, on the ``quick`` params in a scratch git + DVC copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _scratch_copy(tmp_path: Path) -> Path:
+    """The project's tracked files, with configs/quick.yaml as params.yaml, committed in a new repo."""
+    root = tmp_path / "project"
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             check=True, capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, tracked):
+        source = REPO / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    shutil.copyfile(REPO / "configs" / "quick.yaml", root / "params.yaml")
+    identity = ["-c", "user.name=ebm-tests", "-c", "user.email=ebm-tests@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "scratch"]):
+        subprocess.run(["git", *identity, *args], cwd=root, check=True, capture_output=True)
+    return root
+
+
+@pytest.mark.slow
+def test_quick_pipeline_runs_every_stage_then_skips_them_and_dvc_agrees(
+    tmp_path: Path, prefect_harness: None, mlflow_template_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dvc.repo import Repo
+
+    from flows.pipeline import pipeline
+
+    root = _scratch_copy(tmp_path)
+    shutil.copyfile(mlflow_template_db, root / "mlflow.db")  # skip the store's one-off migration
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+    first = pipeline(project_root=str(root))
+
+    stages = [outcome.stage for outcome in first.stages]
+    assert stages == ["prepare_toy", "train_toy", "evaluate_toy", "render_toy"]
+    assert {outcome.outcome for outcome in first.stages} == {"ran"}
+    lock = (root / "dvc.lock").read_text()
+    assert all(f"{stage}:" in lock for stage in stages)
+    metrics = json.loads((root / "reports" / "toy" / "metrics.json").read_text())
+    assert set(metrics) == {"8gaussians", "moons"}
+    for values in metrics.values():
+        assert values["nll"] > values["entropy_floor"] - 0.05  # no model beats the truth by more than noise
+    assert (root / "reports" / "toy" / "heatmaps.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (root / "models" / "toy").iterdir()) == ["8gaussians.pt", "moons.pt"]
+
+    import mlflow
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("toy2d").experiment_id])
+    assert sorted(run.data.tags["dvc_stage"] for run in runs) == sorted(stages)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git_commit"] == head
+        assert run.data.tags["prefect_flow_run_id"]
+        assert run.data.params["toy.train.steps"] == "100"
+    train_run = next(run for run in runs if run.data.tags["dvc_stage"] == "train_toy")
+    assert "moons/energy_pos" in train_run.data.metrics
+    assert len(client.get_metric_history(train_run.info.run_id, "moons/energy_pos")) > 5
+
+    second = pipeline(project_root=str(root))
+    assert {outcome.outcome for outcome in second.stages} == {"skipped"}
+    with Repo(str(root)) as repo:
+        assert repo.status() == {}
