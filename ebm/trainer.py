@@ -229,9 +229,8 @@ class Trainer:
     def _metrics(self, stats: CDStats, grad_norm: Tensor) -> dict[str, float]:
         metrics = stats.as_floats()
         metrics["param_grad_norm"] = float(grad_norm)
-        metrics["lr"] = float(self.scheduler.base_lrs[0]) * self._lr_factor(
-            self.step
-        )  # the lr this step used
+        base_lr = float(self.scheduler.base_lrs[0])
+        metrics["lr"] = base_lr * self._lr_factor(self.step)  # what this step used; the scheduler moved on
         metrics["sampler_step_size"] = float(self.objective.state_dict()["step_size"])
         return metrics
 
