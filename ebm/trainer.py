@@ -22,18 +22,33 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ebm.checkpoint import assert_finite_state, load_checkpoint, save_checkpoint
-from ebm.losses import CDStats, NonFiniteLossError
+from ebm.losses import NonFiniteLossError
+
+Batch = Tensor | tuple[Tensor, ...]
+
+
+class ObjectiveStats(Protocol):
+    """What the trainer reads from an objective's diagnostics: the two energies, and all as floats."""
+
+    @property
+    def energy_pos(self) -> Tensor: ...
+
+    @property
+    def energy_neg(self) -> Tensor: ...
+
+    def as_floats(self) -> dict[str, float]: ...
 
 
 class Objective(Protocol):
     def __call__(
         self,
         energy: nn.Module,
-        x_pos: Tensor,
+        batch: Any,
+        /,
         *,
         generator: torch.Generator | None = None,
         step: int | None = None,
-    ) -> tuple[Tensor, CDStats]: ...
+    ) -> tuple[Tensor, ObjectiveStats]: ...
 
     def with_step_size(self, factor: float) -> None: ...
 
@@ -68,7 +83,8 @@ class TrainConfig:
         betas: Adam betas; β₁ = 0 is the usual EBM choice (Du & Mordatch 2019).
         grad_clip: clip the parameters' gradient to this global L2 norm (``None``: off).
         ema_decay: keep an exponential moving average of the weights (``None``: off).
-        checkpoint_every: write an atomic checkpoint every this many steps (0: only at the end).
+        checkpoint_every: every this many steps, keep the state as the divergence guard's rollback point
+            and, with a checkpoint path, write it atomically (0: only at the end).
         log_every: record metrics (a host sync) every this many steps.
         max_abs_energy: divergence guard; |E| above this on data or negatives counts as divergence.
         max_recoveries: rollbacks allowed before :class:`TrainingDivergedError`.
@@ -84,7 +100,7 @@ class TrainConfig:
     final_lr_fraction: float = 1.0
     grad_clip: float | None = 10.0
     ema_decay: float | None = None
-    checkpoint_every: int = 0
+    checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
@@ -120,7 +136,9 @@ class Trainer:
     Args:
         energy: the model, already on the training device.
         objective: e.g. :class:`~ebm.losses.ContrastiveDivergence` (with its buffer on the same device).
-        data: training set, shape ``(N, *event)``, moved to the model's device once.
+        data: training set, shape ``(N, *event)``, or a tuple of tensors sharing their first dimension
+            (``(images, labels)``); moved to the model's device once. Each step hands the objective a
+            batch of the same structure.
         config: :class:`TrainConfig`.
         checkpoint_path: where checkpoints go; if the file exists, training resumes from it exactly.
         callbacks: called as ``callback(trainer, step, metrics)`` at every log step (side effects only).
@@ -130,7 +148,7 @@ class Trainer:
         self,
         energy: nn.Module,
         objective: Objective,
-        data: Tensor,
+        data: Batch,
         config: TrainConfig,
         *,
         checkpoint_path: str | os.PathLike[str] | None = None,
@@ -140,7 +158,14 @@ class Trainer:
         self.objective = objective
         self.config = config
         self.device = next(energy.parameters()).device
-        self.data = data.to(self.device)
+        self.data = (
+            data.to(self.device) if isinstance(data, Tensor) else tuple(t.to(self.device) for t in data)
+        )
+        self.n_rows = self.data.shape[0] if isinstance(self.data, Tensor) else self.data[0].shape[0]
+        if not isinstance(self.data, Tensor) and any(t.shape[0] != self.n_rows for t in self.data):
+            raise ValueError(
+                f"data tensors must share their first dimension, got {[t.shape for t in self.data]}"
+            )
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = list(callbacks)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
@@ -174,12 +199,13 @@ class Trainer:
         floor = self.config.final_lr_fraction
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def train_step(self) -> tuple[CDStats, Tensor]:
+    def train_step(self) -> tuple[ObjectiveStats, Tensor]:
         """One optimiser step: positives, negatives and loss, backward, clip, step, EMA."""
         slots = torch.randint(
-            self.data.shape[0], (self.config.batch_size,), generator=self.generator, device=self.device
+            self.n_rows, (self.config.batch_size,), generator=self.generator, device=self.device
         )
-        loss, stats = self.objective(self.energy, self.data[slots], generator=self.generator, step=self.step)
+        batch = self.data[slots] if isinstance(self.data, Tensor) else tuple(t[slots] for t in self.data)
+        loss, stats = self.objective(self.energy, batch, generator=self.generator, step=self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
@@ -226,7 +252,7 @@ class Trainer:
             self.save_checkpoint()
         return TrainResult(self.step, self.history, self.recoveries, time.perf_counter() - start)
 
-    def _metrics(self, stats: CDStats, grad_norm: Tensor) -> dict[str, float]:
+    def _metrics(self, stats: ObjectiveStats, grad_norm: Tensor) -> dict[str, float]:
         metrics = stats.as_floats()
         metrics["param_grad_norm"] = float(grad_norm)
         base_lr = float(self.scheduler.base_lrs[0])
@@ -234,7 +260,7 @@ class Trainer:
         metrics["sampler_step_size"] = float(self.objective.state_dict()["step_size"])
         return metrics
 
-    def _check_energies(self, stats: CDStats) -> None:
+    def _check_energies(self, stats: ObjectiveStats) -> None:
         worst = float(torch.maximum(stats.energy_pos.abs(), stats.energy_neg.abs()))
         if not worst <= self.config.max_abs_energy:
             raise NonFiniteLossError(self.step, f"or exploding energies (|E| = {worst:.3g})")
