@@ -59,19 +59,31 @@ class ContrastiveDivergence:
         sampler: any sampler with ``run(energy, x0, n_steps, generator=)``.
         n_steps: k, the MCMC steps per loss evaluation.
         alpha: weight of the energy-magnitude regulariser α · (E⁺² + E⁻²).
+        offset_weight: weight β of β · m², m = ½(mean E⁺ + mean E⁻). The CD gradient is blind to
+            the additive constant of E, which then drifts; this pins it at m = 0. The output bias alone
+            can zero m and the CD term never moves that bias, so at the optimum the anchor's gradient
+            vanishes and, unlike α, it does not bias the learned density.
         buffer: a :class:`ReplayBuffer` for PCD; ``None`` gives CD-k, chains started at the data.
     """
 
     def __init__(
-        self, sampler: Sampler, *, n_steps: int, alpha: float = 0.0, buffer: ReplayBuffer | None = None
+        self,
+        sampler: Sampler,
+        *,
+        n_steps: int,
+        alpha: float = 0.0,
+        offset_weight: float = 0.0,
+        buffer: ReplayBuffer | None = None,
     ) -> None:
         if n_steps < 1:
             raise ValueError(f"n_steps must be ≥ 1, got {n_steps}")
-        if alpha < 0 or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number ≥ 0, got {alpha}")
+        for name, value in (("alpha", alpha), ("offset_weight", offset_weight)):
+            if value < 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
         self.sampler = sampler
         self.n_steps = n_steps
         self.alpha = alpha
+        self.offset_weight = offset_weight
         self.buffer = buffer
 
     def negatives(
@@ -97,6 +109,10 @@ class ContrastiveDivergence:
         energies = check_energy_output(energy(torch.cat([x_pos, x_neg])), torch.cat([x_pos, x_neg]))
         e_pos, e_neg = energies.split([x_pos.shape[0], x_neg.shape[0]])
         regularisation = self.alpha * (e_pos.square().mean() + e_neg.square().mean())
+        if self.offset_weight:
+            regularisation = (
+                regularisation + self.offset_weight * (0.5 * (e_pos.mean() + e_neg.mean())).square()
+            )
         loss = e_pos.mean() - e_neg.mean() + regularisation
         if not torch.isfinite(loss):
             raise NonFiniteLossError(step, "contrastive-divergence loss")
@@ -134,6 +150,7 @@ class CDConfig:
     Attributes:
         n_steps: MCMC steps per training step (the k of CD-k).
         alpha: energy regularisation weight.
+        offset_weight: weight of the anchor on the energy's free additive constant.
         persistent: negatives from a replay buffer (PCD) instead of chains started at the data (CD-k).
         buffer_size: replay-buffer capacity.
         reinit_prob: fraction of buffer draws replaced by fresh uniform noise.
@@ -141,6 +158,7 @@ class CDConfig:
 
     n_steps: int = 10
     alpha: float = 0.0
+    offset_weight: float = 0.0
     persistent: bool = True
     buffer_size: int = 10000
     reinit_prob: float = 0.05

@@ -60,7 +60,11 @@ def build_objective(
             device=device,
         )
     return ContrastiveDivergence(
-        config.sampler.build(), n_steps=config.loss.n_steps, alpha=config.loss.alpha, buffer=buffer
+        config.sampler.build(),
+        n_steps=config.loss.n_steps,
+        alpha=config.loss.alpha,
+        offset_weight=config.loss.offset_weight,
+        buffer=buffer,
     )
 
 

@@ -104,7 +104,7 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
-    max_abs_energy: float = 1e4
+    max_abs_energy: float = 1e3
     max_recoveries: int = 3
     recovery_factor: float = 0.5
     progress: bool = True

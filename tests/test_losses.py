@@ -265,3 +265,26 @@ def test_pcd_training_recovers_a_gaussian() -> None:
 
     assert model.mean.item() == pytest.approx(2.0, abs=0.1)
     assert model.log_std.exp().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_offset_anchor_adds_beta_m_squared_and_only_it_moves_the_output_bias() -> None:
+    energy = small_mlp_energy()
+    x_pos = torch.randn(16, 2, generator=seeded(0))
+    output_bias = energy.net[-1].bias
+
+    plain = ContrastiveDivergence(Langevin(step_size=0.01), n_steps=2)
+    loss, _ = plain(energy, x_pos, generator=seeded(1))
+    loss.backward()
+    assert output_bias.grad is not None
+    torch.testing.assert_close(output_bias.grad, torch.zeros_like(output_bias))  # CD is blind to E + c
+    energy.zero_grad()
+
+    sampler = RecordingSampler(Langevin(step_size=0.01))
+    anchored = ContrastiveDivergence(sampler, n_steps=2, offset_weight=0.5)
+    loss, stats = anchored(energy, x_pos, generator=seeded(1))
+    loss.backward()
+    with torch.no_grad():
+        m = 0.5 * (energy(x_pos).mean() + energy(sampler.calls[0].x).mean())
+    torch.testing.assert_close(stats.regularisation, 0.5 * m.square())
+    assert output_bias.grad is not None
+    torch.testing.assert_close(output_bias.grad, (2 * 0.5 * m).reshape(1))  # d(β m²)/db = 2βm
