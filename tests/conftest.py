@@ -19,6 +19,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread per test process: `make test` runs two workers on two cores, and tiny
+    tensors on a busy core make multi-threaded ops wait milliseconds for a thread that isn't running."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One temporary Prefect API for the session, heartbeats off. Request it only in flow tests."""

@@ -7,7 +7,6 @@ so the whole file takes seconds on CPU.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,14 +42,6 @@ HYBRID = dataclasses.replace(
     loss=CDConfig(n_steps=5, alpha=0.1, buffer_size=1000),
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tensors here are tiny: one intra-op thread is faster than two, above all on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def labelled(name: str, n: int, seed: int) -> tuple[Tensor, Tensor]:

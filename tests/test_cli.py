@@ -33,7 +33,9 @@ def test_every_option_of_every_command_has_help_text() -> None:
 
 
 def test_console_script_help_lists_the_commands() -> None:
-    result = subprocess.run([sys.executable, "-m", "ebm.cli", "toy", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ebm.cli", "toy", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     for command in ("train", "evaluate", "render", "classify"):
         assert command in result.stdout
@@ -46,7 +48,10 @@ def test_train_evaluate_render_round_trip(tmp_path: Path, capsys: pytest.Capture
     assert main(["toy", "train", *common, "--n-train", "1000", "--steps", "30", "--out", str(model)]) == 0
     assert model.is_file()
     metrics = tmp_path / "metrics.json"
-    assert main(["toy", "evaluate", *common, "--model", str(model), "--n-test", "1000", "--json", str(metrics)]) == 0
+    assert (
+        main(["toy", "evaluate", *common, "--model", str(model), "--n-test", "1000", "--json", str(metrics)])
+        == 0
+    )
     values = json.loads(metrics.read_text())
     assert values["nll"] > values["entropy_floor"] - 0.1 and values["grid_resolution"] >= 128
     png = tmp_path / "moons.png"
@@ -64,7 +69,9 @@ def test_classify_reports_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture
     assert png.is_file()
 
 
-def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_a_clear_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     missing = tmp_path / "nope.pt"
     assert main(["toy", "evaluate", "--model", str(missing), "--params", QUICK]) == 2
     assert f"no checkpoint at {missing}" in capsys.readouterr().err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,19 +13,6 @@ from torch import Tensor, nn
 from ebm.energies import EnergyFn, MLPEnergy, MLPEnergyConfig
 from ebm.losses import CDStats, ContrastiveDivergence, NonFiniteLossError
 from ebm.samplers import SAMPLERS, Langevin, ReplayBuffer, Sampler, SamplerStats, UniformBox, make_sampler
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread() -> Iterator[None]:
-    """Run this module's many small tensor ops on one thread, then restore the setting.
-
-    On a busy 2-core runner every multi-threaded op waits at a barrier for a descheduled thread
-    (milliseconds, against microseconds of work), which made these tests ~4× slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -17,8 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 def _scratch_copy(tmp_path: Path) -> Path:
     """The project's tracked files, with configs/quick.yaml as params.yaml, committed in a new repo."""
     root = tmp_path / "project"
-    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             check=True, capture_output=True, text=True).stdout.split("\0")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
     for name in filter(None, tracked):
         source = REPO / name
         if source.is_file():
@@ -60,8 +65,9 @@ def test_quick_pipeline_runs_every_stage_then_skips_them_and_dvc_agrees(
 
     import mlflow
 
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.strip()
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("toy2d").experiment_id])
     assert sorted(run.data.tags["dvc_stage"] for run in runs) == sorted(stages)

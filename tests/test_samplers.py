@@ -6,7 +6,6 @@ import dataclasses
 import io
 import itertools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,18 +42,6 @@ SAMPLER_CASES = [
     pytest.param("mala", {"step_size": 0.05}, id="mala"),
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread() -> Iterator[None]:
-    """Run this module's many small tensor ops on one thread, then restore the setting.
-
-    On a busy 2-core runner every multi-threaded op waits at a barrier for a descheduled thread
-    (milliseconds, against microseconds of work), which made these tests ~4× slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def seeded(seed: int) -> torch.Generator:
