@@ -64,6 +64,11 @@ class ContrastiveDivergence:
             can zero m and the CD term never moves that bias, so at the optimum the anchor's gradient
             vanishes and, unlike α, it does not bias the learned density.
         buffer: a :class:`ReplayBuffer` for PCD; ``None`` gives CD-k, chains started at the data.
+        target_acceptance: for Metropolis-adjusted samplers, adapt the step size between training
+            steps towards this acceptance rate: η ← η · exp(0.05 · (rate − target)), kept within
+            [η₀/100, 10 η₀]. As the energy sharpens during training a fixed η stops mixing, stuck
+            chains get pushed up without bound and training diverges; the adapted η follows the
+            landscape. Each adapted run is still an exact MALA chain. ``None``: fixed η.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class ContrastiveDivergence:
         alpha: float = 0.0,
         offset_weight: float = 0.0,
         buffer: ReplayBuffer | None = None,
+        target_acceptance: float | None = None,
     ) -> None:
         if n_steps < 1:
             raise ValueError(f"n_steps must be ≥ 1, got {n_steps}")
@@ -85,17 +91,30 @@ class ContrastiveDivergence:
         self.alpha = alpha
         self.offset_weight = offset_weight
         self.buffer = buffer
+        if target_acceptance is not None and not 0.0 < target_acceptance < 1.0:
+            raise ValueError(f"target_acceptance must lie in (0, 1) or be None, got {target_acceptance}")
+        self.target_acceptance = target_acceptance
+        self._step_bounds = (sampler.step_size / 100, sampler.step_size * 10)
 
     def negatives(
         self, energy: EnergyFn, x_pos: Tensor, *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, SamplerStats]:
         """Draw one batch of negatives, as many as there are positives."""
         if self.buffer is None:
-            return self.sampler.run(energy, x_pos, self.n_steps, generator=generator)
-        x0, slots = self.buffer.sample(x_pos.shape[0], generator=generator)
-        x_neg, stats = self.sampler.run(energy, x0, self.n_steps, generator=generator)
-        self.buffer.update(slots, x_neg)
+            x_neg, stats = self.sampler.run(energy, x_pos, self.n_steps, generator=generator)
+        else:
+            x0, slots = self.buffer.sample(x_pos.shape[0], generator=generator)
+            x_neg, stats = self.sampler.run(energy, x0, self.n_steps, generator=generator)
+            self.buffer.update(slots, x_neg)
+        if self.target_acceptance is not None:
+            self._adapt_step_size(float(stats.acceptance_rate))
         return x_neg, stats
+
+    def _adapt_step_size(self, acceptance_rate: float) -> None:
+        assert self.target_acceptance is not None
+        low, high = self._step_bounds
+        adapted = self.sampler.step_size * math.exp(0.05 * (acceptance_rate - self.target_acceptance))
+        self.sampler = dataclasses.replace(self.sampler, step_size=min(max(adapted, low), high))  # type: ignore[type-var]
 
     def __call__(
         self,
@@ -151,6 +170,7 @@ class CDConfig:
         n_steps: MCMC steps per training step (the k of CD-k).
         alpha: energy regularisation weight.
         offset_weight: weight of the anchor on the energy's free additive constant.
+        target_acceptance: adapt a Metropolis-adjusted sampler's step size towards this rate.
         persistent: negatives from a replay buffer (PCD) instead of chains started at the data (CD-k).
         buffer_size: replay-buffer capacity.
         reinit_prob: fraction of buffer draws replaced by fresh uniform noise.
@@ -159,6 +179,7 @@ class CDConfig:
     n_steps: int = 10
     alpha: float = 0.0
     offset_weight: float = 0.0
+    target_acceptance: float | None = None
     persistent: bool = True
     buffer_size: int = 10000
     reinit_prob: float = 0.05

@@ -65,6 +65,7 @@ def build_objective(
         alpha=config.loss.alpha,
         offset_weight=config.loss.offset_weight,
         buffer=buffer,
+        target_acceptance=config.loss.target_acceptance,
     )
 
 

@@ -274,3 +274,27 @@ def test_offset_anchor_adds_beta_m_squared_and_only_it_moves_the_output_bias() -
     torch.testing.assert_close(stats.regularisation, 0.5 * m.square())
     assert output_bias.grad is not None
     torch.testing.assert_close(output_bias.grad, (2 * 0.5 * m).reshape(1))  # d(β m²)/db = 2βm
+
+
+@pytest.mark.parametrize(("step_size", "direction"), [(5.0, -1), (1e-4, +1)])
+def test_step_size_adapts_towards_the_target_acceptance_within_bounds(step_size: float, direction: int) -> None:
+    from ebm.energies import GaussianEnergy
+    from ebm.samplers import MALA
+
+    energy = GaussianEnergy(torch.zeros(2), torch.eye(2))
+    cd = ContrastiveDivergence(MALA(step_size), n_steps=3, target_acceptance=0.6)
+    x = torch.randn(256, 2, generator=seeded(0))
+    sizes = [cd.sampler.step_size]
+    for _ in range(200):
+        cd.negatives(energy, x, generator=seeded(len(sizes)))
+        sizes.append(cd.sampler.step_size)
+    assert (sizes[-1] - sizes[0]) * direction > 0
+    assert step_size / 100 <= min(sizes) and max(sizes) <= step_size * 10
+    if direction < 0:  # from a step far too large, the rate climbs towards the target
+        _, stats = MALA(sizes[-1]).run(energy, x, 20, generator=seeded(1))
+        assert float(stats.acceptance_rate) > 0.3
+
+
+def test_target_acceptance_must_be_a_rate() -> None:
+    with pytest.raises(ValueError, match="target_acceptance"):
+        ContrastiveDivergence(Langevin(0.1), n_steps=1, target_acceptance=1.5)
