@@ -396,9 +396,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rerun stages DVC finds unchanged")
     args = parser.parse_args(argv)
     try:
-        pipeline(project_root=args.project_root, stages=args.stages, force=args.force)
+        summary = pipeline(project_root=args.project_root, stages=args.stages, force=args.force)
     except PipelineLockedError as exc:
         raise SystemExit(f"error: {exc}") from exc
+    print(where_results_are(Path(args.project_root).resolve(), summary))
+
+
+def where_results_are(root: Path, summary: PipelineSummary) -> str:
+    """The closing lines of a run: each stage's outcome, then where its results live."""
+    ui = _mlflow_ui_base(root).rstrip("/")
+    lines = ["", "ebm pipeline finished:"]
+    for stage in summary.stages:
+        link = summary.run_links.get(stage.stage)
+        run = f"{ui}/{link}" if link else ""
+        lines.append(f"  {stage.stage:<22} {stage.outcome:<8} {stage.seconds:7.1f} s  {run}")
+    plots = (
+        sorted(p.relative_to(root) for p in (root / "reports").rglob("*.png"))
+        if (root / "reports").is_dir()
+        else []
+    )
+    lines += [
+        f"  metrics:  dvc metrics show   ({', '.join(summary.metrics) or 'none yet'})",
+        f"  plots:    {', '.join(map(str, plots[:6])) or 'none yet'}{' …' if len(plots) > 6 else ''}",
+        f"  MLflow:   {tracking_uri(root)}  (browse: mlflow ui --backend-store-uri {tracking_uri(root)})",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
