@@ -257,7 +257,9 @@ class Trainer:
         metrics["param_grad_norm"] = float(grad_norm)
         base_lr = float(self.scheduler.base_lrs[0])
         metrics["lr"] = base_lr * self._lr_factor(self.step)  # what this step used; the scheduler moved on
-        metrics["sampler_step_size"] = float(self.objective.state_dict()["step_size"])
+        objective_state = self.objective.state_dict()
+        if "step_size" in objective_state:  # objectives without a sampler (exact ones) have none
+            metrics["sampler_step_size"] = float(objective_state["step_size"])
         return metrics
 
     def _check_energies(self, stats: ObjectiveStats) -> None:
