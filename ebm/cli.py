@@ -178,7 +178,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         help="negative sampler (default: the recipe's, mala)",
     )
     parser.add_argument(
-        "--step-size", type=float, default=None, help="sampler step size η (default: the recipe's, 0.03)"
+        "--step-size", type=float, default=None, help="sampler step size η (default: the recipe's, 0.05)"
     )
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of data, initialisation and chains (default 0)"

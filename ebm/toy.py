@@ -37,11 +37,11 @@ class Toy2DConfig:
     model: MLPEnergyConfig = field(
         default_factory=lambda: MLPEnergyConfig(in_features=2, widths=(128, 128, 128))
     )
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="mala", step_size=0.03))
-    loss: CDConfig = field(default_factory=CDConfig)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="mala", step_size=0.05))
+    loss: CDConfig = field(default_factory=lambda: CDConfig(offset_weight=1.0))
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=5000, batch_size=256, lr=3e-3, warmup_steps=100, final_lr_fraction=0.05, ema_decay=0.999
+            steps=5000, batch_size=256, lr=2e-3, warmup_steps=100, final_lr_fraction=0.05, ema_decay=0.999
         )
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
