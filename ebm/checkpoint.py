@@ -72,8 +72,16 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
 # --- model files: architecture spec + weights, rebuilt through an explicit registry ---------------
 
+
+def _image_energy(config: dict[str, Any]) -> nn.Module:
+    from ebm.images import ImageEnergySpec, build_image_energy  # the recipe imports this module
+
+    return build_image_energy(from_dict(ImageEnergySpec, config))
+
+
 MODEL_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "mlp_energy": lambda config: MLPEnergy(from_dict(MLPEnergyConfig, config)),
+    "image_energy": _image_energy,
 }
 
 

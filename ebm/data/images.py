@@ -1,0 +1,400 @@
+"""Image datasets (MNIST, Fashion-MNIST, CIFAR-10) through torchvision, into compact seeded splits.
+
+The originals are read by torchvision's own classes (``MNIST``, ``FashionMNIST``, ``CIFAR10``), from one
+of two places:
+
+1. **A local copy of the original files** (``local_copy``; for Fashion-MNIST the default is the folder
+   Debian's ``dataset-fashion-mnist`` package installs). IDX files, gzip'd or not, for the MNIST family;
+   the ``cifar-10-batches-py`` pickle batches (or the ``cifar-10-python.tar.gz`` archive) for CIFAR-10.
+   They are arranged, in a temporary folder, the way torchvision expects them
+   (``<root>/<ClassName>/raw/*-ubyte``; ``<root>/cifar-10-batches-py/``): uncompressed files are linked,
+   gzip'd ones decompressed. No network is touched.
+2. **torchvision's download** into ``download_root`` when there is no local copy.
+
+Offline with no local copy, :class:`ImageDataUnavailableError` says both ways out.
+
+:func:`prepare_image_data` splits the original training set into train and validation with a seeded
+permutation (the test set stays the test set), and writes ``train.pt``, ``validation.pt`` and
+``test.pt`` (uint8 images ``(N, C, H, W)``, int64 labels, and each row's index in the original file) plus
+``manifest.json``, which records the source, the seed, the counts and every file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+from urllib.error import URLError
+
+import torch
+from torch import Tensor
+from torchvision import datasets
+
+from ebm.checkpoint import atomic_write
+
+SPLITS = ("train", "validation", "test")
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+
+
+class ImageDataUnavailableError(RuntimeError):
+    """Neither a local copy of the original files nor torchvision's download could provide a dataset."""
+
+
+@dataclass(frozen=True)
+class ImageDatasetSpec:
+    """One dataset: the torchvision class that reads it, its shape, classes and file format.
+
+    Attributes:
+        name: the name used in ``params.yaml``.
+        torchvision_class: the class in ``torchvision.datasets``.
+        image_shape: ``(C, H, W)``.
+        n_classes: number of labels.
+        file_format: ``"idx"`` (MNIST family) or ``"cifar-python"`` (pickle batches).
+        system_copy: where a distribution package installs the original files, if one does.
+    """
+
+    name: str
+    torchvision_class: str
+    image_shape: tuple[int, int, int]
+    n_classes: int
+    file_format: Literal["idx", "cifar-python"]
+    system_copy: str | None = None
+
+
+IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
+    "mnist": ImageDatasetSpec("mnist", "MNIST", (1, 28, 28), 10, "idx"),
+    "fashion_mnist": ImageDatasetSpec(
+        "fashion_mnist", "FashionMNIST", (1, 28, 28), 10, "idx", "/usr/share/datasets/fashion-mnist"
+    ),
+    "cifar10": ImageDatasetSpec("cifar10", "CIFAR10", (3, 32, 32), 10, "cifar-python"),
+}
+
+
+def image_dataset(name: str) -> ImageDatasetSpec:
+    """The spec of a dataset by its config name; raises listing the valid names."""
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"unknown image dataset {name!r}; choose one of {sorted(IMAGE_DATASETS)}")
+    return IMAGE_DATASETS[name]
+
+
+@dataclass(frozen=True)
+class ImageDataConfig:
+    """Where the originals come from and how they are split (``params.yaml``: ``images.data``).
+
+    Attributes:
+        dataset: ``mnist``, ``fashion_mnist`` or ``cifar10``.
+        local_copy: folder holding the original files; ``None`` means the dataset's system copy (Debian's
+            ``dataset-fashion-mnist`` for Fashion-MNIST) where there is one.
+        download: let torchvision download the originals when no local copy is found.
+        download_root: torchvision's download folder.
+        n_validation: images moved from the original training set into the validation split.
+        max_train: keep at most this many training images (``None``: all); for quick runs.
+        max_test: keep at most this many test images (``None``: all), a seeded subset.
+    """
+
+    dataset: str = "fashion_mnist"
+    local_copy: str | None = None
+    download: bool = True
+    download_root: str = "data/downloads"
+    n_validation: int = 5000
+    max_train: int | None = None
+    max_test: int | None = None
+
+    def __post_init__(self) -> None:
+        image_dataset(self.dataset)
+        if self.n_validation < 0 or any(n is not None and n < 1 for n in (self.max_train, self.max_test)):
+            raise ValueError("n_validation ≥ 0 and max_train, max_test ≥ 1 (or None) are required")
+
+
+@dataclass(frozen=True)
+class OriginalImages:
+    """The original training and test sets as uint8 ``(N, C, H, W)`` images and int64 labels."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    source: str
+    official_checksums: bool | None  # None: not checkable (re-compressed or uncompressed IDX files)
+    source_sha256: dict[str, str]  # SHA-256 of each (uncompressed) original file torchvision read
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """One prepared split: uint8 images ``(N, C, H, W)``, int64 labels ``(N,)``, original row indices."""
+
+    images: Tensor
+    labels: Tensor
+    source_indices: Tensor
+
+    def unit(self) -> Tensor:
+        """The images as float [0, 1] tensors (torchvision's ``ToTensor`` convention: k / 255)."""
+        return self.images.float().div_(255.0)
+
+
+# --- reading the originals ------------------------------------------------------------------------
+
+
+def load_original(config: ImageDataConfig, *, project_root: Path = Path(".")) -> OriginalImages:
+    """Read the original train and test sets: from the local copy if there is one, else downloaded.
+
+    Raises:
+        ImageDataUnavailableError: no local copy and the download is off or failed (offline).
+    """
+    spec = image_dataset(config.dataset)
+    local = config.local_copy or spec.system_copy
+    if local is not None and Path(local).is_dir():
+        with tempfile.TemporaryDirectory(prefix="ebm-images-") as root:
+            checksums = _arrange_local_copy(spec, Path(local), Path(root))
+            return _read_torchvision(spec, Path(root), f"local copy {local}", checksums, download=False)
+    download_root = project_root / config.download_root
+    how = (
+        f"put the original files in a folder and name it in params.yaml (images.data.local_copy; "
+        f"{_expected_files(spec)}), or let torchvision download them (images.data.download: true, needs "
+        f"the network) into {download_root}"
+    )
+    where = f"no local copy of {spec.name} at {local}" if local else f"no local copy of {spec.name} named"
+    if not config.download:
+        raise ImageDataUnavailableError(f"{where} and downloading is off: {how}")
+    try:
+        _self_ignoring_folder(download_root)
+        return _read_torchvision(spec, download_root, "torchvision download", True, download=True)
+    except (RuntimeError, OSError, URLError) as err:
+        raise ImageDataUnavailableError(f"{where}, and torchvision's download failed ({err}): {how}") from err
+
+
+def _expected_files(spec: ImageDatasetSpec) -> str:
+    if spec.file_format == "idx":
+        return "expects " + ", ".join(f"{name}[.gz]" for name in IDX_FILES)
+    return f"expects {CIFAR_FOLDER}/ with data_batch_1..5, test_batch, batches.meta, or {CIFAR_ARCHIVE}"
+
+
+def _self_ignoring_folder(folder: Path) -> None:
+    """Create the download folder with a ``.gitignore`` of ``*``, so downloads never reach git."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = folder / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")
+
+
+def _arrange_local_copy(spec: ImageDatasetSpec, local: Path, root: Path) -> bool | None:
+    """Lay the local copy out under ``root`` as torchvision expects; return whether checksums match."""
+    if spec.file_format == "idx":
+        return _arrange_idx(spec, local, root / spec.torchvision_class / "raw")
+    return _arrange_cifar(local, root)
+
+
+def _arrange_idx(spec: ImageDatasetSpec, local: Path, raw: Path) -> bool | None:
+    official_md5 = dict(getattr(datasets, spec.torchvision_class).resources)
+    raw.mkdir(parents=True)
+    candidates = [local, local / "raw", local / spec.torchvision_class / "raw"]
+    matches: list[bool] = []
+    for name in IDX_FILES:
+        # torchvision lists MD5 sums of the .gz files; a re-compressed copy (Debian's) differs in its
+        # gzip header only, so a mismatch is "not checkable", not "corrupt": contents are hashed anyway.
+        plain = next((folder / name for folder in candidates if (folder / name).is_file()), None)
+        packed = next(
+            (folder / f"{name}.gz" for folder in candidates if (folder / f"{name}.gz").is_file()), None
+        )
+        if plain is not None:
+            os.symlink(plain.resolve(), raw / name)
+        elif packed is not None:
+            matches.append(_md5(packed) == official_md5.get(f"{name}.gz"))
+            with gzip.open(packed, "rb") as source, open(raw / name, "wb") as target:
+                shutil.copyfileobj(source, target)
+        else:
+            raise ImageDataUnavailableError(
+                f"the local copy {local} of {spec.name} lacks {name} (or {name}.gz); {_expected_files(spec)}"
+            )
+    return True if len(matches) == len(IDX_FILES) and all(matches) else None
+
+
+def _arrange_cifar(local: Path, root: Path) -> bool | None:
+    if (local / CIFAR_FOLDER).is_dir():
+        os.symlink((local / CIFAR_FOLDER).resolve(), root / CIFAR_FOLDER)
+    elif (local / "data_batch_1").is_file():
+        os.symlink(local.resolve(), root / CIFAR_FOLDER)
+    elif (local / CIFAR_ARCHIVE).is_file():
+        datasets.utils.extract_archive(str(local / CIFAR_ARCHIVE), str(root))
+    else:
+        raise ImageDataUnavailableError(
+            f"the local copy {local} of cifar10 holds neither {CIFAR_FOLDER}/, its batch files nor "
+            f"{CIFAR_ARCHIVE}"
+        )
+    return None  # decided when reading: torchvision checks the batches' MD5 sums itself
+
+
+def _read_torchvision(
+    spec: ImageDatasetSpec, root: Path, source: str, checksums: bool | None, *, download: bool
+) -> OriginalImages:
+    dataset_class = getattr(datasets, spec.torchvision_class)
+    if spec.file_format == "idx":
+        train, test = (dataset_class(str(root), train=flag, download=download) for flag in (True, False))
+        raw = Path(train.raw_folder)
+        return OriginalImages(
+            train.data.unsqueeze(1).contiguous(),  # (N, 1, 28, 28)
+            train.targets.to(torch.int64),
+            test.data.unsqueeze(1).contiguous(),
+            test.targets.to(torch.int64),
+            source,
+            checksums,
+            {name: _sha256(raw / name) for name in IDX_FILES},
+        )
+    try:
+        train, test = (dataset_class(str(root), train=flag, download=download) for flag in (True, False))
+        checksums = True
+    except RuntimeError:
+        if download:
+            raise
+        # Not the official release's bytes (a subset, a re-pickled copy): the same torchvision code reads
+        # them with its MD5 checks off, and the manifest records that they differ.
+        train, test = (UncheckedCIFAR10(str(root), train=flag) for flag in (True, False))
+        checksums = False
+    return OriginalImages(
+        torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),  # (N, 32, 32, 3) → (N, 3, 32, 32)
+        torch.as_tensor(train.targets, dtype=torch.int64),
+        torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
+        torch.as_tensor(test.targets, dtype=torch.int64),
+        source,
+        checksums,
+        {
+            name: _sha256(root / CIFAR_FOLDER / name)
+            for name, _ in (*train.train_list, *train.test_list, (train.meta["filename"], None))
+        },
+    )
+
+
+class UncheckedCIFAR10(datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader with its MD5 checks off (``check_integrity(path, None)``)."""
+
+    train_list: ClassVar = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list: ClassVar = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+    meta: ClassVar = {**datasets.CIFAR10.meta, "md5": None}
+
+
+def _md5(path: Path) -> str:
+    return _digest(path, hashlib.md5())
+
+
+def _sha256(path: Path) -> str:
+    return _digest(path, hashlib.sha256())
+
+
+def _digest(path: Path, digest: Any) -> str:
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- splits -----------------------------------------------------------------------------------------
+
+
+def split_original(original: OriginalImages, config: ImageDataConfig, *, seed: int) -> dict[str, ImageSplit]:
+    """Seeded train/validation split of the original training set, plus the (optionally subset) test set."""
+    n_original = original.train_images.shape[0]
+    if config.n_validation >= n_original:
+        raise ValueError(f"n_validation = {config.n_validation} leaves no training images of {n_original}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_original, generator=generator)
+    validation, train = order[: config.n_validation], order[config.n_validation :]
+    if config.max_train is not None:
+        train = train[: config.max_train]
+    test = torch.arange(original.test_images.shape[0])
+    if config.max_test is not None:
+        test = torch.randperm(test.numel(), generator=generator)[: config.max_test]
+    return {
+        "train": _take(original.train_images, original.train_labels, train),
+        "validation": _take(original.train_images, original.train_labels, validation),
+        "test": _take(original.test_images, original.test_labels, test),
+    }
+
+
+def _take(images: Tensor, labels: Tensor, rows: Tensor) -> ImageSplit:
+    return ImageSplit(images[rows].contiguous(), labels[rows].contiguous(), rows)
+
+
+def prepare_image_data(
+    config: ImageDataConfig, out_dir: Path, *, seed: int, project_root: Path = Path(".")
+) -> dict[str, Any]:
+    """Read the originals, split them, write ``<out_dir>/{train,validation,test}.pt`` and the manifest.
+
+    Returns:
+        The manifest written to ``<out_dir>/manifest.json``.
+    """
+    spec = image_dataset(config.dataset)
+    original = load_original(config, project_root=project_root)
+    if tuple(original.train_images.shape[1:]) != spec.image_shape:
+        raise ImageDataUnavailableError(
+            f"{spec.name} images should be {spec.image_shape}, "
+            f"the files hold {tuple(original.train_images.shape[1:])}"
+        )
+    splits = split_original(original, config, seed=seed)
+    files: dict[str, dict[str, Any]] = {}
+    for name, split in splits.items():
+        path = out_dir / f"{name}.pt"
+        atomic_write(path, functools.partial(_save_split, split))
+        files[name] = {
+            "file": path.name,
+            "count": int(split.images.shape[0]),
+            "class_counts": torch.bincount(split.labels, minlength=spec.n_classes).tolist(),
+            "sha256": _sha256(path),
+        }
+    manifest = {
+        "dataset": spec.name,
+        "image_shape": list(spec.image_shape),
+        "n_classes": spec.n_classes,
+        "source": original.source,
+        "official_checksums": original.official_checksums,
+        "source_sha256": original.source_sha256,
+        "seed": seed,
+        "split_rule": (
+            "validation = first n_validation of torch.randperm(n_train_original, seed); train = the rest "
+            "(first max_train of it); test = the original test set (a seeded subset of max_test)"
+        ),
+        "splits": files,
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+    def write_manifest(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    atomic_write(out_dir / "manifest.json", write_manifest)
+    return manifest
+
+
+def _save_split(split: ImageSplit, path: str) -> None:
+    torch.save({"images": split.images, "labels": split.labels, "source_indices": split.source_indices}, path)
+
+
+def load_image_split(data_dir: Path, split: str) -> ImageSplit:
+    """Read one prepared split (``train``, ``validation``, ``test``) that :func:`prepare_image_data` wrote."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    path = Path(data_dir) / f"{split}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no prepared {split} split at {path}; run the prepare_images stage first")
+    payload = torch.load(path, weights_only=True)
+    return ImageSplit(payload["images"], payload["labels"], payload["source_indices"])
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    """The manifest of a prepared dataset folder."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest at {path}; run the prepare_images stage first")
+    return dict(json.loads(path.read_text()))

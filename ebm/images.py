@@ -1,0 +1,419 @@
+"""The image recipe: a JEM energy over [0, 1] images, trained by PCD on the core trainer, then used.
+
+This module wires the library's parts for images (energy, Langevin sampler, replay buffer, CD, the JEM
+hybrid objective, the trainer with EMA) and adds what images need on top: buffer sample grids during
+training, long-run generation from noise or from the buffer, and restoration (inpainting, denoising) by
+Langevin energy minimisation with PSNR before and after. The pipeline stages and
+``benchmarks/images.py`` call it, so they train and measure the same thing.
+
+On CUDA the training copy of the energy runs its network under bf16 autocast (energies returned in
+float32) and in channels_last memory format; on CPU everything is float32 and contiguous. The saved
+weights are the same either way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ebm.energies import seed_linear_layers_
+from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
+from ebm.jem import JEMConfig, JEMObjective
+from ebm.losses import CDConfig, ContrastiveDivergence
+from ebm.samplers import ReplayBuffer, Sampler, SamplerConfig, UniformBox
+from ebm.trainer import MetricsCallback, TrainConfig, Trainer, TrainResult, resolve_device
+
+ARCHITECTURES = ("cnn28", "resnet32")
+
+
+@dataclass(frozen=True)
+class ImageModelConfig:
+    """The energy network; ``in_channels`` and ``n_classes`` come from the dataset.
+
+    Attributes:
+        architecture: ``cnn28`` (28×28, strided convs) or ``resnet32`` (32×32 colour).
+        channels: the four CNN28 convolution widths.
+        hidden: the CNN28 dense width.
+        width: the ResNet32 first-stage width.
+        blocks_per_stage: ResNet32 residual blocks per stage.
+        spectral_norm: spectrally normalise every layer.
+    """
+
+    architecture: Literal["cnn28", "resnet32"] = "cnn28"
+    channels: tuple[int, int, int, int] = (32, 64, 64, 128)
+    hidden: int = 128
+    width: int = 32
+    blocks_per_stage: int = 1
+    spectral_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; choose one of {list(ARCHITECTURES)}"
+            )
+
+
+@dataclass(frozen=True)
+class ImageEnergySpec:
+    """What a model file needs to rebuild an image energy: the network config and the data's shape."""
+
+    model: ImageModelConfig
+    image_shape: tuple[int, int, int]
+    n_classes: int
+
+
+def build_image_energy(spec: ImageEnergySpec) -> ImageEnergy:
+    """An :class:`ImageEnergy` (preprocessing inside) over the spec's network."""
+    channels, height, width = spec.image_shape
+    model = spec.model
+    logits_net: nn.Module
+    if model.architecture == "cnn28":
+        if (height, width) != (28, 28):
+            raise ValueError(f"cnn28 takes 28×28 images, the data are {height}×{width}; use resnet32")
+        logits_net = CNN28(
+            CNN28Config(channels, model.channels, model.hidden, spec.n_classes, model.spectral_norm)
+        )
+    else:
+        if (height, width) != (32, 32):
+            raise ValueError(f"resnet32 takes 32×32 images, the data are {height}×{width}; use cnn28")
+        logits_net = ResNet32(
+            ResNet32Config(channels, model.width, model.blocks_per_stage, spec.n_classes, model.spectral_norm)
+        )
+    return ImageEnergy(logits_net, spec.image_shape)
+
+
+def seed_image_energy_(energy: nn.Module, *, generator: torch.Generator) -> nn.Module:
+    """Redraw every convolution's and linear layer's initial weights from ``generator`` (in place).
+
+    PyTorch's default range U(−1/√fan_in, 1/√fan_in) for weights and biases; linear layers go through
+    :func:`~ebm.energies.seed_linear_layers_`. Spectrally normalised convolutions get fresh power-iteration
+    vectors for their flattened ``(out, in·k·k)`` weight. Returns ``energy``.
+    """
+    seed_linear_layers_(energy, generator=generator)
+    with torch.no_grad():
+        for conv in (m for m in energy.modules() if isinstance(m, nn.Conv2d)):
+            fan_in = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+            bound = 1.0 / math.sqrt(fan_in)
+            if conv.bias is not None:
+                conv.bias.uniform_(-bound, bound, generator=generator)
+            if not parametrize.is_parametrized(conv, "weight"):
+                conv.weight.uniform_(-bound, bound, generator=generator)
+                continue
+            parametrizations = cast(nn.ModuleDict, conv.parametrizations)
+            weight = cast(parametrize.ParametrizationList, parametrizations["weight"])
+            weight.original.uniform_(-bound, bound, generator=generator)
+            matrix = weight.original.flatten(1)  # (out, in·k·k)
+            v = F.normalize(torch.randn(matrix.shape[1], generator=generator), dim=0)
+            for _ in range(15):
+                u = F.normalize(matrix @ v, dim=0)
+                v = F.normalize(matrix.T @ u, dim=0)
+            cast(Tensor, weight[0]._u).copy_(u)
+            cast(Tensor, weight[0]._v).copy_(v)
+    return energy
+
+
+class MixedPrecisionImageEnergy(ImageEnergy):
+    """An :class:`ImageEnergy` whose network runs under bf16 autocast, logits returned in float32.
+
+    Same parameters and state-dict keys as :class:`ImageEnergy`: only the training copy on CUDA is of
+    this class; saved weights load into a plain :class:`ImageEnergy`.
+    """
+
+    def logits(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return super().logits(x).float()
+
+
+# --- the recipe -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSamplingConfig:
+    """Long-run sampling and restoration after training.
+
+    Attributes:
+        n_steps: Langevin steps for generation from noise.
+        buffer_steps: further steps for generation from the replay buffer's states.
+        inpaint_steps: Langevin steps that fill the masked half (from noise: as many as generation needs).
+        denoise_steps: Langevin steps of energy minimisation from the noisy image. Starting next to the
+            data, the number of steps is the regulariser: run too long and the chain forgets the
+            observation (PSNR falls again), so it is small.
+        denoise_std: standard deviation of the Gaussian noise added to test images before denoising.
+        batch_size: chains run at once.
+    """
+
+    n_steps: int = 200
+    buffer_steps: int = 50
+    inpaint_steps: int = 100
+    denoise_steps: int = 10
+    denoise_std: float = 0.3
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """Everything that defines an image run; ``params.yaml``'s ``images`` section maps onto it."""
+
+    model: ImageModelConfig = field(default_factory=ImageModelConfig)
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(
+            name="langevin", step_size=1.0, noise_scale=0.01, grad_clip=0.1, clamp=(0.0, 1.0)
+        )
+    )
+    loss: CDConfig = field(
+        default_factory=lambda: CDConfig(n_steps=10, alpha=0.1, buffer_size=10000, reinit_prob=0.05)
+    )
+    jem: JEMConfig = field(default_factory=JEMConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=4000, batch_size=64, lr=3e-4, warmup_steps=100, final_lr_fraction=0.1, ema_decay=0.999
+        )
+    )
+    sampling: ImageSamplingConfig = field(default_factory=ImageSamplingConfig)
+    grid_every: int = 500
+
+
+def build_objective(
+    recipe: ImageRecipe, image_shape: Sequence[int], *, device: torch.device, generator: torch.Generator
+) -> JEMObjective:
+    """The JEM objective of ``recipe``, its replay buffer filled with uniform noise on [0, 1]."""
+    if recipe.jem.generative_weight == 0:
+        return JEMObjective(None, recipe.jem)
+    buffer = None
+    if recipe.loss.persistent:
+        buffer = ReplayBuffer(
+            recipe.loss.buffer_size,
+            UniformBox(tuple(image_shape), 0.0, 1.0),
+            reinit_prob=recipe.loss.reinit_prob,
+            generator=generator,
+            device=device,
+        )
+    cd = ContrastiveDivergence(
+        recipe.sampler.build(), n_steps=recipe.loss.n_steps, alpha=recipe.loss.alpha, buffer=buffer
+    )
+    return JEMObjective(cd, recipe.jem)
+
+
+def make_energy(spec: ImageEnergySpec, *, device: torch.device, seed: int) -> ImageEnergy:
+    """A freshly initialised (seeded) energy for training on ``device``: mixed precision on CUDA only."""
+    energy = build_image_energy(spec)
+    seed_image_energy_(energy, generator=torch.Generator().manual_seed(seed))
+    if device.type == "cuda":
+        training = MixedPrecisionImageEnergy(energy.logits_net, spec.image_shape)
+        return training.to(device).to(memory_format=torch.channels_last)
+    return energy.to(device)
+
+
+def train_image_energy(
+    images: Tensor,
+    labels: Tensor,
+    spec: ImageEnergySpec,
+    recipe: ImageRecipe,
+    *,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[MetricsCallback] = (),
+) -> tuple[ImageEnergy, Trainer, TrainResult]:
+    """Train a JEM energy on uint8 ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``.
+
+    Returns:
+        The weights to use (the EMA copy, as a plain CPU-loadable :class:`ImageEnergy` in eval mode on the
+        training device), the trainer (its objective holds the replay buffer) and the run's result.
+    """
+    device = resolve_device(recipe.train.device)
+    energy = make_energy(spec, device=device, seed=recipe.train.seed)
+    objective = build_objective(
+        recipe,
+        spec.image_shape,
+        device=device,
+        generator=torch.Generator(device).manual_seed(recipe.train.seed + 1),
+    )
+    trainer = Trainer(
+        energy,
+        objective,
+        (images, labels),
+        recipe.train,
+        checkpoint_path=checkpoint_path,
+        callbacks=callbacks,
+    )
+    result = trainer.fit()
+    model = build_image_energy(spec).to(device)
+    model.load_state_dict(trainer.model.state_dict())
+    return model.eval(), trainer, result
+
+
+def buffer_grid_callback(folder: Path, every: int, n_images: int = 64) -> MetricsCallback:
+    """A trainer callback: every ``every`` steps, the first ``n_images`` replay-buffer states as a PNG grid.
+
+    The trainer calls callbacks at its log steps, so a grid is written at the first log step at or past
+    each multiple of ``every``, as ``<folder>/buffer-<step>.png``.
+    """
+    written = [0]  # the last step a grid was written at
+
+    def write_grid(trainer: Trainer, step: int, _metrics: dict[str, float]) -> None:
+        states = buffer_states(trainer)
+        if states is not None and step // every > written[0] // every:
+            save_image_grid(states[:n_images], folder / f"buffer-{step:06d}.png")
+            written[0] = step
+
+    return write_grid
+
+
+def buffer_states(trainer: Trainer) -> Tensor | None:
+    """The replay buffer's chain states ``(capacity, C, H, W)`` of a JEM run; ``None`` without a buffer."""
+    objective = trainer.objective
+    if not isinstance(objective, JEMObjective) or objective.cd is None or objective.cd.buffer is None:
+        return None
+    return objective.cd.buffer.states
+
+
+def save_image_grid(images: Tensor, path: Path, *, n_row: int = 8) -> Path:
+    """Write [0, 1] images ``(B, C, H, W)`` as one PNG grid (``n_row`` images per row)."""
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.detach().float().clamp(0, 1).cpu(), path, nrow=n_row, padding=2, pad_value=0.5)
+    return path
+
+
+# --- generation and restoration -------------------------------------------------------------------
+
+
+def generate(
+    energy: Callable[[Tensor], Tensor],
+    start: Tensor,
+    *,
+    sampler: Sampler,
+    n_steps: int,
+    generator: torch.Generator | None = None,
+    batch_size: int = 500,
+) -> Tensor:
+    """Run ``sampler`` for ``n_steps`` from ``start`` (uniform noise or replay-buffer states), in batches."""
+    chunks = [
+        sampler.run(energy, chunk, n_steps, generator=generator)[0] for chunk in start.split(batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def uniform_images(
+    n: int,
+    image_shape: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Uniform noise images on [0, 1], shape ``(n, *image_shape)``: where chains from noise start."""
+    return UniformBox(tuple(image_shape), 0.0, 1.0).sample(n, generator=generator, device=device)
+
+
+def psnr(restored: Tensor, reference: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB of [0, 1] images, per image: 10 log₁₀(1 / MSE), shape ``(B,)``."""
+    mse = (restored - reference).flatten(1).square().mean(dim=1).clamp_min(1e-10)
+    return -10.0 * torch.log10(mse)
+
+
+def half_mask(images: Tensor, *, side: Literal["bottom", "right"] = "bottom") -> Tensor:
+    """A boolean mask ``(B, C, H, W)`` that is True on the half of each image to be restored."""
+    mask = torch.zeros_like(images, dtype=torch.bool)
+    height, width = images.shape[-2:]
+    if side == "bottom":
+        mask[..., height // 2 :, :] = True
+    else:
+        mask[..., :, width // 2 :] = True
+    return mask
+
+
+def inpaint(
+    energy: Callable[[Tensor], Tensor],
+    images: Tensor,
+    mask: Tensor,
+    *,
+    sampler: Sampler,
+    n_steps: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fill the masked pixels by Langevin energy minimisation, the known pixels held fixed.
+
+    The masked pixels start as uniform noise; after every sampler step the known pixels are written
+    back, so the chain explores p(x_masked | x_known) ∝ exp(−E(x)).
+
+    Returns:
+        ``(start, restored)``: the noise-filled input and the inpainted images.
+    """
+    start = torch.where(mask, torch.rand(images.shape, generator=generator, device=images.device), images)
+    x = start
+    for _ in range(n_steps):
+        x, _ = sampler.run(energy, x, 1, generator=generator)
+        x = torch.where(mask, x, images)
+    return start, x
+
+
+def denoise(
+    energy: Callable[[Tensor], Tensor],
+    noisy: Tensor,
+    *,
+    sampler: Sampler,
+    n_steps: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Energy minimisation from the noisy images: ``n_steps`` of the (low-noise) Langevin sampler."""
+    restored, _ = sampler.run(energy, noisy, n_steps, generator=generator)
+    return restored
+
+
+@dataclass(frozen=True)
+class RestorationReport:
+    """Mean PSNR (dB) before and after inpainting (bottom half) and denoising."""
+
+    inpaint_psnr_before: float
+    inpaint_psnr_after: float
+    denoise_psnr_before: float
+    denoise_psnr_after: float
+
+
+def restore_images(
+    energy: Callable[[Tensor], Tensor],
+    images: Tensor,
+    recipe: ImageRecipe,
+    *,
+    generator: torch.Generator,
+) -> tuple[RestorationReport, dict[str, Tensor]]:
+    """Inpaint the bottom half and denoise (σ = ``sampling.denoise_std``) [0, 1] ``images``.
+
+    Returns:
+        The PSNR report and the panels ``{original, masked, inpainted, noisy, denoised}`` for grids.
+    """
+    sampler, sampling = recipe.sampler.build(), recipe.sampling
+    masked, inpainted = inpaint(
+        energy,
+        images,
+        half_mask(images),
+        sampler=sampler,
+        n_steps=sampling.inpaint_steps,
+        generator=generator,
+    )
+    noise = torch.randn(images.shape, generator=generator, device=images.device)
+    noisy = (images + recipe.sampling.denoise_std * noise).clamp(0.0, 1.0)
+    denoised = denoise(energy, noisy, sampler=sampler, n_steps=sampling.denoise_steps, generator=generator)
+    report = RestorationReport(
+        inpaint_psnr_before=float(psnr(masked, images).mean()),
+        inpaint_psnr_after=float(psnr(inpainted, images).mean()),
+        denoise_psnr_before=float(psnr(noisy, images).mean()),
+        denoise_psnr_after=float(psnr(denoised, images).mean()),
+    )
+    panels = {
+        "original": images,
+        "masked": masked,
+        "inpainted": inpainted,
+        "noisy": noisy,
+        "denoised": denoised,
+    }
+    return report, panels

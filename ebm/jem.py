@@ -1,0 +1,174 @@
+"""The JEM hybrid objective: a classifier whose logits are also an energy (Grathwohl et al. 2019).
+
+A network with logits f(x) defines E(x, y) = −f_y(x) and the marginal E(x) = −logsumexp_y f_y(x)
+(:class:`~ebm.energies.ClassConditionalEnergy`). JEM trains it on
+
+    L = CE(f(x⁺), y⁺) + λ · [ mean E(x⁺) − mean E(x⁻) + α · mean(E(x⁺)² + E(x⁻)²) ],
+
+the cross-entropy of p(y | x) plus λ (``generative_weight``) times the contrastive-divergence surrogate
+of −log p(x), with negatives x⁻ from persistent Langevin chains. The CD term is
+:class:`~ebm.losses.ContrastiveDivergence` itself (its replay buffer, sampler, α and checks).
+
+Positives are dequantised: uint8 pixels k become x = (k + u) / 256 with u ~ U[0, 1) drawn from the
+training generator, a continuous density on [0, 1] whose integral over each pixel bin is the discrete
+probability (Theis et al. 2016, https://arxiv.org/abs/1511.01844); float images already in [0, 1] get
+the same jitter, x + (u − ½) / 256, clamped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ebm.energies import ClassConditionalEnergy
+from ebm.losses import ContrastiveDivergence, NonFiniteLossError
+
+
+@dataclass(frozen=True)
+class JEMConfig:
+    """Settings of the hybrid objective (``params.yaml``: ``images.jem``).
+
+    Attributes:
+        generative_weight: λ, the weight of the CD term; 0 trains a plain classifier (no sampling).
+        noise_std: standard deviation of Gaussian noise added to positives after dequantisation
+            (JEM uses 0.03 on [−1, 1] images); 0 for none.
+        n_noise_probe: uniform-noise images whose mean energy is reported every step.
+    """
+
+    generative_weight: float = 1.0
+    noise_std: float = 0.0
+    n_noise_probe: int = 16
+
+    def __post_init__(self) -> None:
+        if not (self.generative_weight >= 0 and math.isfinite(self.generative_weight)):
+            raise ValueError(f"generative_weight must be a finite number ≥ 0, got {self.generative_weight}")
+        if self.noise_std < 0 or self.n_noise_probe < 1:
+            raise ValueError("noise_std ≥ 0 and n_noise_probe ≥ 1 are required")
+
+
+@dataclass(frozen=True)
+class JEMStats:
+    """Diagnostics of one hybrid-loss evaluation (0-dim tensors; :meth:`as_floats` is the host sync).
+
+    ``energy_neg`` is the negatives' mean energy; without a generative term (a plain classifier) it is
+    the uniform-noise probe's, so the trainer's divergence guard still watches both ends.
+    """
+
+    loss: Tensor
+    cross_entropy: Tensor
+    accuracy: Tensor
+    generative_loss: Tensor
+    energy_pos: Tensor
+    energy_neg: Tensor
+    gap: Tensor  # E⁺ − E⁻
+    energy_noise: Tensor  # mean E of uniform noise on [0, 1]: should stay above E⁺
+    regularisation: Tensor
+    sampler_grad_norm: Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def dequantise(images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """uint8 pixels k → (k + u) / 256, u ~ U[0, 1); float [0, 1] images → x + (u − ½) / 256, clamped."""
+    u = torch.rand(images.shape, generator=generator, device=images.device)
+    if images.dtype == torch.uint8:
+        return (images.float() + u) / 256.0
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 pixels or float [0, 1] tensors, got {images.dtype}")
+    return (images.float() + (u - 0.5) / 256.0).clamp_(0.0, 1.0)
+
+
+class JEMObjective:
+    """Cross-entropy plus ``generative_weight`` × CD on the marginal energy; follows the trainer's protocol.
+
+    Args:
+        cd: the contrastive-divergence loss for the generative term (its buffer on the model's device);
+            ``None`` only with ``generative_weight = 0``.
+        config: :class:`JEMConfig`.
+
+    Called as ``objective(energy, (images, labels), generator=, step=)`` with a
+    :class:`~ebm.energies.ClassConditionalEnergy` (e.g. :class:`~ebm.image_energies.ImageEnergy`).
+
+    Raises:
+        NonFiniteLossError: the loss is NaN or infinite (with the step).
+    """
+
+    def __init__(self, cd: ContrastiveDivergence | None, config: JEMConfig | None = None) -> None:
+        self.config = config or JEMConfig()
+        if cd is None and self.config.generative_weight > 0:
+            raise ValueError("a generative_weight > 0 needs a ContrastiveDivergence for its negatives")
+        self.cd = cd if self.config.generative_weight > 0 else None
+
+    def positives(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Dequantised (and optionally noised) [0, 1] float images from a batch of data."""
+        x = dequantise(images, generator=generator)
+        if self.config.noise_std > 0:
+            x = x + self.config.noise_std * torch.randn(x.shape, generator=generator, device=x.device)
+        return x
+
+    def __call__(
+        self,
+        energy: nn.Module,
+        batch: Any,
+        /,
+        *,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> tuple[Tensor, JEMStats]:
+        if not isinstance(energy, ClassConditionalEnergy):
+            raise TypeError(
+                f"JEM needs a ClassConditionalEnergy (logits and E(x)), got {type(energy).__name__}"
+            )
+        images, labels = batch
+        x_pos = self.positives(images, generator=generator)
+        logits = energy.logits(x_pos).float()  # (B, n_classes)
+        cross_entropy = F.cross_entropy(logits, labels.long())
+        noise = torch.rand(
+            (self.config.n_noise_probe, *x_pos.shape[1:]), generator=generator, device=x_pos.device
+        )
+        with torch.no_grad():
+            energy_noise = energy(noise).float().mean()
+            energy_pos = -torch.logsumexp(logits.detach(), dim=1).mean()
+        zero = torch.zeros((), device=x_pos.device)
+        if self.cd is not None:
+            generative_loss, cd_stats = self.cd(energy, x_pos, generator=generator, step=step)
+            loss = cross_entropy + self.config.generative_weight * generative_loss
+            energy_pos, energy_neg = cd_stats.energy_pos, cd_stats.energy_neg
+            regularisation, sampler_grad_norm = cd_stats.regularisation, cd_stats.sampler_grad_norm
+        else:
+            loss, generative_loss, energy_neg = cross_entropy, zero, energy_noise
+            regularisation, sampler_grad_norm = zero, zero
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(step, "JEM loss")
+        stats = JEMStats(
+            loss=loss.detach(),
+            cross_entropy=cross_entropy.detach(),
+            accuracy=(logits.detach().argmax(dim=1) == labels).float().mean(),
+            generative_loss=generative_loss.detach(),
+            energy_pos=energy_pos,
+            energy_neg=energy_neg,
+            gap=energy_pos - energy_neg,
+            energy_noise=energy_noise,
+            regularisation=regularisation,
+            sampler_grad_norm=sampler_grad_norm,
+        )
+        return loss, stats
+
+    def with_step_size(self, factor: float) -> None:
+        """Scale the sampler's step size (the trainer's divergence remedy); a plain classifier has none."""
+        if self.cd is not None:
+            self.cd.with_step_size(factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cd.state_dict() if self.cd is not None else {"step_size": 0.0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.cd is not None:
+            self.cd.load_state_dict(state)

@@ -1,0 +1,485 @@
+"""Pipeline stages for image EBMs: prepare → train → evaluate → render.
+
+Each stage is a function with explicit paths that writes exactly the outs ``dvc.yaml`` declares, plus a
+thin entry point::
+
+    python -m ebm.stages.images prepare|train|evaluate|render [--params params.yaml] [--root .]
+
+Stages read the ``seed`` and ``images`` sections of ``params.yaml`` and log to the MLflow experiment
+``images`` through :mod:`ebm.tracking` (imported lazily, at the boundary).
+
+- **prepare**: the originals (local copy or torchvision download) → ``data/images/`` (seeded splits).
+- **train**: the JEM energy and, for the Fréchet distance's feature space, a plain classifier of the
+  same architecture → ``models/images/``; the replay buffer → ``models/images/buffer.pt``; curves and
+  buffer sample grids → ``reports/images/``.
+- **evaluate**: accuracy, OOD AUROC per score and OOD set, FD of samples (from the buffer and from noise)
+  next to the real-image floor, AIS log Z, restoration PSNR → ``reports/images/metrics.json`` and the
+  samples and restoration panels in ``reports/images/samples/``.
+- **render**: PNG grids of samples, inpainting and denoising, and the training curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ebm.checkpoint import atomic_write, load_model, save_model
+from ebm.config import from_dict, load_params, section, to_dict
+from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
+from ebm.evaluation.images import (
+    OOD_SCORES,
+    AISConfig,
+    accuracy,
+    ais_log_partition,
+    bits_per_dim,
+    frechet_distance,
+    ood_aurocs,
+    ood_sets,
+    penultimate_features,
+)
+from ebm.image_energies import ImageEnergy
+from ebm.images import (
+    ImageEnergySpec,
+    ImageRecipe,
+    buffer_grid_callback,
+    buffer_states,
+    generate,
+    restore_images,
+    save_image_grid,
+    train_image_energy,
+    uniform_images,
+)
+from ebm.jem import JEMConfig
+from ebm.trainer import resolve_device
+
+EXPERIMENT = "images"
+
+
+@dataclass(frozen=True)
+class ImagePaths:
+    """Where the image stages read and write, relative to the project root."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / "images"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models" / "images"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints" / "images"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports" / "images"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The plain classifier whose penultimate features define the Fréchet distance (``images.classifier``)."""
+
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ImageEvaluationConfig:
+    """What the evaluate stage measures (``images.evaluation``).
+
+    Attributes:
+        max_test: evaluate on at most this many test images (``None``: all).
+        n_buffer_samples: samples for the FD drawn from the replay buffer (plus ``sampling.buffer_steps``).
+        n_noise_samples: samples for the FD run from uniform noise for ``sampling.n_steps``.
+        ood_score: the headline OOD score (all of :data:`~ebm.evaluation.images.OOD_SCORES` are reported).
+        n_restore: test images inpainted and denoised.
+        ais: the AIS settings for log Z.
+    """
+
+    max_test: int | None = None
+    n_buffer_samples: int = 10000
+    n_noise_samples: int = 1000
+    ood_score: str = "energy"
+    n_restore: int = 64
+    ais: AISConfig = dataclasses.field(default_factory=AISConfig)
+
+    def __post_init__(self) -> None:
+        if self.ood_score not in OOD_SCORES:
+            raise ValueError(f"unknown OOD score {self.ood_score!r}; choose one of {list(OOD_SCORES)}")
+
+
+@dataclass(frozen=True)
+class ImagesParams:
+    """The ``images`` section of ``params.yaml`` plus the global seed."""
+
+    seed: int
+    data: ImageDataConfig
+    recipe: ImageRecipe
+    classifier: ClassifierConfig
+    evaluation: ImageEvaluationConfig
+    threads: int | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> ImagesParams:
+        images = dict(section(params, "images"))
+        data = from_dict(ImageDataConfig, images.pop("data", None), "images.data")
+        classifier = from_dict(ClassifierConfig, images.pop("classifier", None), "images.classifier")
+        evaluation = from_dict(ImageEvaluationConfig, images.pop("evaluation", None), "images.evaluation")
+        threads = images.pop("threads", None)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"images.threads must be a positive integer or null, got {threads!r}")
+        recipe = from_dict(ImageRecipe, images, "images")
+        return cls(int(section(params, "seed")), data, recipe, classifier, evaluation, threads)
+
+    def spec(self) -> ImageEnergySpec:
+        dataset = image_dataset(self.data.dataset)
+        return ImageEnergySpec(self.recipe.model, dataset.image_shape, dataset.n_classes)
+
+    def classifier_recipe(self) -> ImageRecipe:
+        """The plain classifier: the same network, cross-entropy only, its own optimiser settings."""
+        train = dataclasses.replace(
+            self.recipe.train,
+            steps=self.classifier.steps,
+            batch_size=self.classifier.batch_size,
+            lr=self.classifier.lr,
+            betas=(0.9, 0.999),
+            ema_decay=None,
+            seed=self.recipe.train.seed + 7,
+        )
+        return dataclasses.replace(self.recipe, jem=JEMConfig(generative_weight=0.0), train=train)
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def prepare(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
+    """Read the originals and write the seeded splits to ``data/images/<dataset>/``."""
+    return prepare_image_data(
+        params.data, paths.data / params.data.dataset, seed=params.seed, project_root=paths.root
+    )
+
+
+def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> dict[str, float]:
+    """Train the JEM energy and the plain classifier into ``models/images/``; return train metrics."""
+    data_dir = paths.data / params.data.dataset
+    split = load_image_split(data_dir, "train")
+    spec = params.spec()
+    recipe = params.recipe
+
+    def log(_trainer: Any, step: int, values: dict[str, float]) -> None:
+        if run is not None:
+            run.log_metrics({k: v for k, v in values.items() if k != "step"}, step=step)
+
+    shutil.rmtree(paths.reports / "grids", ignore_errors=True)  # no stale grids from an earlier run
+    grids = buffer_grid_callback(paths.reports / "grids", recipe.grid_every)
+    checkpoint = paths.checkpoints / f"jem-{_fingerprint(recipe, data_dir / 'train.pt')}.ckpt"
+    start = time.perf_counter()
+    energy, trainer, result = train_image_energy(
+        split.images, split.labels, spec, recipe, checkpoint_path=checkpoint, callbacks=[log, grids]
+    )
+    seconds = time.perf_counter() - start
+    metadata = {"dataset": params.data.dataset, "steps": result.steps, "objective": "jem"}
+    save_model(paths.models / "energy.pt", energy, kind="image_energy", config=spec, metadata=metadata)
+    states = buffer_states(trainer)
+    states = states if states is not None else torch.empty(0, *spec.image_shape)
+    quantised = (states.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    atomic_write(paths.models / "buffer.pt", lambda tmp: torch.save({"states": quantised}, tmp))
+    _write_curves(paths.reports / "curves.csv", result.history)
+    checkpoint.unlink(missing_ok=True)
+
+    classifier_recipe = params.classifier_recipe()
+    classifier_start = time.perf_counter()
+    classifier, _, _ = train_image_energy(split.images, split.labels, spec, classifier_recipe)
+    classifier_seconds = time.perf_counter() - classifier_start
+    save_model(
+        paths.models / "classifier.pt",
+        classifier,
+        kind="image_energy",
+        config=spec,
+        metadata={"dataset": params.data.dataset, "objective": "cross-entropy (FD feature space)"},
+    )
+    final = result.history[-1] if result.history else {}
+    metrics = {
+        "train_seconds": seconds,
+        "classifier_seconds": classifier_seconds,
+        "steps": float(result.steps),
+        "recoveries": float(result.recoveries),
+        "final_gap": final.get("gap", float("nan")),
+        "final_train_accuracy": final.get("accuracy", float("nan")),
+    }
+    _write_json(paths.reports / "train.json", metrics)
+    return metrics
+
+
+def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
+    """Accuracy, OOD AUROCs, FD of samples and its floor, AIS log Z and restoration PSNR."""
+    config = params.evaluation
+    data_dir = paths.data / params.data.dataset
+    device = resolve_device(params.recipe.train.device)
+    energy = _load_image_model(paths.models / "energy.pt", device)
+    classifier = _load_image_model(paths.models / "classifier.pt", device)
+    test, validation = load_image_split(data_dir, "test"), load_image_split(data_dir, "validation")
+    n_test = test.images.shape[0] if config.max_test is None else min(config.max_test, test.images.shape[0])
+    x_test, y_test = test.unit()[:n_test], test.labels[:n_test]
+    generator = torch.Generator().manual_seed(params.seed)
+    device_generator = torch.Generator(device).manual_seed(params.seed)
+    spec = params.spec()
+    sampling = params.recipe.sampling
+    sampler = params.recipe.sampler.build()
+
+    aurocs = ood_aurocs(energy, x_test, ood_sets(x_test, generator=generator))
+    digits = ood_sets(x_test[:1], generator=generator)["sklearn_digits"]
+
+    with torch.no_grad():
+        mean_test_energy = float(torch.cat([energy(c.to(device)).cpu() for c in x_test.split(500)]).mean())
+        mean_digits_energy = float(torch.cat([energy(c.to(device)).cpu() for c in digits.split(500)]).mean())
+
+    buffer_states = torch.load(paths.models / "buffer.pt", weights_only=True)["states"]
+    n_buffer = min(config.n_buffer_samples, buffer_states.shape[0])
+    buffer_start = buffer_states[:n_buffer].float().div(255).to(device)
+    from_buffer = generate(
+        energy,
+        buffer_start,
+        sampler=sampler,
+        n_steps=sampling.buffer_steps,
+        generator=device_generator,
+        batch_size=sampling.batch_size,
+    )
+    noise_start = uniform_images(
+        config.n_noise_samples, spec.image_shape, generator=device_generator, device=device
+    )
+    from_noise = generate(
+        energy,
+        noise_start,
+        sampler=sampler,
+        n_steps=sampling.n_steps,
+        generator=device_generator,
+        batch_size=sampling.batch_size,
+    )
+    features_test = penultimate_features(classifier, x_test)
+    fd = {
+        "fd_buffer_samples": frechet_distance(penultimate_features(classifier, from_buffer), features_test),
+        "fd_noise_samples": frechet_distance(penultimate_features(classifier, from_noise), features_test),
+        "fd_real_floor": frechet_distance(penultimate_features(classifier, validation.unit()), features_test),
+    }
+    sample_labels = {
+        "buffer_samples_classifier_confidence": _mean_confidence(classifier, from_buffer),
+        "test_classifier_confidence": _mean_confidence(classifier, x_test),
+    }
+
+    ais = ais_log_partition(energy, spec.image_shape, config.ais, generator=device_generator)
+    n_dims = int(torch.tensor(spec.image_shape).prod())
+    restoration, panels = restore_images(
+        energy, x_test[: config.n_restore].to(device), params.recipe, generator=device_generator
+    )
+    metrics: dict[str, Any] = {
+        "dataset": params.data.dataset,
+        "n_test": n_test,
+        "accuracy": accuracy(energy, x_test, y_test),
+        "classifier_accuracy": accuracy(classifier, x_test, y_test),
+        "ood_score": config.ood_score,
+        "ood_auroc": aurocs[config.ood_score],
+        "ood_auroc_by_score": aurocs,
+        "energy_trap": {
+            "mean_energy_test": mean_test_energy,
+            "mean_energy_sklearn_digits": mean_digits_energy,
+            "digits_lower_than_test": mean_digits_energy < mean_test_energy,
+        },
+        **fd,
+        "n_buffer_samples": n_buffer,
+        "n_noise_samples": config.n_noise_samples,
+        **sample_labels,
+        "ais": dataclasses.asdict(ais),
+        "test_bits_per_dim_ais": bits_per_dim(mean_test_energy, ais.log_partition, n_dims),
+        "restoration": dataclasses.asdict(restoration),
+    }
+    samples = paths.reports / "samples"
+    _save_tensors(samples / "generated.pt", buffer=from_buffer, noise=from_noise)
+    _save_tensors(samples / "restoration.pt", **panels)
+    _write_json(paths.reports / "metrics.json", metrics)
+    return metrics
+
+
+def render(params: ImagesParams, paths: ImagePaths) -> list[Path]:
+    """8×8 PNG grids of samples (from the buffer, from noise), inpainting and denoising; curves PNG."""
+    samples = paths.reports / "samples"
+    figures = paths.reports / "figures"
+    generated = torch.load(samples / "generated.pt", weights_only=True)
+    panels = torch.load(samples / "restoration.pt", weights_only=True)
+    written = [
+        save_image_grid(generated["buffer"][:64], figures / "samples_buffer.png"),
+        save_image_grid(generated["noise"][:64], figures / "samples_noise.png"),
+    ]
+    for task, rows in (
+        ("inpainting", ("original", "masked", "inpainted")),
+        ("denoising", ("original", "noisy", "denoised")),
+    ):
+        stacked = torch.cat([panels[row][:8] for row in rows])  # (3·8, C, H, W): one row per panel
+        written.append(save_image_grid(stacked, figures / f"{task}.png"))
+    written.append(_plot_curves(paths.reports / "curves.csv", figures / "curves.png"))
+    return written
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _load_image_model(path: Path, device: torch.device) -> ImageEnergy:
+    model = load_model(path, map_location=device)
+    if not isinstance(model, ImageEnergy):
+        raise TypeError(f"{path} holds a {type(model).__name__}, not an image energy")
+    return model
+
+
+@torch.no_grad()
+def _mean_confidence(classifier: ImageEnergy, images: torch.Tensor) -> float:
+    device = next(classifier.parameters()).device
+    probs = torch.cat(
+        [classifier.logits(c.to(device)).softmax(1).max(1).values.cpu() for c in images.split(500)]
+    )
+    return float(probs.mean())
+
+
+def _fingerprint(recipe: ImageRecipe, data_file: Path) -> str:
+    """Checkpoints are only resumed by the run they belong to: same recipe, same data."""
+    digest = hashlib.sha256(json.dumps(to_dict(recipe), sort_keys=True).encode())
+    digest.update(data_file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _save_tensors(path: Path, **tensors: torch.Tensor) -> None:
+    payload = {name: t.detach().cpu() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
+
+
+CURVE_COLUMNS = (
+    "step",
+    "energy_pos",
+    "energy_neg",
+    "gap",
+    "energy_noise",
+    "sampler_grad_norm",
+    "cross_entropy",
+    "accuracy",
+    "lr",
+)
+
+
+def _write_curves(path: Path, history: Sequence[Mapping[str, float]]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CURVE_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(path, write)
+
+
+def _plot_curves(csv_path: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ebm.plots import save_figure
+
+    with open(csv_path, newline="") as handle:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    figure, (energies, classification) = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [row["step"] for row in rows]
+    for key, label in (
+        ("energy_pos", "E⁺ (data)"),
+        ("energy_neg", "E⁻ (buffer)"),
+        ("energy_noise", "E(uniform noise)"),
+    ):
+        energies.plot(steps, [row[key] for row in rows], label=label)
+    energies.set(xlabel="step", ylabel="energy", title="energies during training")
+    energies.legend()
+    classification.plot(steps, [row["accuracy"] for row in rows], label="batch accuracy")
+    classification.plot(steps, [row["cross_entropy"] for row in rows], label="cross-entropy")
+    classification.set(xlabel="step", title="classification")
+    classification.legend()
+    return save_figure(figure, out)
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+STAGES = ("prepare", "train", "evaluate", "render")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ebm.stages.images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
+    )
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
+    args = parser.parse_args(argv)
+    raw = load_params(args.params)
+    params = ImagesParams.from_params(raw)
+    paths = ImagePaths(args.root.resolve())
+    if params.threads is not None:
+        torch.set_num_threads(params.threads)  # the entry point owns the process: a CLI-boundary setting
+    stage = f"{args.stage}_images"
+
+    from ebm.tracking import start_run
+
+    with start_run(
+        project_root=paths.root,
+        experiment=EXPERIMENT,
+        stage=stage,
+        params={"seed": raw["seed"], "images": raw["images"]},
+        run_name=stage,
+    ) as run:
+        if args.stage == "prepare":
+            manifest = prepare(params, paths)
+            run.log_metrics({f"{name}_count": float(s["count"]) for name, s in manifest["splits"].items()})
+        elif args.stage == "train":
+            run.log_metrics(train(params, paths, run))
+            run.log_artifact(paths.reports / "curves.csv")
+            if (paths.reports / "grids").is_dir():
+                run.log_artifact(paths.reports / "grids", "grids")
+        elif args.stage == "evaluate":
+            run.log_metrics(_flat(evaluate(params, paths)))
+        else:
+            for figure in render(params, paths):
+                run.log_artifact(figure, "figures")
+    print(f"{stage}: done; MLflow run {run.url}", flush=True)
+
+
+def _flat(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of nested metrics as ``a/b`` keys (booleans as 0/1; strings dropped)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{name}/"))
+        elif isinstance(value, bool | int | float) and float(value) == float(value):
+            flat[name] = float(value)
+    return flat
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Image evaluation: accuracy, OOD scores and AUROC, Fréchet distance, AIS log Z against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+
+from ebm.energies import energy_and_grad
+from ebm.evaluation.images import (
+    OOD_SCORES,
+    AISConfig,
+    TemperedLogitEnergy,
+    accuracy,
+    ais_log_partition,
+    auroc,
+    bits_per_dim,
+    digits_images,
+    frechet_distance,
+    ood_aurocs,
+    ood_score,
+    ood_sets,
+    penultimate_features,
+    png_bits,
+    sigmoid_schedule,
+)
+from ebm.image_energies import CNN28, CNN28Config, ImageEnergy
+
+SHAPE = (1, 28, 28)
+
+
+def tiny_energy() -> ImageEnergy:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return ImageEnergy(CNN28(CNN28Config(channels=(4, 4, 4, 4), hidden=8, n_classes=3)), SHAPE).eval()
+
+
+def test_accuracy_counts_argmax_logits() -> None:
+    energy = tiny_energy()
+    x = torch.rand(20, *SHAPE)
+    predicted = energy.classify(x)
+    assert accuracy(energy, x, predicted, batch_size=7) == 1.0
+    assert accuracy(energy, x, (predicted + 1) % 3) == 0.0
+
+
+def test_auroc_agrees_with_sklearn_and_in_distribution_is_the_positive_class() -> None:
+    generator = torch.Generator().manual_seed(0)
+    in_scores, out_scores = torch.randn(50, generator=generator) + 1, torch.randn(70, generator=generator)
+    expected = roc_auc_score(np.r_[np.ones(50), np.zeros(70)], torch.cat([in_scores, out_scores]).numpy())
+    assert auroc(in_scores, out_scores) == pytest.approx(expected)
+    assert auroc(torch.ones(3), torch.zeros(3)) == 1.0 and auroc(torch.zeros(3), torch.ones(3)) == 0.0
+
+
+def test_every_ood_score_is_defined_by_its_formula() -> None:
+    energy = tiny_energy()
+    x = torch.rand(6, *SHAPE)
+    with torch.no_grad():
+        logits = energy.logits(x)
+    assert torch.allclose(ood_score(energy, x, "energy", batch_size=4), -energy(x).detach())
+    assert torch.allclose(ood_score(energy, x, "max_softmax"), logits.softmax(1).max(1).values)
+    _, grad = energy_and_grad(energy, x)
+    assert torch.allclose(ood_score(energy, x, "grad_norm"), -grad.flatten(1).norm(dim=1))
+    corrected = -energy(x).detach() + math.log(2) * png_bits(x)
+    assert torch.allclose(ood_score(energy, x, "complexity"), corrected)
+    assert all(p.grad is None for p in energy.parameters())
+    with pytest.raises(ValueError, match="grad_norm"):
+        ood_score(energy, x, "likelihood")
+
+
+def test_png_bits_measure_complexity() -> None:
+    flat, noisy = torch.zeros(1, *SHAPE), torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(0))
+    bits = png_bits(torch.cat([flat, noisy]))
+    assert bits[0] < 1000 < 5000 < bits[1]  # 784 random bytes do not compress
+
+
+def test_ood_sets_are_transformations_of_the_test_images_and_real_digits() -> None:
+    images = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sets = ood_sets(images, generator=torch.Generator().manual_seed(1))
+    assert set(sets) == {"uniform_noise", "hflip", "vflip", "inverted", "sklearn_digits"}
+    assert torch.equal(sets["inverted"], 1 - images) and torch.equal(sets["hflip"][..., 0], images[..., -1])
+    assert torch.equal(sets["vflip"][..., 0, :], images[..., -1, :])
+    digits = sets["sklearn_digits"]
+    assert digits.shape == (1797, 3, 32, 32) and digits.min() >= 0 and digits.max() <= 1
+    assert torch.equal(digits[:, 0], digits[:, 2])
+    grey = digits_images((1, 28, 28))
+    assert grey[:, :, :4, :].mean() < grey[:, :, 10:18, 10:18].mean()  # ink in the middle, dark border
+
+
+def test_ood_aurocs_tables_every_score_and_set() -> None:
+    energy = tiny_energy()
+    images = torch.rand(8, *SHAPE)
+    table = ood_aurocs(
+        energy, images, {"same": images.clone(), "noise": torch.rand(8, *SHAPE)}, scores=OOD_SCORES
+    )
+    assert set(table) == set(OOD_SCORES) and all(set(row) == {"same", "noise"} for row in table.values())
+    assert all(row["same"] == pytest.approx(0.5) for row in table.values())  # identical sets: chance
+
+
+def test_frechet_distance_matches_closed_forms() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 5, generator=generator) @ torch.randn(5, 5, generator=generator)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()), rel=1e-6)
+    scale = 3.0  # b = s·a: ‖(1 − s) μ‖² + (1 − s)² tr Σ
+    mean, cov = a.double().mean(0), np.cov(a.double().numpy(), rowvar=False)
+    expected = (1 - scale) ** 2 * (float(mean.square().sum()) + float(np.trace(cov)))
+    assert frechet_distance(a, scale * a) == pytest.approx(expected, rel=1e-5)
+
+
+def test_penultimate_features_are_the_last_linear_layers_input() -> None:
+    energy = tiny_energy()
+    x = torch.rand(7, *SHAPE)
+    features = penultimate_features(energy, x, batch_size=3)
+    assert features.shape == (7, 8)
+    last = energy.logits_net.features[-1]
+    assert torch.allclose(last(features), energy.logits(x).detach(), atol=1e-6)
+    assert not last._forward_hooks  # the hook is removed
+
+
+class ExponentialTilt(nn.Module):
+    """E(x) = a · Σᵢ xᵢ on [0, 1]^D: log Z = D · log((1 − e^(−a)) / a) in closed form."""
+
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        self.slope = nn.Parameter(torch.tensor(slope))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.slope * x.flatten(1).sum(1)
+
+
+def test_the_tempered_logit_energy_is_the_box_density_carried_to_logit_space() -> None:
+    # At β = 0 it must be the logistic density (the image of uniform [0, 1]^D): ∫ exp(−E₀(z)) dz = 1.
+    tempered = TemperedLogitEnergy(ExponentialTilt(2.0), beta=0.0)
+    z = torch.linspace(-30, 30, 20001).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        mass = torch.trapezoid(torch.exp(-tempered(z)), z.flatten())
+    assert float(mass) == pytest.approx(1.0, abs=1e-4)
+    tempered.beta = 1.0  # ∫ exp(−E₁(z)) dz = ∫₀¹ exp(−2x) dx
+    with torch.no_grad():
+        mass = torch.trapezoid(torch.exp(-tempered(z)), z.flatten())
+    assert float(mass) == pytest.approx((1 - math.exp(-2.0)) / 2.0, abs=1e-4)
+    schedule = sigmoid_schedule(10)
+    assert schedule[0] == 0 and schedule[-1] == 1 and (schedule.diff() > 0).all()
+
+
+def test_ais_recovers_an_analytic_log_partition_within_its_error() -> None:
+    slope, shape = 4.0, (1, 4, 4)
+    exact = 16 * math.log((1 - math.exp(-slope)) / slope)
+    config = AISConfig(n_chains=64, n_temperatures=200, step_size=0.1)
+    result = ais_log_partition(
+        ExponentialTilt(slope), shape, config, generator=torch.Generator().manual_seed(0)
+    )
+    assert abs(result.log_partition - exact) < 3 * result.standard_error + 0.1
+    assert 0.3 < result.acceptance_rate < 0.95 and result.effective_sample_size > 10
+
+
+def test_ais_leaves_an_eval_mode_energy_in_eval_mode() -> None:
+    energy = tiny_energy()  # eval mode: spectral norm or dropout would otherwise change its outputs
+    ais_log_partition(energy, SHAPE, AISConfig(n_chains=2, n_temperatures=3), generator=torch.Generator())
+    assert not energy.training
+
+
+def test_bits_per_dim_of_a_uniform_model_is_eight() -> None:
+    # The uniform density on [0, 1]^D (E = 0, log Z = 0) gives every 8-bit image (1/256)^D: 8 bits/dim.
+    assert bits_per_dim(0.0, 0.0, 784) == pytest.approx(8.0)
+    assert bits_per_dim(784 * math.log(2), 0.0, 784) == pytest.approx(9.0)

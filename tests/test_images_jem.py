@@ -1,0 +1,136 @@
+"""The JEM hybrid objective: dequantisation, loss composition, diagnostics, trainer protocol, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ebm.energies import MLPEnergy, MLPEnergyConfig
+from ebm.image_energies import CNN28, CNN28Config, ImageEnergy
+from ebm.jem import JEMConfig, JEMObjective, JEMStats, dequantise
+from ebm.losses import ContrastiveDivergence, NonFiniteLossError
+from ebm.samplers import Langevin, ReplayBuffer, UniformBox
+from ebm.trainer import TrainConfig, Trainer
+
+SHAPE = (1, 28, 28)
+
+
+def tiny_energy(seed: int = 0) -> ImageEnergy:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return ImageEnergy(CNN28(CNN28Config(channels=(4, 4, 4, 4), hidden=8, n_classes=3)), SHAPE)
+
+
+def tiny_cd(capacity: int = 32) -> ContrastiveDivergence:
+    buffer = ReplayBuffer(capacity, UniformBox(SHAPE, 0.0, 1.0), generator=torch.Generator().manual_seed(5))
+    sampler = Langevin(step_size=1.0, noise_scale=0.01, grad_clip=1.0, clamp=(0.0, 1.0))
+    return ContrastiveDivergence(sampler, n_steps=2, alpha=0.1, buffer=buffer)
+
+
+def tiny_batch(n: int = 8) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, *SHAPE), generator=generator, dtype=torch.uint8)
+    return images, torch.randint(0, 3, (n,), generator=generator)
+
+
+def test_dequantised_pixels_stay_in_their_bin_and_follow_the_generator() -> None:
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(4).view(4, 1, 16, 16)
+    x = dequantise(pixels, generator=torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32
+    assert torch.equal(torch.floor(x * 256).to(torch.uint8), pixels)  # (k + u) / 256 ∈ [k/256, (k+1)/256)
+    assert x.std() > 0 and not torch.equal(x * 256, pixels.float())
+    assert torch.equal(x, dequantise(pixels, generator=torch.Generator().manual_seed(0)))
+    floats = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
+    jittered = dequantise(floats, generator=torch.Generator().manual_seed(0))
+    assert (jittered - floats).abs().max() <= 0.5 / 256 and jittered.min() >= 0 and jittered.max() <= 1
+    with pytest.raises(TypeError, match="uint8"):
+        dequantise(torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_the_loss_is_cross_entropy_plus_weighted_cd_and_every_diagnostic_is_reported() -> None:
+    objective = JEMObjective(tiny_cd(), JEMConfig(generative_weight=0.5))
+    energy = tiny_energy()
+    before = objective.cd.buffer.states.clone()  # type: ignore[union-attr]
+    loss, stats = objective(energy, tiny_batch(), generator=torch.Generator().manual_seed(2), step=0)
+
+    assert isinstance(stats, JEMStats)
+    assert torch.allclose(loss, stats.cross_entropy + 0.5 * stats.generative_loss)
+    values = stats.as_floats()
+    assert set(values) == {f.name for f in dataclasses.fields(JEMStats)}
+    assert all(math.isfinite(v) for v in values.values())
+    assert values["gap"] == pytest.approx(values["energy_pos"] - values["energy_neg"])
+    assert 0.0 <= values["accuracy"] <= 1.0 and values["sampler_grad_norm"] > 0
+    assert values["cross_entropy"] == pytest.approx(math.log(3), abs=0.2)  # an untrained net: near uniform
+    assert not torch.equal(before, objective.cd.buffer.states)  # type: ignore[union-attr]  # PCD wrote back
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in energy.parameters())
+
+
+def test_without_a_generative_term_it_is_a_plain_classifier_watching_noise() -> None:
+    objective = JEMObjective(None, JEMConfig(generative_weight=0.0))
+    loss, stats = objective(tiny_energy(), tiny_batch(), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loss, stats.cross_entropy)
+    assert torch.equal(stats.energy_neg, stats.energy_noise) and float(stats.sampler_grad_norm) == 0
+    objective.with_step_size(0.5)  # nothing to shrink, nothing to fail
+    assert objective.state_dict() == {"step_size": 0.0}
+    with pytest.raises(ValueError, match="ContrastiveDivergence"):
+        JEMObjective(None, JEMConfig(generative_weight=1.0))
+
+
+def test_step_size_and_buffer_round_trip_through_state_dict() -> None:
+    objective = JEMObjective(tiny_cd())
+    objective.with_step_size(0.5)
+    state = objective.state_dict()
+    assert state["step_size"] == 0.5
+    other = JEMObjective(tiny_cd())
+    other.load_state_dict(state)
+    assert other.cd.sampler.step_size == 0.5  # type: ignore[union-attr]
+    assert torch.equal(other.cd.buffer.states, objective.cd.buffer.states)  # type: ignore[union-attr]
+
+
+class NaNLogits(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.full((x.shape[0], 3), math.nan) + 0 * x.flatten(1)[:, :3]
+
+
+def test_non_finite_losses_and_non_classifier_energies_fail_loudly() -> None:
+    objective = JEMObjective(None, JEMConfig(generative_weight=0.0))
+    with pytest.raises(NonFiniteLossError, match="step 7"):
+        objective(ImageEnergy(NaNLogits(), SHAPE), tiny_batch(), step=7)
+    with pytest.raises(TypeError, match="ClassConditionalEnergy"):
+        objective(MLPEnergy(MLPEnergyConfig(in_features=784)), tiny_batch())
+
+
+def two_class_images(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Class 0: a bright left half; class 1: a bright right half; plus pixel noise. uint8."""
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    images = torch.zeros(n, *SHAPE)
+    images[labels == 0, :, :, :14] = 0.8
+    images[labels == 1, :, :, 14:] = 0.8
+    images += 0.1 * torch.rand(images.shape, generator=generator)
+    return (images.clamp(0, 1) * 255).to(torch.uint8), labels
+
+
+@pytest.mark.slow
+def test_jem_on_the_core_trainer_learns_to_classify_and_to_prefer_data_over_noise() -> None:
+    images, labels = two_class_images(256, torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        energy = ImageEnergy(CNN28(CNN28Config(channels=(4, 8, 8, 8), hidden=16, n_classes=2)), SHAPE)
+    objective = JEMObjective(tiny_cd(64), JEMConfig(generative_weight=1.0))
+    config = TrainConfig(steps=60, batch_size=32, lr=3e-3, log_every=10, progress=False)
+    result = Trainer(energy, objective, (images, labels), config).fit()
+
+    assert {"accuracy", "cross_entropy", "energy_noise", "sampler_grad_norm"} <= set(result.history[-1])
+    test_images, test_labels = two_class_images(200, torch.Generator().manual_seed(1))
+    x = test_images.float() / 255
+    with torch.no_grad():
+        assert (energy.classify(x) == test_labels).float().mean() > 0.95
+        assert (
+            energy(x).mean()
+            < energy(torch.rand(200, *SHAPE, generator=torch.Generator().manual_seed(2))).mean()
+        )

@@ -1,0 +1,216 @@
+"""The image recipe: building and seeding energies, model files, sample grids, generation, restoration."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import ebm
+from ebm.checkpoint import save_model
+from ebm.image_energies import ImageEnergy
+from ebm.images import (
+    ImageEnergySpec,
+    ImageModelConfig,
+    ImageRecipe,
+    ImageSamplingConfig,
+    MixedPrecisionImageEnergy,
+    buffer_grid_callback,
+    build_image_energy,
+    denoise,
+    generate,
+    half_mask,
+    inpaint,
+    make_energy,
+    psnr,
+    restore_images,
+    seed_image_energy_,
+    train_image_energy,
+    uniform_images,
+)
+from ebm.jem import JEMConfig
+from ebm.losses import CDConfig
+from ebm.samplers import Langevin, SamplerConfig
+from ebm.trainer import TrainConfig
+
+TINY_CNN = ImageModelConfig(architecture="cnn28", channels=(4, 4, 4, 4), hidden=8)
+TINY_RESNET = ImageModelConfig(architecture="resnet32", width=4, blocks_per_stage=1, spectral_norm=True)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"), [(TINY_CNN, (1, 28, 28)), (TINY_RESNET, (3, 32, 32))], ids=["cnn28", "resnet32"]
+)
+def test_every_architecture_is_an_energy_and_a_classifier_on_unit_images(
+    model: ImageModelConfig, shape: tuple
+) -> None:
+    energy = build_image_energy(ImageEnergySpec(model, shape, 10))
+    x = torch.rand(5, *shape)
+    assert energy(x).shape == (5,) and energy.logits(x).shape == (5, 10)
+    assert energy.classify(x).shape == (5,)
+    assert torch.allclose(energy(x), -torch.logsumexp(energy.logits(x), dim=1))
+
+
+def test_an_architecture_for_the_wrong_image_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="use resnet32"):
+        build_image_energy(ImageEnergySpec(TINY_CNN, (3, 32, 32), 10))
+    with pytest.raises(ValueError, match="use cnn28"):
+        build_image_energy(ImageEnergySpec(TINY_RESNET, (1, 28, 28), 10))
+    with pytest.raises(ValueError, match="resnet32"):
+        ImageModelConfig(architecture="vit")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_seeding_fixes_every_weight_and_nothing_else(spectral_norm: bool) -> None:
+    spec = ImageEnergySpec(dataclasses.replace(TINY_RESNET, spectral_norm=spectral_norm), (3, 32, 32), 10)
+
+    def seeded(seed: int) -> dict[str, Tensor]:
+        energy = build_image_energy(spec)
+        return seed_image_energy_(energy, generator=torch.Generator().manual_seed(seed)).state_dict()
+
+    a, b, c = seeded(0), seeded(0), seeded(1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights = [k for k in a if k.endswith(("weight", "original", "bias"))]
+    assert weights and all(not torch.equal(a[k], c[k]) for k in weights)
+    if spectral_norm:
+        us = [k for k in a if k.endswith("_u")]
+        assert us and all(torch.allclose(a[k].norm(), torch.tensor(1.0)) for k in us)
+
+
+def test_the_mixed_precision_training_copy_saves_weights_a_plain_energy_loads() -> None:
+    spec = ImageEnergySpec(TINY_CNN, (1, 28, 28), 10)
+    plain = build_image_energy(spec)
+    mixed = MixedPrecisionImageEnergy(plain.logits_net, spec.image_shape)
+    assert mixed.state_dict().keys() == plain.state_dict().keys()
+    logits = mixed.logits(torch.rand(3, 1, 28, 28))
+    assert logits.dtype == torch.float32  # bf16 inside, float32 out
+    assert (
+        type(make_energy(spec, device=torch.device("cpu"), seed=0)) is ImageEnergy
+    )  # CPU: fp32, no autocast
+
+
+def test_ebm_load_model_returns_energy_and_classify_on_unit_images(tmp_path: Path) -> None:
+    spec = ImageEnergySpec(TINY_RESNET, (3, 32, 32), 10)
+    energy = seed_image_energy_(build_image_energy(spec), generator=torch.Generator().manual_seed(0)).eval()
+    save_model(tmp_path / "m.pt", energy, kind="image_energy", config=spec)
+
+    loaded = ebm.load_model(tmp_path / "m.pt")
+
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(loaded.energy(x), energy(x)) and torch.equal(loaded.classify(x), energy.classify(x))
+    with pytest.raises(ValueError, match=r"\[0, 1\] images of shape \(B, 3, 32, 32\)"):
+        loaded.energy(torch.rand(4, 1, 28, 28))
+
+
+class WellEnergy(nn.Module):
+    """E(x) = ½ k ‖x − target‖²: its minimum (and, for large k, nearly all its mass) is ``target``."""
+
+    def __init__(self, target: Tensor, stiffness: float = 50.0) -> None:
+        super().__init__()
+        self.register_buffer("target", target)
+        self.stiffness = stiffness
+        self.anchor = nn.Parameter(torch.zeros(()))  # so the energy has a parameter to freeze
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * self.stiffness * (x - self.target).flatten(1).square().sum(1) + 0 * self.anchor
+
+
+def test_psnr_and_half_masks() -> None:
+    reference = torch.zeros(2, 1, 4, 4)
+    assert torch.allclose(psnr(reference + 0.1, reference), torch.tensor([20.0, 20.0]))
+    mask = half_mask(reference)
+    assert mask.sum() == 16 and mask[..., 2:, :].all() and not mask[..., :2, :].any()
+    assert half_mask(reference, side="right")[..., :, 2:].all()
+
+
+def test_inpainting_keeps_the_known_half_and_restores_the_other_towards_the_energy_minimum() -> None:
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(1, 1, 8, 8, generator=generator)
+    images = target.expand(4, -1, -1, -1).clone()
+    mask = half_mask(images)
+    sampler = Langevin(step_size=0.005, noise_scale=0.005, clamp=(0.0, 1.0))
+    start, restored = inpaint(
+        WellEnergy(target), images, mask, sampler=sampler, n_steps=60, generator=generator
+    )
+    assert torch.equal(restored[~mask], images[~mask]) and torch.equal(start[~mask], images[~mask])
+    assert psnr(restored, images).mean() > psnr(start, images).mean() + 10
+
+
+def test_denoising_by_energy_minimisation_raises_psnr_and_restore_images_reports_it() -> None:
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(1, 1, 28, 28, generator=generator)
+    images = target.expand(6, -1, -1, -1).clone()
+    noisy = (images + 0.3 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    sampler = Langevin(step_size=0.005, noise_scale=0.002, clamp=(0.0, 1.0))
+    restored = denoise(WellEnergy(target), noisy, sampler=sampler, n_steps=40, generator=generator)
+    assert psnr(restored, images).mean() > psnr(noisy, images).mean() + 10
+
+    recipe = ImageRecipe(
+        sampler=SamplerConfig(name="langevin", step_size=0.005, noise_scale=0.002, clamp=(0.0, 1.0)),
+        sampling=ImageSamplingConfig(inpaint_steps=40, denoise_steps=40, denoise_std=0.3),
+    )
+    report, panels = restore_images(WellEnergy(target), images, recipe, generator=generator)
+    assert report.denoise_psnr_after > report.denoise_psnr_before + 10
+    assert report.inpaint_psnr_after > report.inpaint_psnr_before + 10
+    assert set(panels) == {"original", "masked", "inpainted", "noisy", "denoised"}
+
+
+def test_generation_from_noise_in_batches_reaches_the_energy_minimum() -> None:
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(1, 1, 6, 6, generator=generator)
+    start = uniform_images(10, (1, 6, 6), generator=generator)
+    assert start.min() >= 0 and start.max() <= 1
+    sampler = Langevin(step_size=0.005, noise_scale=0.001, clamp=(0.0, 1.0))
+    samples = generate(
+        WellEnergy(target), start, sampler=sampler, n_steps=50, generator=generator, batch_size=3
+    )
+    assert samples.shape == start.shape
+    assert (samples - target).abs().max() < 0.05
+
+
+def tiny_recipe(steps: int = 4) -> ImageRecipe:
+    return ImageRecipe(
+        model=TINY_CNN,
+        loss=CDConfig(n_steps=2, alpha=0.1, buffer_size=16),
+        jem=JEMConfig(generative_weight=1.0),
+        train=TrainConfig(steps=steps, batch_size=8, log_every=2, ema_decay=0.9, progress=False),
+        grid_every=2,
+    )
+
+
+def test_training_writes_buffer_grids_and_returns_plain_eval_weights(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 28, 28), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (32,), generator=generator)
+    spec = ImageEnergySpec(TINY_CNN, (1, 28, 28), 10)
+
+    model, trainer, result = train_image_energy(
+        images, labels, spec, tiny_recipe(), callbacks=[buffer_grid_callback(tmp_path, every=2)]
+    )
+
+    assert type(model) is ImageEnergy and not model.training and result.steps == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "buffer-000003.png",
+        "buffer-000004.png",
+    ]  # log steps 1, 3, 4
+    ema_state = trainer.model.state_dict()
+    assert all(torch.equal(v, ema_state[k]) for k, v in model.state_dict().items())  # the EMA weights
+    again, _, _ = train_image_energy(images, labels, spec, tiny_recipe())
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())  # seeded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_training_runs_bf16_channels_last_and_saves_the_same_kind_of_weights() -> None:
+    spec = ImageEnergySpec(TINY_CNN, (1, 28, 28), 10)
+    energy = make_energy(spec, device=torch.device("cuda"), seed=0)
+    assert isinstance(energy, MixedPrecisionImageEnergy)
+    conv = next(m for m in energy.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
+    recipe = dataclasses.replace(tiny_recipe(), train=dataclasses.replace(tiny_recipe().train, device="cuda"))
+    model, _, _ = train_image_energy(images, torch.randint(0, 10, (32,)), spec, recipe)
+    assert (
+        type(model) is ImageEnergy and model(torch.rand(2, 1, 28, 28, device="cuda")).dtype == torch.float32
+    )

@@ -1,0 +1,188 @@
+"""Image pipeline stages end to end on tiny files in the real formats, the CLI with MLflow, the benchmark."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_images_data import write_cifar_copy, write_mnist_copy
+
+import ebm
+from ebm.config import ConfigError
+from ebm.stages.images import ImagePaths, ImagesParams, evaluate, main, prepare, render, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quick_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
+
+
+def _dotted_keys(mapping: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in mapping.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])
+def test_params_files_build_the_image_configs_and_hold_every_key_dvc_reads(params_file: str) -> None:
+    raw = yaml.safe_load((REPO / params_file).read_text())
+    params = ImagesParams.from_params(raw)
+    assert params.spec().image_shape == (1, 28, 28)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    read = {
+        key for name, stage in stages.items() if name.endswith("_images") for key in stage.get("params", [])
+    }
+    assert read and read <= _dotted_keys(raw)
+
+
+def test_a_typo_in_the_images_section_is_an_error_naming_it() -> None:
+    raw = quick_params()
+    raw["images"]["train"]["stpes"] = 3
+    with pytest.raises(ConfigError, match=r"images\.train\.stpes"):
+        ImagesParams.from_params(raw)
+    raw = quick_params()
+    raw["images"]["evaluation"]["ood_score"] = "likelihood"
+    with pytest.raises(ConfigError, match="grad_norm"):
+        ImagesParams.from_params(raw)
+
+
+def colour_classes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 CIFAR-shaped images whose class (0, 1, 2) is their dominant colour channel."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = rng.integers(0, 80, (n, 3, 32, 32))
+    images[np.arange(n), labels] += 150
+    return images.astype(np.uint8), labels
+
+
+def tiny_cifar_params(copy_dir: Path) -> dict[str, Any]:
+    raw = quick_params()
+    images = raw["images"]
+    images["data"].update(dataset="cifar10", local_copy=str(copy_dir), n_validation=20, max_train=None)
+    images["model"].update(architecture="resnet32", width=4, blocks_per_stage=1, spectral_norm=True)
+    images["train"].update(steps=30, batch_size=16, lr=0.01, log_every=5, checkpoint_every=10)
+    images["loss"].update(n_steps=2, buffer_size=64)
+    images["classifier"].update(steps=20, batch_size=16)
+    images["evaluation"].update(n_buffer_samples=32, n_noise_samples=8, n_restore=4)
+    images["evaluation"]["ais"].update(n_chains=4, n_temperatures=5)
+    images["sampling"].update(n_steps=3, buffer_steps=2, inpaint_steps=2, denoise_steps=2, batch_size=16)
+    return raw
+
+
+@pytest.mark.slow
+def test_the_cifar10_path_runs_end_to_end_from_pickle_batches_to_a_loadable_model(tmp_path: Path) -> None:
+    pixels, labels = colour_classes(5 * 24 + 40, seed=0)
+    write_cifar_copy(tmp_path / "copy", per_batch=24, n_test=40, images=pixels, labels=labels)
+    params = ImagesParams.from_params(tiny_cifar_params(tmp_path / "copy"))
+    paths = ImagePaths(tmp_path / "project")
+
+    manifest = prepare(params, paths)
+    train_metrics = train(params, paths)
+    metrics = evaluate(params, paths)
+    figures = render(params, paths)
+
+    assert manifest["dataset"] == "cifar10" and manifest["splits"]["train"]["count"] == 100
+    assert manifest["official_checksums"] is False
+    assert train_metrics["steps"] == 30 and train_metrics["recoveries"] == 0
+    assert sorted(p.name for p in paths.models.iterdir()) == ["buffer.pt", "classifier.pt", "energy.pt"]
+    assert (paths.reports / "grids").is_dir() and any((paths.reports / "grids").iterdir())
+    assert metrics["accuracy"] > 0.6  # three colour classes (chance: 1/3), learnt in 30 steps
+    assert all(
+        0.0 <= value <= 1.0 for row in metrics["ood_auroc_by_score"].values() for value in row.values()
+    )
+    assert np.isfinite(metrics["fd_buffer_samples"]) and metrics["fd_real_floor"] >= 0
+    assert np.isfinite(metrics["ais"]["log_partition"]) and metrics["ais"]["standard_error"] >= 0
+    assert set(metrics["restoration"]) == {
+        "inpaint_psnr_before",
+        "inpaint_psnr_after",
+        "denoise_psnr_before",
+        "denoise_psnr_after",
+    }
+    assert {p.name for p in figures} == {
+        "samples_buffer.png",
+        "samples_noise.png",
+        "inpainting.png",
+        "denoising.png",
+        "curves.png",
+    }
+    model = ebm.load_model(paths.models / "energy.pt")
+    x = torch.from_numpy(pixels[-40:]).float() / 255
+    assert model.energy(x).shape == (40,)
+    assert (model.classify(x) == torch.from_numpy(labels[-40:])).float().mean() == metrics["accuracy"]
+
+
+@pytest.mark.slow
+def test_the_stage_cli_logs_each_stage_to_the_images_experiment(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    write_mnist_copy(tmp_path / "copy", n_train=300, n_test=60)
+    raw = quick_params()
+    raw["images"]["data"].update(local_copy=str(tmp_path / "copy"), n_validation=50, max_test=None)
+    raw["images"]["train"].update(steps=10, checkpoint_every=5)
+    raw["images"]["classifier"].update(steps=5)
+    raw["images"]["evaluation"].update(max_test=None, n_buffer_samples=32, n_noise_samples=8, n_restore=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
+
+    for stage in ("prepare", "train", "evaluate", "render"):
+        main([stage, "--params", str(tmp_path / "params.yaml"), "--root", str(root)])
+
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("images").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == sorted(
+        f"{s}_images" for s in ("prepare", "train", "evaluate", "render")
+    )
+    assert all(run.info.status == "FINISHED" for run in runs)
+    by_name = {run.info.run_name: run for run in runs}
+    assert by_name["prepare_images"].data.metrics["train_count"] == 250
+    assert by_name["prepare_images"].data.params["images.data.dataset"] == "fashion_mnist"
+    history = client.get_metric_history(by_name["train_images"].info.run_id, "energy_noise")
+    assert len(history) >= 2
+    evaluated = by_name["evaluate_images"].data.metrics
+    assert {"accuracy", "ood_auroc/uniform_noise", "ais/log_partition", "fd_real_floor"} <= set(evaluated)
+    metrics = json.loads((root / "reports" / "images" / "metrics.json").read_text())
+    assert metrics["n_test"] == 60 and metrics["dataset"] == "fashion_mnist"
+
+
+@pytest.mark.slow
+def test_the_benchmark_prints_every_figure_beside_its_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = importlib.util.spec_from_file_location("images_benchmark", REPO / "benchmarks" / "images.py")
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    write_mnist_copy(tmp_path / "copy", n_train=200, n_test=40)
+    raw = copy.deepcopy(quick_params())
+    raw["images"]["data"].update(local_copy=str(tmp_path / "copy"), n_validation=40)
+    raw["images"]["evaluation"].update(n_buffer_samples=32, n_noise_samples=8, n_restore=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+
+    arguments = ["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path / "run")]
+    benchmark.main(
+        [*arguments, "--json", str(tmp_path / "b.json"), "--steps", "6", "--classifier-steps", "4"]
+    )
+
+    out = capsys.readouterr().out
+    for figure in ("JEM test accuracy", "AUROC vs uniform noise", "AUROC vs sklearn digits", "FD floor"):
+        assert figure in out
+    payload = json.loads((tmp_path / "b.json").read_text())
+    bars = {row["figure"]: row["bar"] for row in payload["figures"]}
+    assert bars["JEM test accuracy"] == "≥ 0.9000" and bars["training minutes (JEM)"] == "≤ 45.0"
+    assert payload["train"]["steps"] == 6
