@@ -5,9 +5,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: pipeline test lint install
+.PHONY: pipeline test lint install data
 
 install: $(STAMP)
+
+# Fashion-MNIST's original IDX files from Debian (the pipeline reads them without the network).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
+		|| { echo "could not install Debian's dataset-fashion-mnist; set images.data.local_copy or allow torchvision's download" >&2; exit 1; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +23,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-pipeline: $(STAMP)
+pipeline: $(STAMP) data
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.pipeline
 
-test: $(STAMP)
+test: $(STAMP) data
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -n 2 --dist loadgroup -q
 
 lint: $(STAMP)
