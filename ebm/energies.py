@@ -10,12 +10,14 @@ and never touches the parameters' ``.grad``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ def check_energy_output(energy: Tensor, x: Tensor) -> Tensor:
     return energy
 
 
-@contextmanager
+@contextlib.contextmanager
 def frozen(energy: EnergyFn) -> Iterator[None]:
     """Temporarily stop ``energy``'s parameters from requiring gradients, in eval mode.
 
@@ -60,17 +62,83 @@ def frozen(energy: EnergyFn) -> Iterator[None]:
         energy.train(was_training)
 
 
-def energy_and_grad(energy: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
+def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tuple[Tensor, Tensor]:
     """Return ``(E(x), ∇ₓE(x))`` for a batch, with shapes ``(B,)`` and ``x.shape``.
 
-    The gradient is taken with respect to the input only (``torch.autograd.grad``), so the
-    energy's parameters accumulate nothing. Both results are detached.
+    The gradient is taken with respect to the input only, so the energy's parameters accumulate
+    nothing. Both results are detached.
+
+    Args:
+        energy: ``(B, *event) → (B,)``.
+        x: the batch.
+        compile: run the whole forward-and-input-gradient as one ``torch.compile``d graph (traced
+            through ``torch.func.grad_and_value``; CUDA graphs on CUDA). The first call per energy and
+            input shape compiles (seconds to a minute); if compilation fails, this warns once and falls
+            back to the eager path for that energy. Only for energies whose parameters do not require
+            gradients (inside :func:`frozen`), as in the samplers.
     """
+    if compile:
+        return _compiled_energy_and_grad(energy)(x)
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         e = check_energy_output(energy(x), x)
         (grad,) = torch.autograd.grad(e.sum(), x)
     return e.detach(), grad
+
+
+def _functional_energy_and_grad(energy: EnergyFn, x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`energy_and_grad`'s arithmetic through ``torch.func``, which ``torch.compile`` traces whole."""
+
+    def total_energy(z: Tensor) -> tuple[Tensor, Tensor]:
+        e = check_energy_output(energy(z), z)
+        return e.sum(), e
+
+    grad, (_, e) = torch.func.grad_and_value(total_energy, has_aux=True)(x)
+    return e.detach(), grad.detach()
+
+
+# torch.compile of _functional_energy_and_grad, one per compile mode, made on first use. The energy is
+# an argument: dynamo guards on its identity (weakly), so every energy gets its own graph, compiled once
+# and reused while the parameters change in place, as in training.
+_COMPILED: dict[str | None, Callable[[EnergyFn, Tensor], tuple[Tensor, Tensor]]] = {}
+_COMPILE_FAILED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _compiled_energy_and_grad(energy: EnergyFn) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    def compiled_or_eager(x: Tensor) -> tuple[Tensor, Tensor]:
+        if _compile_failed(energy):
+            return energy_and_grad(energy, x)
+        # On CUDA, "reduce-overhead" replays the step as a CUDA graph: a fixed-shape loop's best case.
+        mode = "reduce-overhead" if x.device.type == "cuda" else None
+        if mode not in _COMPILED:
+            _COMPILED[mode] = torch.compile(_functional_energy_and_grad, fullgraph=True, mode=mode)
+        if x.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            e, grad = _COMPILED[mode](energy, x)
+        # torch.compile raises many types (Unsupported, BackendCompilerFailed, InductorError, ...).
+        except Exception as error:
+            with contextlib.suppress(TypeError):  # not weak-referenceable: it will be tried again
+                _COMPILE_FAILED.add(energy)
+            warnings.warn(
+                f"torch.compile failed for {type(energy).__name__} ({type(error).__name__}: {error}); "
+                "using the eager gradient",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return energy_and_grad(energy, x)
+        if x.device.type == "cuda":  # a CUDA-graph replay overwrites its outputs on the next call
+            e, grad = e.clone(), grad.clone()
+        return e, grad
+
+    return compiled_or_eager
+
+
+def _compile_failed(energy: EnergyFn) -> bool:
+    try:
+        return energy in _COMPILE_FAILED
+    except TypeError:
+        return False
 
 
 # --- analytic energies: examples, oracles for tests, and baselines -------------------------------

@@ -45,12 +45,9 @@ def _per_chain_norm(grad: Tensor) -> Tensor:
     return grad.flatten(1).norm(dim=1)  # (B,)
 
 
-def _clip_per_chain(grad: Tensor, max_norm: float | None) -> Tensor:
-    if max_norm is None:
-        return grad
-    norm = _per_chain_norm(grad).clamp_min(1e-12)
-    scale = (max_norm / norm).clamp(max=1.0)
-    return grad * scale.view(-1, *([1] * (grad.ndim - 1)))
+def _clip_scale(norm: Tensor, max_norm: float) -> Tensor:
+    """Per-chain factors ``min(1, max_norm / ‖g‖)`` that clip gradients of norms ``norm`` (B,)."""
+    return (max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
 
 
 @dataclass(frozen=True)
@@ -67,17 +64,26 @@ class Langevin:
     images, Du & Mordatch 2019, https://arxiv.org/abs/1903.08689); then the chain is an annealed
     optimiser, not a sampler of exp(−E), and the learned energy is scaled accordingly.
 
+    The chains are updated in place, in ``x0``'s memory format (so ``torch.channels_last`` images stay
+    so), with ∇ₓE from :func:`~ebm.energies.energy_and_grad` on frozen parameters.
+
     Attributes:
         step_size: η, the gradient step.
         noise_scale: σ, the standard deviation of the added noise; ``None`` means √(2η).
         grad_clip: clip each chain's gradient to this L2 norm (``None``: no clipping).
         clamp: ``(low, high)`` box the chains are kept in after each step (``None``: unbounded).
+        compile: compute ∇ₓE with ``torch.compile`` (see :func:`~ebm.energies.energy_and_grad`); pays
+            off only when a run is long enough to amortise the compilation.
+        autocast_bf16: on CUDA, evaluate the energy and its gradient under bfloat16 autocast (the
+            chains stay in their own dtype); ignored on other devices.
     """
 
     step_size: float = 0.01
     noise_scale: float | None = None
     grad_clip: float | None = None
     clamp: tuple[float, float] | None = None
+    compile: bool = False
+    autocast_bf16: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("step_size", self.step_size)
@@ -94,21 +100,42 @@ class Langevin:
         return math.sqrt(2 * self.step_size) if self.noise_scale is None else self.noise_scale
 
     def run(
-        self, energy: EnergyFn, x0: Tensor, n_steps: int, *, generator: torch.Generator | None = None
+        self,
+        energy: EnergyFn,
+        x0: Tensor,
+        n_steps: int,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, SamplerStats]:
-        x = x0.detach().clone()
-        grad_norm_sum = torch.zeros((), device=x.device)
+        """Advance the chains ``x0`` by ``n_steps``; ``noise``, if given, is the pre-drawn ξ of every
+        step, shape ``(n_steps, *x0.shape)`` (for exact comparisons; ``generator`` is then unused)."""
+        if noise is not None and noise.shape != (n_steps, *x0.shape):
+            raise ValueError(
+                f"noise must have shape (n_steps, *x0.shape) = {(n_steps, *x0.shape)}, "
+                f"got {tuple(noise.shape)}"
+            )
+        x = x0.detach().clone()  # keeps x0's memory format
+        xi = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous: the same ξ as torch.randn
+        per_chain_grad_norm_sum = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.autocast_bf16 and x.is_cuda)
         with frozen(energy):
-            for _ in range(n_steps):
-                _, grad = energy_and_grad(energy, x)
-                grad_norm_sum += _per_chain_norm(grad).mean()
-                x.add_(_clip_per_chain(grad, self.grad_clip), alpha=-self.step_size)
-                x.add_(_randn_like(x, generator), alpha=self.sigma)
+            for step in range(n_steps):
+                with autocast:
+                    _, grad = energy_and_grad(energy, x, compile=self.compile)
+                grad_norm = _per_chain_norm(grad)
+                per_chain_grad_norm_sum += grad_norm
+                if self.grad_clip is not None:
+                    grad = grad * _clip_scale(grad_norm, self.grad_clip).view(-1, *([1] * (grad.ndim - 1)))
+                x.add_(grad, alpha=-self.step_size)
+                if noise is None:
+                    xi.normal_(generator=generator)
+                x.add_(xi if noise is None else noise[step], alpha=self.sigma)
                 if self.clamp is not None:
                     x.clamp_(*self.clamp)
             final_energy = _mean_energy(energy, x)
         stats = SamplerStats(
-            grad_norm=grad_norm_sum / max(n_steps, 1),
+            grad_norm=per_chain_grad_norm_sum.mean() / max(n_steps, 1),
             acceptance_rate=torch.ones((), device=x.device),
             final_energy=final_energy,
         )
@@ -172,8 +199,9 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _mean_energy(energy: EnergyFn, x: Tensor) -> Tensor:
-    with torch.no_grad():
-        return energy(x).mean()
+    with torch.inference_mode():
+        mean = energy(x).mean()
+    return mean.clone()  # a normal tensor again, usable in autograd-recorded code
 
 
 def _check_positive(name: str, value: float) -> None:

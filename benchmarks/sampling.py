@@ -1,0 +1,964 @@
+"""Langevin sampling speed: the library's fast path against the textbook's loop, in one run.
+
+    python benchmarks/sampling.py --json reports/bench/sampling.json --plot reports/bench/sampling.png
+    python benchmarks/sampling.py --quick          # a few minutes: fewer batches, steps, repeats
+    python benchmarks/sampling.py --threads 1      # on a shared machine: see the threads table
+
+Wall-clock figures are the measurement; every row also records CPU time, which on a busy machine (at
+one thread) still says what a step costs while it runs. The tables print at the end.
+
+Every figure comes from this one process, on identical weights and starting chains:
+
+1. **machine**: cores, torch threads, load average, and the GEMM peak (a large fp32 matmul, best of
+   several, measured at the start and the end; the larger counts). A load average above
+   ``BUSY_LOAD`` per core before the run, or other work appearing during it, prints a warning: the
+   figures are then preliminary and ``cpu_share`` (CPU seconds the timed runs got per wall second
+   per thread) says how much of the machine they had.
+2. **equivalence**: the textbook loop (``benchmarks/textbook.py``) and ``Langevin.run`` fed the same
+   pre-drawn noise must produce the same chains within float tolerance.
+3. **throughput**: model × batch. Langevin steps/s and samples/s (= batch × steps/s, chain updates
+   per second) of the textbook loop, the library's default (eager) path, the same with the model in
+   ``channels_last`` (conv energies), and ``torch.compile`` (``--compile``); GFLOP per step from
+   ``torch.utils.flop_counter`` (matmuls and convolutions), achieved GFLOP/s and % of GEMM peak.
+   Variants are timed interleaved (A B C A B C ...), so a change of load hits all of them alike.
+4. **threads**: the fast path at 1 intra-op thread and at all of them, under OpenMP's default and
+   PASSIVE wait policies, each in a fresh process (``--probe``).
+5. **compile**: compile seconds (``--cold-compile`` bypasses inductor's on-disk cache), eager vs
+   compiled ms/step, and the steps needed to break even.
+6. **anatomy** (CNN28, batch 128): each convolution's forward and input-gradient time and GFLOP/s,
+   what the rest (activations, autograd, Python) costs, and the step time if the first convolution's
+   input gradient ran as GEMM + col2im instead of oneDNN's one-input-channel kernel.
+7. **scaling**: cost against batch size (from 3), image size (ResNet32 at 16–64 px; its global
+   pooling takes any size) and number of steps; ``--plot`` draws the three panels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from textbook import library_equivalent, textbook_langevin
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ebm.energies import MLPEnergy, MLPEnergyConfig, energy_and_grad, frozen
+from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
+from ebm.samplers import Langevin
+
+TEXTBOOK_STEP_SIZE = 0.01  # the textbook's s (on the gradient of the mean energy)
+BUSY_LOAD = 0.25  # per core: above this before the run starts, someone else is using the machine
+BAR_SPEEDUP = 3.0
+BAR_PEAK_FRACTION = 0.40
+
+
+# --- the machine ------------------------------------------------------------------------------------
+
+
+def machine_threads() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def gemm_peak_gflops(n: int, repeats: int) -> tuple[float, float]:
+    """Best fp32 ``n × n`` matmul rate at the current thread count: GFLOP per wall second, and GFLOP
+    per CPU second per thread (the rate while actually running, which a busy machine barely changes)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best_wall = best_cpu = math.inf
+    for _ in range(repeats):
+        cpu, wall = time.process_time(), time.perf_counter()
+        torch.mm(a, b, out=out)
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    flops = 2 * n**3
+    return flops / best_wall / 1e9, flops / max(best_cpu, 1e-9) / torch.get_num_threads() / 1e9
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class LoadLog:
+    """Load averages sampled through the run, for the busy-machine warning."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.start = load_average()
+        self.samples: list[tuple[str, tuple[float, float, float]]] = [("start", self.start)]
+
+    def mark(self, label: str) -> tuple[float, float, float]:
+        load = load_average()
+        self.samples.append((label, load))
+        return load
+
+    def warnings(self) -> list[str]:
+        cores = os.cpu_count() or 1
+        notes = []
+        if self.start[0] > BUSY_LOAD * cores:
+            notes.append(
+                f"the machine was busy before this run: load average {self.start[0]:.2f} on {cores} cores "
+                f"(quiet is < {BUSY_LOAD * cores:.2f})"
+            )
+        # While we run, our own threads add up to `threads` to the load; more means others ran too.
+        worst = max(load[0] for _, load in self.samples[1:]) if len(self.samples) > 1 else 0.0
+        if worst > self.threads + BUSY_LOAD * cores + 0.5:
+            notes.append(f"other work ran during this run: load average up to {worst:.2f}")
+        return notes
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    event_shape: tuple[int, ...]
+    is_conv: bool
+    build: Callable[[], nn.Module]
+
+    def starting_chains(self, batch: int, generator: torch.Generator) -> Tensor:
+        if self.is_conv:  # [0, 1] images, ImageEnergy's convention
+            return torch.rand((batch, *self.event_shape), generator=generator)
+        return torch.randn((batch, *self.event_shape), generator=generator)
+
+
+MODELS = {
+    case.name: case
+    for case in (
+        ModelCase("mlp2d", (2,), False, lambda: MLPEnergy(MLPEnergyConfig(2, (128, 128, 128)))),
+        ModelCase("tabular30", (30,), False, lambda: MLPEnergy(MLPEnergyConfig(30, (128, 128, 128)))),
+        ModelCase("cnn28", (1, 28, 28), True, lambda: ImageEnergy(CNN28(CNN28Config()), (1, 28, 28))),
+        ModelCase(
+            "resnet32", (3, 32, 32), True, lambda: ImageEnergy(ResNet32(ResNet32Config()), (3, 32, 32))
+        ),
+    )
+}
+
+
+def seeded_model(case: ModelCase, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return case.build()
+
+
+def channels_last_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+# --- what is timed --------------------------------------------------------------------------------
+
+
+def textbook_run(model: nn.Module, x0: Tensor, n_steps: int) -> Callable[[], Any]:
+    def run() -> Tensor:
+        x = textbook_langevin(model, x0, n_steps, TEXTBOOK_STEP_SIZE)
+        model.zero_grad(set_to_none=True)  # the loop leaves weight gradients behind; don't let them pile up
+        return x
+
+    return run
+
+
+def library_run(
+    model: nn.Module, x0: Tensor, n_steps: int, *, compile: bool = False, seed: int = 0
+) -> Callable[[], Any]:
+    sampler = library_equivalent(TEXTBOOK_STEP_SIZE, x0.shape[0])
+    if compile:
+        sampler = Langevin(sampler.step_size, sampler.noise_scale, compile=True)
+    generator = torch.Generator().manual_seed(seed)
+    return lambda: sampler.run(model, x0, n_steps, generator=generator)
+
+
+@dataclass
+class Timing:
+    wall: list[float]
+    cpu: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def best(self) -> float:
+        return min(self.wall)
+
+    def cpu_share(self, threads: int) -> float:
+        return sum(self.cpu) / max(sum(self.wall) * threads, 1e-12)
+
+
+def time_interleaved(
+    runs: dict[str, Callable[[], Any]], *, budget_s: float, max_repeats: int
+) -> dict[str, Timing]:
+    """Time each run (one warm-up first), interleaved, repeating until ``budget_s`` or ``max_repeats``."""
+    warmup = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        run()
+        warmup[name] = time.perf_counter() - start
+    repeats = int(min(max_repeats, max(3, budget_s / max(sum(warmup.values()), 1e-9))))
+    timings = {name: Timing([], []) for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            run()
+            timings[name].wall.append(time.perf_counter() - wall)
+            timings[name].cpu.append(time.process_time() - cpu)
+    return timings
+
+
+# --- FLOPs --------------------------------------------------------------------------------------------
+
+
+def fast_step_flops(model: nn.Module, x: Tensor) -> int:
+    """Matmul and convolution FLOPs of one library step: E(x) and ∇ₓE with frozen weights."""
+    counter = FlopCounterMode(display=False)
+    with frozen(model), counter, torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        # A view, not the leaf itself, goes into the model: the counter's module hooks cannot follow a
+        # leaf through torch.autograd.grad. The arithmetic is energy_and_grad's.
+        energy = model(leaf.view_as(leaf))
+        torch.autograd.grad(energy.sum(), leaf)
+    return counter.get_total_flops()
+
+
+def textbook_step_flops(model: nn.Module, x: Tensor) -> int:
+    """FLOPs of one textbook step, weight gradients included."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        leaf = x.detach().requires_grad_(True)
+        model(leaf).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+
+def check_equivalence(case: ModelCase, batch: int, n_steps: int) -> dict[str, Any]:
+    """Textbook loop and library sampler on the same weights, chains and pre-drawn noise."""
+    model = seeded_model(case)
+    generator = torch.Generator().manual_seed(1)
+    x0 = case.starting_chains(batch, generator)
+    noise = torch.randn((n_steps, *x0.shape), generator=generator)
+    x_textbook = textbook_langevin(model, x0, n_steps, TEXTBOOK_STEP_SIZE, noise=noise)
+    model.zero_grad(set_to_none=True)
+    x_library, _ = library_equivalent(TEXTBOOK_STEP_SIZE, batch).run(model, x0, n_steps, noise=noise)
+    max_abs = float((x_textbook - x_library).abs().max())
+    moved = float((x_textbook - x0).abs().max())
+    return {
+        "model": case.name,
+        "batch": batch,
+        "steps": n_steps,
+        "max_abs_diff": max_abs,
+        "max_abs_move": moved,
+        "same_chain": bool(torch.allclose(x_textbook, x_library, rtol=1e-4, atol=1e-5)),
+    }
+
+
+def throughput_row(
+    case: ModelCase, batch: int, n_steps: int, *, compile: bool, budget_s: float, max_repeats: int
+) -> dict[str, Any]:
+    model = seeded_model(case)
+    x0 = case.starting_chains(batch, torch.Generator().manual_seed(2))
+    runs = {"textbook": textbook_run(model, x0, n_steps), "fast": library_run(model, x0, n_steps)}
+    if case.is_conv:
+        runs["fast_cl"] = library_run(
+            channels_last_copy(model), x0.contiguous(memory_format=torch.channels_last), n_steps
+        )
+    if compile:
+        torch._dynamo.reset()  # dynamo caches per code object, at most 8 energies: start afresh
+        best_layout = channels_last_copy(model) if case.is_conv else model
+        x0_best = x0.contiguous(memory_format=torch.channels_last) if case.is_conv else x0
+        runs["compiled"] = library_run(best_layout, x0_best, n_steps, compile=True)
+    timings = time_interleaved(runs, budget_s=budget_s, max_repeats=max_repeats)
+    fast_flops = fast_step_flops(model, x0)
+    row: dict[str, Any] = {
+        "model": case.name,
+        "batch": batch,
+        "steps": n_steps,
+        "gflop_per_step": fast_flops / 1e9,
+        "textbook_gflop_per_step": textbook_step_flops(model, x0) / 1e9,
+        "repeats": len(timings["textbook"].wall),
+        "cpu_share": min(t.cpu_share(torch.get_num_threads()) for t in timings.values()),
+        "variants": {},
+    }
+    for name, timing in timings.items():
+        step_s = timing.median / n_steps
+        row["variants"][name] = {
+            "ms_per_step": 1e3 * step_s,
+            "best_ms_per_step": 1e3 * timing.best / n_steps,
+            "steps_per_s": 1 / step_s,
+            "samples_per_s": batch / step_s,
+            "gflops": fast_flops / 1e9 / step_s,  # useful work: the textbook's weight gradients don't count
+            "cpu_ms_per_step": 1e3 * statistics.median(timing.cpu) / n_steps,
+        }
+    return row
+
+
+def probe(case: ModelCase, batch: int, n_steps: int, repeats: int) -> dict[str, float]:
+    """The library's Langevin (channels_last for conv energies) timed in this process, as it is set up."""
+    model = seeded_model(case)
+    x0 = case.starting_chains(batch, torch.Generator().manual_seed(3))
+    if case.is_conv:
+        model, x0 = channels_last_copy(model), x0.contiguous(memory_format=torch.channels_last)
+    timing = time_interleaved({"fast": library_run(model, x0, n_steps)}, budget_s=0.0, max_repeats=repeats)
+    return {
+        "ms_per_step": 1e3 * timing["fast"].median / n_steps,
+        "cpu_share": timing["fast"].cpu_share(torch.get_num_threads()),
+    }
+
+
+WAIT_POLICIES = ("default", "PASSIVE")
+
+
+def threads_rows(cases: list[ModelCase], batch: int, n_steps: int, all_threads: int) -> list[dict[str, Any]]:
+    """The fast path at 1 and all intra-op threads, under OpenMP's default and passive wait policies.
+
+    The wait policy is read when the OpenMP runtime starts, so each cell is a fresh process
+    (``--probe``). With the default policy a thread that reaches a barrier first spins; when the
+    other core is busy its partner may not run for a whole scheduler time slice, and every parallel
+    op waits for it. PASSIVE threads sleep at once instead.
+    """
+    rows = []
+    for case in cases:
+        row: dict[str, Any] = {"model": case.name, "batch": batch}
+        for threads in sorted({1, all_threads}):
+            for policy in WAIT_POLICIES:
+                env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                if policy != "default":
+                    env["OMP_WAIT_POLICY"] = policy
+                command = [sys.executable, __file__, "--probe", case.name, str(batch), str(n_steps)]
+                command += ["--threads", str(threads)]
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    print(f"probe {' '.join(command[2:])} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                    result = {"ms_per_step": math.nan, "cpu_share": math.nan}
+                else:
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                row[f"{threads}t_{policy}"] = result["ms_per_step"]
+                row[f"{threads}t_{policy}_cpu_share"] = result["cpu_share"]
+        rows.append(row)
+    return rows
+
+
+def compile_rows(cases: list[ModelCase], batch: int, n_steps: int, budget_s: float) -> list[dict[str, Any]]:
+    rows = []
+    for case in cases:
+        model = seeded_model(case)
+        x0 = case.starting_chains(batch, torch.Generator().manual_seed(4))
+        if case.is_conv:
+            model, x0 = channels_last_copy(model), x0.contiguous(memory_format=torch.channels_last)
+        torch._dynamo.reset()  # a fresh compile (dynamo caches per code object, at most 8 energies)
+        start = time.perf_counter()
+        with frozen(model):
+            energy_and_grad(model, x0, compile=True)  # compiles (or falls back, with a warning)
+        compile_s = time.perf_counter() - start
+        timings = time_interleaved(
+            {
+                "eager": library_run(model, x0, n_steps),
+                "compiled": library_run(model, x0, n_steps, compile=True),
+            },
+            budget_s=budget_s,
+            max_repeats=9,
+        )
+        eager_ms = 1e3 * timings["eager"].median / n_steps
+        compiled_ms = 1e3 * timings["compiled"].median / n_steps
+        gain_ms = eager_ms - compiled_ms
+        rows.append(
+            {
+                "model": case.name,
+                "batch": batch,
+                "compile_s": compile_s,
+                "eager_ms_per_step": eager_ms,
+                "compiled_ms_per_step": compiled_ms,
+                "break_even_steps": (1e3 * compile_s / gain_ms) if gain_ms > 0 else None,
+            }
+        )
+    return rows
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def anatomy(batch: int, repeats: int) -> dict[str, Any]:
+    """Each convolution of CNN28 (channels_last, real weights and activations) timed alone."""
+    model = channels_last_copy(seeded_model(MODELS["cnn28"]))
+    x = MODELS["cnn28"].starting_chains(batch, torch.Generator().manual_seed(5))
+    x = x.contiguous(memory_format=torch.channels_last)
+    step_ms = 1e3 * _median_time(library_run(model, x, 5), max(3, repeats // 3)) / 5
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    inputs: dict[nn.Module, Tensor] = {}
+
+    def keep_input(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        inputs[module] = args[0].detach()
+
+    hooks = [conv.register_forward_hook(keep_input) for conv in convs]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    layers, conv_ms = [], 0.0
+    for index, conv in enumerate(convs):
+        inp = inputs[conv]
+        weight, bias = conv.weight.detach(), conv.bias.detach() if conv.bias is not None else None
+        with torch.no_grad():
+            out = conv(inp)
+        grad_out = torch.randn_like(out)
+        flops = 2 * out.numel() * conv.in_channels * math.prod(conv.kernel_size)
+
+        def forward(
+            conv: nn.Conv2d = conv, inp: Tensor = inp, weight: Tensor = weight, bias: Tensor | None = bias
+        ) -> Tensor:
+            return F.conv2d(inp, weight, bias, conv.stride, conv.padding)
+
+        def input_grad(
+            conv: nn.Conv2d = conv, inp: Tensor = inp, weight: Tensor = weight, grad_out: Tensor = grad_out
+        ) -> Tensor:
+            return torch.ops.aten.convolution_backward(
+                grad_out,
+                inp,
+                weight,
+                None,
+                list(conv.stride),
+                list(conv.padding),
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [True, False, False],
+            )[0]
+
+        forward_s, backward_s = _median_time(forward, repeats), _median_time(input_grad, repeats)
+        conv_ms += 1e3 * (forward_s + backward_s)
+        layers.append(
+            {
+                "layer": f"conv{index + 1} {conv.in_channels}→{conv.out_channels} k{conv.kernel_size[0]} "
+                f"s{conv.stride[0]} on {inp.shape[-1]}px",
+                "mflop": flops / 1e6,
+                "forward_ms": 1e3 * forward_s,
+                "forward_gflops": flops / forward_s / 1e9,
+                "input_grad_ms": 1e3 * backward_s,
+                "input_grad_gflops": flops / backward_s / 1e9,
+            }
+        )
+    # The first convolution has one input channel, the worst case for oneDNN's vectorisation over
+    # channels. Its input gradient is also a GEMM (Wᵀ · ∂out, K = 32 channels) plus a col2im scatter:
+    first, inp = convs[0], inputs[convs[0]]
+    weight_matrix = first.weight.detach().reshape(first.out_channels, -1)  # (C_out, C_in·k·k)
+    with torch.no_grad():
+        grad_out = torch.randn_like(first(inp))
+    spatial = grad_out.shape[-2] * grad_out.shape[-1]
+
+    def gemm_col2im() -> Tensor:
+        columns = weight_matrix.T @ grad_out.reshape(
+            batch, first.out_channels, spatial
+        )  # (B, C_in·k·k, H'W')
+        padding = cast(tuple[int, int], first.padding)
+        return F.fold(columns, inp.shape[-2:], first.kernel_size, padding=padding, stride=first.stride)
+
+    gemm_col2im_ms = 1e3 * _median_time(gemm_col2im, repeats)
+    conv1_input_grad_ms = layers[0]["input_grad_ms"]
+    return {
+        "batch": batch,
+        "projected_step_ms_with_conv1_gemm_col2im": step_ms - conv1_input_grad_ms + gemm_col2im_ms,
+        "layers": layers,
+        "conv_ms_per_step": conv_ms,
+        "step_ms": step_ms,
+        "other_ms_per_step": step_ms - conv_ms,
+        "conv1_input_grad_as_gemm_col2im_ms": gemm_col2im_ms,
+    }
+
+
+def image_size_rows(sizes: list[int], batch: int, n_steps: int, budget_s: float) -> list[dict[str, Any]]:
+    case = MODELS["resnet32"]
+    model = seeded_model(case)
+    rows = []
+    for size in sizes:
+        sized = ImageEnergy(cast(nn.Module, model.logits_net), (3, size, size))
+        x0 = torch.rand((batch, 3, size, size), generator=torch.Generator().manual_seed(6))
+        timings = time_interleaved(
+            {
+                "textbook": textbook_run(sized, x0, n_steps),
+                "fast_cl": library_run(
+                    channels_last_copy(sized), x0.contiguous(memory_format=torch.channels_last), n_steps
+                ),
+            },
+            budget_s=budget_s,
+            max_repeats=5,
+        )
+        rows.append(
+            {
+                "model": "resnet32",
+                "image_size": size,
+                "batch": batch,
+                "gflop_per_step": fast_step_flops(sized, x0) / 1e9,
+                **{f"{name}_ms_per_step": 1e3 * t.median / n_steps for name, t in timings.items()},
+            }
+        )
+    return rows
+
+
+def steps_rows(step_counts: list[int], batch: int, budget_s: float) -> list[dict[str, Any]]:
+    case = MODELS["cnn28"]
+    model = seeded_model(case)
+    x0 = case.starting_chains(batch, torch.Generator().manual_seed(7))
+    model_cl, x0_cl = channels_last_copy(model), x0.contiguous(memory_format=torch.channels_last)
+    rows = []
+    for n_steps in step_counts:
+        timings = time_interleaved(
+            {"textbook": textbook_run(model, x0, n_steps), "fast_cl": library_run(model_cl, x0_cl, n_steps)},
+            budget_s=budget_s,
+            max_repeats=5,
+        )
+        rows.append(
+            {
+                "model": "cnn28",
+                "batch": batch,
+                "steps": n_steps,
+                **{f"{k}_s": t.median for k, t in timings.items()},
+            }
+        )
+    return rows
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    print(f"\n{title}")
+    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for row in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def print_throughput(rows: list[dict[str, Any]], peak: float, n_steps: int) -> None:
+    names = list(dict.fromkeys(name for r in rows for name in r["variants"]))
+    library = [name for name in names if name != "textbook"]
+    print_table(
+        "CPU ms per step (process CPU time: what the step costs while it runs; compare with wall ms when "
+        "the cpu share is low)",
+        ["model", "batch", *names, *(f"{n} ×" for n in library)],
+        [
+            [r["model"], r["batch"]]
+            + [r["variants"][n]["cpu_ms_per_step"] if n in r["variants"] else "-" for n in names]
+            + [
+                r["variants"]["textbook"]["cpu_ms_per_step"] / r["variants"][n]["cpu_ms_per_step"]
+                if n in r["variants"]
+                else "-"
+                for n in library
+            ]
+            for r in rows
+        ],
+    )
+    print_table(
+        f"Langevin ms per step ({n_steps} steps per run, median of interleaved repeats) and speed-up "
+        "over the textbook loop",
+        ["model", "batch", "textbook", *(f"{n}" for n in library), *(f"{n} ×" for n in library), "cpu share"],
+        [
+            [r["model"], r["batch"], r["variants"]["textbook"]["ms_per_step"]]
+            + [r["variants"][n]["ms_per_step"] if n in r["variants"] else "-" for n in library]
+            + [
+                r["variants"]["textbook"]["ms_per_step"] / r["variants"][n]["ms_per_step"]
+                if n in r["variants"]
+                else "-"
+                for n in library
+            ]
+            + [r["cpu_share"]]
+            for r in rows
+        ],
+    )
+    print_table(
+        f"Steps/s, samples/s (chain updates: batch × steps/s) and GFLOP/s with % of the {peak:.0f} GFLOP/s "
+        "GEMM peak (useful FLOPs: the library step's, for every variant)",
+        [
+            "model",
+            "batch",
+            "GFLOP/step",
+            *(f"{n} steps/s" for n in names),
+            *(f"{n} samples/s" for n in names),
+            *(f"{n} GFLOP/s" for n in names),
+        ],
+        [
+            [r["model"], r["batch"], r["gflop_per_step"]]
+            + [r["variants"][n]["steps_per_s"] if n in r["variants"] else "-" for n in names]
+            + [r["variants"][n]["samples_per_s"] if n in r["variants"] else "-" for n in names]
+            + [
+                f"{r['variants'][n]['gflops']:.1f} ({100 * r['variants'][n]['gflops'] / peak:.0f}%)"
+                if n in r["variants"]
+                else "-"
+                for n in names
+            ]
+            for r in rows
+        ],
+    )
+
+
+def bar_verdict(throughput: list[dict[str, Any]], peak: float, peak_cpu: float) -> dict[str, Any] | None:
+    """The issue's bar on CNN28 at batch 128, by wall clock (the bar) and by CPU time (load-robust)."""
+    row = next((r for r in throughput if r["model"] == "cnn28" and r["batch"] == 128), None)
+    if row is None:
+        return None
+    library = {k: v for k, v in row["variants"].items() if k != "textbook"}
+    best_name = min(library, key=lambda k: library[k]["ms_per_step"])
+    best = library[best_name]
+    speedup = row["variants"]["textbook"]["ms_per_step"] / best["ms_per_step"]
+    fraction = best["gflops"] / peak
+    threads = torch.get_num_threads()
+    best_cpu_name = min(library, key=lambda k: library[k]["cpu_ms_per_step"])
+    best_cpu = library[best_cpu_name]
+    gflop_per_cpu_s = row["gflop_per_step"] / (best_cpu["cpu_ms_per_step"] / 1e3) / threads
+    return {
+        "cpu_variant": best_cpu_name,
+        "cpu_speedup": row["variants"]["textbook"]["cpu_ms_per_step"] / best_cpu["cpu_ms_per_step"],
+        "gflop_per_cpu_s_per_thread": gflop_per_cpu_s,
+        "cpu_peak_fraction": gflop_per_cpu_s / peak_cpu,
+        "variant": best_name,
+        "speedup": speedup,
+        "gflops": best["gflops"],
+        "peak_fraction": fraction,
+        "speedup_met": speedup >= BAR_SPEEDUP,
+        "peak_met": fraction >= BAR_PEAK_FRACTION,
+    }
+
+
+def plot(path: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    ax = axes[0]
+    for model in dict.fromkeys(r["model"] for r in results["throughput"]):
+        rows = [r for r in results["throughput"] if r["model"] == model]
+        batches = [r["batch"] for r in rows]
+        fast = "fast_cl" if "fast_cl" in rows[0]["variants"] else "fast"
+        line = ax.plot(
+            batches, [r["variants"][fast]["ms_per_step"] for r in rows], "o-", label=f"{model} library"
+        )
+        ax.plot(
+            batches,
+            [r["variants"]["textbook"]["ms_per_step"] for r in rows],
+            "x--",
+            color=line[0].get_color(),
+            label=f"{model} textbook",
+        )
+    batches = sorted({r["batch"] for r in results["throughput"]})
+    ax.set_xscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.set(
+        yscale="log",
+        xlabel="batch (chains)",
+        ylabel="ms per Langevin step",
+        title="cost vs batch size",
+    )
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    rows = results["image_size"]
+    if rows:
+        sizes = [r["image_size"] for r in rows]
+        ax.plot(sizes, [r["fast_cl_ms_per_step"] for r in rows], "o-", label="library (channels_last)")
+        ax.plot(sizes, [r["textbook_ms_per_step"] for r in rows], "x--", label="textbook")
+        scale = rows[0]["fast_cl_ms_per_step"] / rows[0]["gflop_per_step"]
+        ax.plot(sizes, [scale * r["gflop_per_step"] for r in rows], ":", color="grey", label="∝ FLOPs")
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(size) for size in sizes], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.set(yscale="log", title=f"cost vs image size (ResNet32, batch {rows[0]['batch']})")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="image side (px)", ylabel="ms per Langevin step")
+    ax = axes[2]
+    rows = results["steps"]
+    if rows:
+        steps = [r["steps"] for r in rows]
+        ax.plot(steps, [r["fast_cl_s"] for r in rows], "o-", label="library (channels_last)")
+        ax.plot(steps, [r["textbook_s"] for r in rows], "x--", label="textbook")
+        ax.set(title=f"cost vs number of steps (CNN28, batch {rows[0]['batch']})")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="Langevin steps", ylabel="seconds per sampler run")
+    load = results["machine"]["load_average_start"]
+    fig.suptitle(
+        f"Langevin sampling on {results['machine']['threads']} thread(s); load average at start "
+        f"{load[0]:.2f}" + ("  (BUSY: preliminary)" if results["warnings"] else ""),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write every table as JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="write the scaling PNG here")
+    parser.add_argument("--quick", action="store_true", help="fewer batches, steps and repeats")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (default: the machine's cores)"
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="Langevin steps per timed run")
+    compile_group = parser.add_mutually_exclusive_group()
+    compile_group.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="also time torch.compile (default: on, off with --quick)",
+    )
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument(
+        "--cold-compile", action="store_true", help="bypass torch.compile's on-disk caches (first-run cost)"
+    )
+    parser.add_argument("--probe", nargs=3, metavar=("MODEL", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    threads = args.threads or machine_threads()
+    torch.set_num_threads(threads)
+    if args.cold_compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.force_disable_caches = True
+    if args.probe is not None:  # one cell of the threads table, in a process of its own
+        name, batch, steps = args.probe
+        print(json.dumps(probe(MODELS[name], int(batch), int(steps), repeats=5)))
+        return 0
+    quick = args.quick
+    batches = args.batches or ([64, 128] if quick else [64, 128, 256, 512])
+    n_steps = args.steps or (5 if quick else 10)
+    budget_s = 2.0 if quick else 6.0
+    max_repeats = 5 if quick else 9
+    do_compile = (not quick) if args.compile is None else args.compile
+    cases = [MODELS[name] for name in args.models]
+    loads = LoadLog(threads)
+
+    omp_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    print(
+        f"torch {torch.__version__}; {os.cpu_count()} cores, affinity {machine_threads()}, "
+        f"{threads} intra-op thread(s); load average at start {loads.start[0]:.2f} {loads.start[1]:.2f} "
+        f"{loads.start[2]:.2f}"
+    )
+    print("OpenMP: " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in omp_env.items()))
+    for note in loads.warnings():
+        print(f"WARNING: {note}; figures are preliminary", file=sys.stderr)
+    if loads.warnings() and threads > 1 and (omp_env["OMP_WAIT_POLICY"] or "").upper() != "PASSIVE":
+        print(
+            f"WARNING: {threads} intra-op threads on a busy machine with OpenMP's default wait policy: "
+            "parallel ops wait for descheduled threads (see the threads table); --threads 1 or "
+            "OMP_WAIT_POLICY=PASSIVE give steadier figures",
+            file=sys.stderr,
+        )
+    gemm_n = 2048 if quick else 4096
+    peak, peak_cpu = gemm_peak_gflops(gemm_n, 3 if quick else 5)
+    peak_1t = peak
+    if threads > 1:
+        with intra_op_threads(1):
+            peak_1t, _ = gemm_peak_gflops(gemm_n, 3)
+    print(
+        f"GEMM peak (fp32 {gemm_n}², best of several): {peak:.0f} GFLOP/s at {threads} thread(s), "
+        f"{peak_1t:.0f} at 1"
+    )
+
+    results: dict[str, Any] = {
+        "machine": {},
+        "throughput": [],
+        "threads": [],
+        "compile": [],
+        "image_size": [],
+        "steps": [],
+        "equivalence": [],
+        "warnings": [],
+    }
+
+    equivalence = [check_equivalence(case, 16, 10) for case in cases]
+    results["equivalence"] = equivalence
+    print_table(
+        "Same chain for the same pre-drawn noise (textbook vs library, batch 16, 10 steps)",
+        ["model", "max |Δx|", "max |x−x0|", "same"],
+        [[r["model"], r["max_abs_diff"], r["max_abs_move"], r["same_chain"]] for r in equivalence],
+    )
+    loads.mark("equivalence")
+
+    for case in cases:
+        for batch in batches:
+            row = throughput_row(
+                case, batch, n_steps, compile=do_compile, budget_s=budget_s, max_repeats=max_repeats
+            )
+            results["throughput"].append(row)
+            textbook = row["variants"]["textbook"]
+            print(
+                f"  {case.name} batch {batch}: "
+                + ", ".join(
+                    f"{name} {v['ms_per_step']:.2f} ms ({textbook['ms_per_step'] / v['ms_per_step']:.2f}×)"
+                    for name, v in row["variants"].items()
+                )
+                + f"; cpu share {row['cpu_share']:.2f}",
+                flush=True,
+            )
+        loads.mark(f"throughput {case.name}")
+    if threads > 1:
+        results["threads"] = threads_rows(cases, 128, n_steps, threads)
+        cells = [f"{t}t_{p}" for t in sorted({1, threads}) for p in WAIT_POLICIES]
+        print_table(
+            "Library ms per step (batch 128, channels_last for conv) by intra-op threads and OpenMP wait "
+            "policy, each in a fresh process",
+            ["model", *(c.replace("_", " ") for c in cells)],
+            [[r["model"], *(r[c] for c in cells)] for r in results["threads"]],
+        )
+        loads.mark("threads")
+
+    if do_compile:
+        results["compile"] = compile_rows(cases, 128, n_steps, budget_s)
+        print_table(
+            "torch.compile of the per-step gradient (batch 128; compile s with inductor's on-disk cache "
+            + (
+                "disabled)"
+                if args.cold_compile
+                else "as found: warm after an earlier run, --cold-compile for cold)"
+            ),
+            ["model", "compile s", "eager ms/step", "compiled ms/step", "break-even steps"],
+            [
+                [
+                    r["model"],
+                    r["compile_s"],
+                    r["eager_ms_per_step"],
+                    r["compiled_ms_per_step"],
+                    "never" if r["break_even_steps"] is None else f"{r['break_even_steps']:.0f}",
+                ]
+                for r in results["compile"]
+            ],
+        )
+        loads.mark("compile")
+
+    if "cnn28" in args.models:
+        results["anatomy"] = anatomy(128, 5 if quick else 15)
+        a = results["anatomy"]
+        print_table(
+            "Anatomy of one CNN28 step (batch 128, channels_last): each convolution alone",
+            ["layer", "MFLOP", "fwd ms", "fwd GFLOP/s", "∂x ms", "∂x GFLOP/s"],
+            [
+                [
+                    layer["layer"],
+                    layer["mflop"],
+                    layer["forward_ms"],
+                    layer["forward_gflops"],
+                    layer["input_grad_ms"],
+                    layer["input_grad_gflops"],
+                ]
+                for layer in a["layers"]
+            ],
+        )
+        print(
+            f"convolutions {a['conv_ms_per_step']:.2f} ms of a {a['step_ms']:.2f} ms step; the rest "
+            f"(SiLU and its gradient, the head, autograd, the update) {a['other_ms_per_step']:.2f} ms. "
+            f"conv1's ∂x as GEMM + col2im: {a['conv1_input_grad_as_gemm_col2im_ms']:.2f} ms, which would "
+            f"make the step {a['projected_step_ms_with_conv1_gemm_col2im']:.2f} ms"
+        )
+        loads.mark("anatomy")
+        results["steps"] = steps_rows([1, 5, 20] if quick else [1, 2, 5, 10, 20, 50], 128, budget_s)
+        print_table(
+            "Cost vs number of steps (CNN28, batch 128)",
+            ["steps", "textbook s", "library s"],
+            [[r["steps"], r["textbook_s"], r["fast_cl_s"]] for r in results["steps"]],
+        )
+    if "resnet32" in args.models:
+        results["image_size"] = image_size_rows(
+            [16, 32, 64] if quick else [16, 24, 32, 48, 64], 32, n_steps, budget_s
+        )
+        print_table(
+            "Cost vs image size (ResNet32, batch 32)",
+            ["px", "GFLOP/step", "textbook ms", "library ms"],
+            [
+                [r["image_size"], r["gflop_per_step"], r["textbook_ms_per_step"], r["fast_cl_ms_per_step"]]
+                for r in results["image_size"]
+            ],
+        )
+    loads.mark("end")
+
+    peak_end, peak_cpu_end = gemm_peak_gflops(gemm_n, 3 if quick else 5)
+    peak, peak_cpu = max(peak, peak_end), max(peak_cpu, peak_cpu_end)
+    if threads == 1:
+        peak_1t = peak
+    else:
+        with intra_op_threads(1):
+            peak_1t = max(peak_1t, gemm_peak_gflops(gemm_n, 3)[0])
+    results["machine"] = {
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "gemm_n": gemm_n,
+        "gemm_peak_gflops": peak,
+        "gemm_peak_gflops_1_thread": peak_1t,
+        "gemm_peak_gflop_per_cpu_s_per_thread": peak_cpu,
+        "openmp_env": omp_env,
+        "load_average_start": loads.start,
+        "load_average_samples": loads.samples,
+    }
+    results["warnings"] = loads.warnings()
+    print_throughput(results["throughput"], peak, n_steps)
+    verdict = bar_verdict(results["throughput"], peak, peak_cpu)
+    results["bar"] = verdict
+    if verdict is not None:
+        print(
+            f"\nBar, CNN28 batch 128 ({verdict['variant']}): {verdict['speedup']:.2f}× the textbook "
+            f"(goal ≥ {BAR_SPEEDUP:g}×: {'met' if verdict['speedup_met'] else 'NOT met'}), "
+            f"{verdict['gflops']:.1f} GFLOP/s = {100 * verdict['peak_fraction']:.0f}% of the "
+            f"{peak:.0f} GFLOP/s GEMM peak (goal ≥ {100 * BAR_PEAK_FRACTION:.0f}%: "
+            f"{'met' if verdict['peak_met'] else 'NOT met'})"
+        )
+        print(
+            f"  by CPU time (the seconds it actually ran; load-robust at 1 thread, inflated by spinning "
+            f"threads above): {verdict['cpu_variant']} {verdict['cpu_speedup']:.2f}× the textbook, "
+            f"{verdict['gflop_per_cpu_s_per_thread']:.1f} GFLOP per CPU-second per thread = "
+            f"{100 * verdict['cpu_peak_fraction']:.0f}% of the GEMM's {peak_cpu:.0f}"
+        )
+    end = loads.samples[-1][1]
+    print(f"load average at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
+    for note in results["warnings"]:
+        print(f"WARNING: {note}; figures are preliminary, rerun on a quiet machine", file=sys.stderr)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.plot is not None:
+        plot(args.plot, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
