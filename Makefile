@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# With OpenMP's default (active) wait policy, two intra-op threads on a busy 2-core machine spin waiting
+# for a partner that is not scheduled: measured up to 80x slower per sampler step (benchmarks/sampling.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: pipeline test lint install data
 
