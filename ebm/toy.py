@@ -7,6 +7,7 @@ so they train and measure the same thing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ebm.distributed import process_group_context
 from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
 from ebm.losses import CDConfig, ContrastiveDivergence, NonFiniteLossError
 from ebm.samplers import ReplayBuffer, SamplerConfig, UniformBox
@@ -79,12 +81,24 @@ def train_energy(
     checkpoint_path: str | os.PathLike[str] | None = None,
     callbacks: Sequence[MetricsCallback] = (),
 ) -> tuple[nn.Module, TrainResult]:
-    """Train an MLP energy on ``x_train`` (N, D); return the weights to use (EMA if on) and the run."""
-    device = resolve_device(config.train.device)
+    """Train an MLP energy on ``x_train`` (N, D); return the weights to use (EMA if on) and the run.
+
+    In a data-parallel run (a process group joined with :func:`ebm.distributed.init_from_env`) every
+    rank calls this alike: it trains on the device the launcher gave it, with a replay-buffer shard of
+    ``buffer_size / world_size`` chains (the global buffer is the configured one, and each chain is
+    revisited as often as in one process) filled from its own seed.
+    """
+    context = process_group_context()
+    device = context.device or resolve_device(config.train.device)
     init_generator = torch.Generator().manual_seed(config.train.seed)
     energy = seed_linear_layers_(MLPEnergy(config.model), generator=init_generator).to(device)
-    buffer_generator = torch.Generator(device).manual_seed(config.train.seed + 1)
-    objective = build_objective(config, bounds, device=device, generator=buffer_generator)
+    # seed + 1 in one process; under DDP seeds that no rank's trainer generator (seed + rank) also uses.
+    buffer_seed = config.train.seed + context.world_size + context.rank
+    buffer_generator = torch.Generator(device).manual_seed(buffer_seed)
+    shard = dataclasses.replace(config.loss, buffer_size=config.loss.buffer_size // context.world_size)
+    objective = build_objective(
+        dataclasses.replace(config, loss=shard), bounds, device=device, generator=buffer_generator
+    )
     trainer = Trainer(
         energy, objective, x_train, config.train, checkpoint_path=checkpoint_path, callbacks=callbacks
     )

@@ -3,6 +3,13 @@
 One :class:`Trainer` trains an energy with any objective that follows the
 :class:`~ebm.losses.ContrastiveDivergence` interface (``objective(energy, x, generator=, step=)``
 returning ``(loss, stats)``, plus ``state_dict``/``load_state_dict``/``with_step_size``).
+
+Under ``torchrun`` (a process group joined with :func:`ebm.distributed.init_from_env`) the same trainer
+runs data-parallel: the loss goes through :class:`~torch.nn.parallel.DistributedDataParallel`, which
+averages the gradients over the ranks; each rank draws ``batch_size / world_size`` positives with its
+own generator (seed + rank) and keeps its own replay-buffer shard, so the global batch is the configured
+one. Every rank takes the divergence guard's decisions together; only rank 0 writes checkpoints, runs
+the callbacks and shows progress.
 """
 
 from __future__ import annotations
@@ -18,13 +25,19 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from ebm.checkpoint import assert_finite_state, load_checkpoint, save_checkpoint
+from ebm.checkpoint import CheckpointError, assert_finite_state, load_checkpoint, save_checkpoint
+from ebm.distributed import process_group_context
 from ebm.losses import NonFiniteLossError
 
 Batch = Tensor | tuple[Tensor, ...]
+
+# The parts of the training state each data-parallel rank has its own of: random streams, and the
+# objective's replay-buffer shard and (adapted) sampler step size. The rest is the same on every rank.
+_PER_RANK_STATE = ("objective", "generator", "torch_rng", "cuda_rng")
 
 
 class ObjectiveStats(Protocol):
@@ -78,7 +91,8 @@ class TrainConfig:
 
     Attributes:
         steps: total optimiser steps.
-        batch_size: positives per step (drawn with replacement by the seeded generator).
+        batch_size: positives per step (drawn with replacement by the seeded generator); under DDP,
+            over all ranks together, each drawing ``batch_size / world_size``.
         lr: Adam learning rate; decays to ``lr * final_lr_fraction`` on a cosine after ``warmup_steps``.
         betas: Adam betas; β₁ = 0 is the usual EBM choice (Du & Mordatch 2019).
         grad_clip: clip the parameters' gradient to this global L2 norm (``None``: off).
@@ -86,6 +100,7 @@ class TrainConfig:
         checkpoint_every: every this many steps, keep the state as the divergence guard's rollback point
             and, with a checkpoint path, write it atomically (0: only at the end).
         log_every: record metrics (a host sync) every this many steps.
+        seed: seed of the generator that draws positives and negatives; rank r of a DDP run uses seed + r.
         max_abs_energy: divergence guard; |E| above this on data or negatives counts as divergence.
         max_recoveries: rollbacks allowed before :class:`TrainingDivergedError`.
         recovery_factor: after a rollback, sampler step size and learning rate are multiplied by this.
@@ -141,7 +156,12 @@ class Trainer:
             batch of the same structure.
         config: :class:`TrainConfig`.
         checkpoint_path: where checkpoints go; if the file exists, training resumes from it exactly.
-        callbacks: called as ``callback(trainer, step, metrics)`` at every log step (side effects only).
+        callbacks: called as ``callback(trainer, step, metrics)`` at every log step (side effects only;
+            on rank 0 only under DDP).
+
+    Raises:
+        ValueError: ``batch_size`` is not divisible by the number of data-parallel processes.
+        CheckpointError: the checkpoint to resume was written by a different number of processes.
     """
 
     def __init__(
@@ -168,7 +188,14 @@ class Trainer:
             )
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = list(callbacks)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.context = process_group_context()
+        if config.batch_size % self.context.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by the {self.context.world_size} "
+                "data-parallel processes: each draws batch_size / world_size positives"
+            )
+        self.rank_batch_size = config.batch_size // self.context.world_size
+        self.generator = torch.Generator(self.device).manual_seed(config.seed + self.context.rank)
         self.optimizer = torch.optim.Adam(
             energy.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
@@ -183,8 +210,14 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._last_good = self.state_dict()
         if self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self.load_state_dict(load_checkpoint(self.checkpoint_path, self.device))
+            self.load_state_dict(self._rank_state(load_checkpoint(self.checkpoint_path, self.device)))
             self._last_good = self.state_dict()
+        # What the loss runs through: under DDP a wrapper whose backward averages the gradients over the
+        # ranks (constructing it broadcasts rank 0's weights); otherwise the energy itself.
+        self.loss_energy: nn.Module = energy
+        if self.context.is_distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.loss_energy = DistributedDataParallel(energy, device_ids=device_ids)
 
     @property
     def model(self) -> nn.Module:
@@ -200,14 +233,18 @@ class Trainer:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def train_step(self) -> tuple[ObjectiveStats, Tensor]:
-        """One optimiser step: positives, negatives and loss, backward, clip, step, EMA."""
+        """One optimiser step: positives, negatives and loss, divergence check, backward, clip, step, EMA.
+
+        Raises:
+            NonFiniteLossError: the loss or energies diverged (on any rank), before anything changed.
+        """
         slots = torch.randint(
-            self.n_rows, (self.config.batch_size,), generator=self.generator, device=self.device
+            self.n_rows, (self.rank_batch_size,), generator=self.generator, device=self.device
         )
         batch = self.data[slots] if isinstance(self.data, Tensor) else tuple(t[slots] for t in self.data)
-        loss, stats = self.objective(self.energy, batch, generator=self.generator, step=self.step)
+        loss, stats = self._checked_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP this also averages the gradients over the ranks
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         grad_norm = nn.utils.clip_grad_norm_(self.energy.parameters(), max_norm)
         self.optimizer.step()
@@ -219,14 +256,12 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until ``config.steps``, checkpointing, logging and rolling back on divergence."""
         config = self.config
-        bar = tqdm(
-            total=config.steps, initial=self.step, disable=not config.progress, desc="train", unit="step"
-        )
+        quiet = not (config.progress and self.context.is_main)
+        bar = tqdm(total=config.steps, initial=self.step, disable=quiet, desc="train", unit="step")
         start = time.perf_counter()
         while self.step < config.steps:
             try:
                 stats, grad_norm = self.train_step()
-                self._check_energies(stats)
                 checkpoint_due = config.checkpoint_every and (self.step + 1) % config.checkpoint_every == 0
                 if checkpoint_due or self.step + 1 == config.steps:
                     self._check_weights()
@@ -243,7 +278,7 @@ class Trainer:
                 metrics["step"] = float(self.step)
                 self.history.append(metrics)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("energy_pos", "energy_neg", "gap")})
-                for callback in self.callbacks:
+                for callback in self.callbacks if self.context.is_main else ():
                     callback(self, self.step, metrics)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -251,6 +286,24 @@ class Trainer:
         if self.checkpoint_path is not None:
             self.save_checkpoint()
         return TrainResult(self.step, self.history, self.recoveries, time.perf_counter() - start)
+
+    def _checked_loss(self, batch: Batch) -> tuple[Tensor, ObjectiveStats]:
+        """The objective's loss, once every rank knows that it is finite and its energies bounded.
+
+        Raises:
+            NonFiniteLossError: on every rank if the loss or energies diverged on any; the decision is
+                one all-reduce before the backward, since a rank that skipped it would leave the others
+                waiting for its gradients forever.
+        """
+        failure: NonFiniteLossError | None = None
+        try:
+            loss, stats = self.objective(self.loss_energy, batch, generator=self.generator, step=self.step)
+            self._check_energies(stats)
+        except NonFiniteLossError as error:
+            failure = error
+        if self.context.any(failure is not None):
+            raise failure or NonFiniteLossError(self.step, "loss or energies on another rank")
+        return loss, stats
 
     def _metrics(self, stats: ObjectiveStats, grad_norm: Tensor) -> dict[str, float]:
         metrics = stats.as_floats()
@@ -260,7 +313,7 @@ class Trainer:
         objective_state = self.objective.state_dict()
         if "step_size" in objective_state:  # objectives without a sampler (exact ones) have none
             metrics["sampler_step_size"] = float(objective_state["step_size"])
-        return metrics
+        return self.context.mean(metrics)  # under DDP, over the ranks: the global batch's values
 
     def _check_energies(self, stats: ObjectiveStats) -> None:
         worst = float(torch.maximum(stats.energy_pos.abs(), stats.energy_neg.abs()))
@@ -269,7 +322,8 @@ class Trainer:
 
     def _check_weights(self) -> None:
         """Before weights are kept (checkpoint, end of training): a NaN model is never written."""
-        if not all(torch.isfinite(p).all() for p in self.energy.parameters()):
+        finite = all(torch.isfinite(p).all() for p in self.energy.parameters())
+        if self.context.any(not finite):
             raise NonFiniteLossError(self.step, "weights after the optimiser step")
 
     def _recover(self, reason: str) -> None:
@@ -292,19 +346,45 @@ class Trainer:
         # The shrunk step sizes become part of the last good state, so the next rollback shrinks them
         # once more whether or not a checkpoint was written in between.
         self._last_good = self.state_dict()
-        tqdm.write(f"rolled back to step {self.step} after {reason}; sampler step and lr × {shrink:g}")
+        if self.context.is_main:
+            tqdm.write(f"rolled back to step {self.step} after {reason}; sampler step and lr × {shrink:g}")
 
     def save_checkpoint(self) -> None:
-        """Write the whole training state atomically; diverged weights are never written."""
+        """Write the whole training state atomically; diverged weights are never written.
+
+        Under DDP every rank calls this at the same step: rank 0 gathers each rank's own part of the
+        state (random streams, replay-buffer shard, sampler step size) and alone writes the file.
+        """
         state = self.state_dict()
         assert_finite_state(state["energy"], "a checkpoint")
         self._last_good = state
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is None:
+            return
+        if self.context.is_distributed:
+            ranks = self.context.gather(_to_cpu({key: state[key] for key in _PER_RANK_STATE if key in state}))
+            state = {key: value for key, value in state.items() if key not in _PER_RANK_STATE}
+            state["ranks"] = ranks
+        if self.context.is_main:
             save_checkpoint(self.checkpoint_path, state)
+
+    def _rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """This rank's training state in a checkpoint: the shared state plus the rank's own part."""
+        world_size = int(saved.get("world_size", 1))
+        if world_size != self.context.world_size:
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written by a run of {world_size} process(es) and this run has "
+                f"{self.context.world_size}; every rank's random streams and replay-buffer shard are part of "
+                "the state, so resume it with the same number of processes or delete it to start afresh"
+            )
+        if world_size == 1:
+            return saved
+        shared = {key: value for key, value in saved.items() if key != "ranks"}
+        return shared | saved["ranks"][self.context.rank]
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "step": self.step,
+            "world_size": self.context.world_size,
             "recoveries": self.recoveries,
             "config": asdict(self.config),
             "energy": self.energy.state_dict(),
@@ -337,3 +417,14 @@ class Trainer:
         self.step = int(state["step"])
         self.recoveries = int(state["recoveries"])
         self.history = list(state["history"])
+
+
+def _to_cpu(state: Any) -> Any:
+    """``state`` (nested dicts, lists and tuples) with every tensor on the CPU, to send it between ranks."""
+    if isinstance(state, Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: _to_cpu(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_to_cpu(value) for value in state)
+    return state

@@ -5,6 +5,13 @@ a thin entry point::
 
     python -m ebm.stages.toy prepare|train|evaluate|render [--params params.yaml] [--root .]
 
+The train stage also runs data-parallel under ``torchrun`` from the same entry point, one process per
+GPU (NCCL) or, without CUDA, per CPU process (gloo); ``toy.train.batch_size`` stays the global batch::
+
+    torchrun --standalone --nproc_per_node 2 -m ebm.stages.toy train [--params params.yaml] [--root .]
+
+Every rank trains; rank 0 alone writes the models, reports and checkpoints and logs to MLflow.
+
 Stages read the ``seed`` and ``toy`` sections of ``params.yaml`` and log to the MLflow experiment
 ``toy2d`` through :mod:`ebm.tracking` (the only tracking import, done lazily at the boundary).
 """
@@ -28,6 +35,7 @@ import torch
 from ebm.checkpoint import atomic_write, load_model, save_model
 from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.toy2d import make_toy_dataset
+from ebm.distributed import init_from_env, process_group_context
 from ebm.evaluation.density2d import evaluate_density
 from ebm.toy import Toy2DConfig, sample_energy, train_energy
 
@@ -93,7 +101,12 @@ def prepare(params: ToyParams, paths: ToyPaths) -> None:
 
 
 def train(params: ToyParams, paths: ToyPaths, run: Any | None = None) -> dict[str, dict[str, float]]:
-    """Train one energy per dataset into ``models/toy/<name>.pt``; return per-dataset train metrics."""
+    """Train one energy per dataset into ``models/toy/<name>.pt``; return per-dataset train metrics.
+
+    In a data-parallel run every rank calls this alike and they train together; rank 0 alone writes the
+    files, once every rank has finished the same training, and logs to ``run`` (``None`` elsewhere).
+    """
+    context = process_group_context()
     metrics: dict[str, dict[str, float]] = {}
     for name in params.datasets:
         x_train, _ = _load_split(paths, name)
@@ -109,15 +122,17 @@ def train(params: ToyParams, paths: ToyPaths, run: Any | None = None) -> dict[st
             x_train, recipe, bounds=make_toy_dataset(name).bounds, checkpoint_path=checkpoint, callbacks=[log]
         )
         seconds = time.perf_counter() - start
-        save_model(
-            paths.models / f"{name}.pt",
-            energy,
-            kind="mlp_energy",
-            config=recipe.model,
-            metadata={"dataset": name, "steps": result.steps},
-        )
-        _write_curves(paths.reports / "curves" / f"{name}.csv", result.history)
-        checkpoint.unlink(missing_ok=True)
+        context.barrier()
+        if context.is_main:
+            save_model(
+                paths.models / f"{name}.pt",
+                energy,
+                kind="mlp_energy",
+                config=recipe.model,
+                metadata={"dataset": name, "steps": result.steps},
+            )
+            _write_curves(paths.reports / "curves" / f"{name}.csv", result.history)
+            checkpoint.unlink(missing_ok=True)
         final = result.history[-1] if result.history else {}
         metrics[name] = {
             "train_seconds": seconds,
@@ -125,7 +140,8 @@ def train(params: ToyParams, paths: ToyPaths, run: Any | None = None) -> dict[st
             "recoveries": float(result.recoveries),
             "final_gap": final.get("gap", float("nan")),
         }
-    _write_json(paths.reports / "train.json", metrics)
+    if context.is_main:
+        _write_json(paths.reports / "train.json", metrics)
     return metrics
 
 
@@ -245,10 +261,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     raw = load_params(args.params)
     params = ToyParams.from_params(raw)
     paths = ToyPaths(args.root.resolve())
-    stage = f"{args.stage}_toy"
+    context = init_from_env(params.recipe.train.device)  # joins torchrun's process group, if any
+    try:
+        if context.is_distributed and args.stage != "train":
+            parser.error(f"only the train stage runs under torchrun; run {args.stage} as one process")
+        if context.is_main:
+            _run_tracked(args.stage, raw, params, paths)
+        else:
+            train(params, paths)  # the same training as rank 0, which alone logs and writes
+    finally:
+        context.destroy()
 
+
+def _run_tracked(stage_name: str, raw: Mapping[str, Any], params: ToyParams, paths: ToyPaths) -> None:
+    """Run one stage inside its MLflow run."""
     from ebm.tracking import start_run
 
+    stage = f"{stage_name}_toy"
     with start_run(
         project_root=paths.root,
         experiment=EXPERIMENT,
@@ -256,13 +285,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         params={"seed": raw["seed"], "toy": raw["toy"]},
         run_name=stage,
     ) as run:
-        if args.stage == "prepare":
+        if stage_name == "prepare":
             prepare(params, paths)
-        elif args.stage == "train":
+        elif stage_name == "train":
             run.log_metrics(_flat(train(params, paths, run)))
             for curve in sorted((paths.reports / "curves").glob("*.csv")):
                 run.log_artifact(curve, "curves")
-        elif args.stage == "evaluate":
+        elif stage_name == "evaluate":
             run.log_metrics(_flat(evaluate(params, paths)))
         else:
             for figure in render(params, paths):
