@@ -30,7 +30,7 @@ pipeline: $(STAMP) data
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.pipeline
 
 test: $(STAMP) data
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -n 2 --dist loadgroup -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -n 2 -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check ebm flows tests benchmarks

@@ -22,9 +22,9 @@ import torch
 
 from ebm.config import to_dict
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
-from ebm.evaluation.density2d import converged_log_partition, evaluate_density, nll
+from ebm.evaluation.density2d import converged_log_partition, nll
 from ebm.plots import DensityPanel, plot_density_grid, save_figure
-from ebm.toy import Toy2DConfig, sample_energy, train_energy, train_energy_exact
+from ebm.toy import Toy2DConfig, evaluate_energy, train_energy, train_energy_exact
 
 GAP_GOAL = 0.02
 
@@ -74,16 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         energy, result = train_energy(x_train, config, bounds=dataset.bounds)
         train_seconds = time.perf_counter() - start
-        samples = sample_energy(
-            energy, config, dataset.bounds, generator=torch.Generator().manual_seed(args.seed)
-        )
-        report = evaluate_density(
-            energy,
-            bounds=dataset.bounds,
-            x_test=x_test,
-            true_log_prob=dataset.log_prob,
-            x_train=x_train,
-            samples=samples,
+        report, samples = evaluate_energy(
+            energy, dataset, config, x_train=x_train, x_test=x_test, seed=args.seed
         )
         exact_gap = None
         if args.exact_reference:

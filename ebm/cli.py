@@ -79,28 +79,15 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from ebm.checkpoint import load_model
-    from ebm.evaluation.density2d import evaluate_density
-    from ebm.toy import sample_energy
+    from ebm.toy import evaluate_energy
 
     recipe = _toy_recipe(args)
     dataset = make_toy_dataset(args.dataset)
     energy = load_model(args.model)
     x_train = _toy_data(args.dataset, args.n_train, recipe.train.seed)
     x_test = _toy_data(args.dataset, args.n_test, recipe.train.seed + 10_000)
-    samples = sample_energy(
-        energy, recipe, dataset.bounds, generator=torch.Generator().manual_seed(args.seed or 0)
-    )
-    report = evaluate_density(
-        energy,
-        bounds=dataset.bounds,
-        x_test=x_test,
-        true_log_prob=dataset.log_prob,
-        x_train=x_train,
-        samples=samples,
-    )
+    report, _ = evaluate_energy(energy, dataset, recipe, x_train=x_train, x_test=x_test, seed=args.seed or 0)
     values = dataclasses.asdict(report)
     for key, value in values.items():
         print(f"{key:>16}: {value:.5g}")

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ebm.data.toy2d import ToyDataset
 from ebm.distributed import process_group_context
 from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
+from ebm.evaluation.density2d import DensityReport, evaluate_density
 from ebm.losses import CDConfig, ContrastiveDivergence, NonFiniteLossError
 from ebm.samplers import ReplayBuffer, SamplerConfig, UniformBox
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer, TrainResult, resolve_device
@@ -115,6 +117,28 @@ def sample_energy(
     x0 = proposal.sample(config.sampling.n_samples, generator=generator, device=device)
     samples, _ = config.sampler.build().run(energy, x0, config.sampling.n_steps, generator=generator)
     return samples
+
+
+def evaluate_energy(
+    energy: nn.Module,
+    dataset: ToyDataset,
+    config: Toy2DConfig,
+    *,
+    x_train: Tensor,
+    x_test: Tensor,
+    seed: int,
+) -> tuple[DensityReport, Tensor]:
+    """Long-run samples, then the exact-grid report (NLL, gap, MMD, CV-KDE); returns both."""
+    samples = sample_energy(energy, config, dataset.bounds, generator=torch.Generator().manual_seed(seed))
+    report = evaluate_density(
+        energy,
+        bounds=dataset.bounds,
+        x_test=x_test,
+        true_log_prob=dataset.log_prob,
+        x_train=x_train,
+        samples=samples,
+    )
+    return report, samples
 
 
 @dataclass(frozen=True)

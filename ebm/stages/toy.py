@@ -36,8 +36,7 @@ from ebm.checkpoint import atomic_write, load_model, save_model
 from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.toy2d import make_toy_dataset
 from ebm.distributed import init_from_env, process_group_context
-from ebm.evaluation.density2d import evaluate_density
-from ebm.toy import Toy2DConfig, sample_energy, train_energy
+from ebm.toy import Toy2DConfig, evaluate_energy, train_energy
 
 EXPERIMENT = "toy2d"
 
@@ -152,16 +151,8 @@ def evaluate(params: ToyParams, paths: ToyPaths) -> dict[str, dict[str, float]]:
         dataset = make_toy_dataset(name)
         x_train, x_test = _load_split(paths, name)
         energy = load_model(paths.models / f"{name}.pt")
-        samples = sample_energy(
-            energy, params.recipe, dataset.bounds, generator=torch.Generator().manual_seed(params.seed)
-        )
-        report = evaluate_density(
-            energy,
-            bounds=dataset.bounds,
-            x_test=x_test,
-            true_log_prob=dataset.log_prob,
-            x_train=x_train,
-            samples=samples,
+        report, samples = evaluate_energy(
+            energy, dataset, params.recipe, x_train=x_train, x_test=x_test, seed=params.seed
         )
         _save_npz(paths.reports / "samples" / f"{name}.npz", samples=samples.numpy())
         metrics[name] = {key: float(value) for key, value in dataclasses.asdict(report).items()}
