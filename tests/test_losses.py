@@ -277,7 +277,9 @@ def test_offset_anchor_adds_beta_m_squared_and_only_it_moves_the_output_bias() -
 
 
 @pytest.mark.parametrize(("step_size", "direction"), [(5.0, -1), (1e-4, +1)])
-def test_step_size_adapts_towards_the_target_acceptance_within_bounds(step_size: float, direction: int) -> None:
+def test_step_size_adapts_towards_the_target_acceptance_within_bounds(
+    step_size: float, direction: int
+) -> None:
     from ebm.energies import GaussianEnergy
     from ebm.samplers import MALA
 
