@@ -323,6 +323,13 @@ def reproduce_stage(
                 raise StageTimeoutError(
                     f"stage {stage!r} ran past its timeout of {timeout_seconds} s and was stopped"
                 ) from exc
+            if isinstance(exc.__cause__, LockError):
+                # while another run's stage command runs, DVC guards that stage's outs with a
+                # read/write lock rather than the repository lock: the same situation for the user
+                raise PipelineLockedError(
+                    f"stage {stage!r} is being run by another pipeline run in {project_root}: "
+                    f"{exc.__cause__}; wait for it to finish (or stop it) and run again"
+                ) from exc
             raise
     outcome: Outcome = ("restored" if run_cache.seen else "ran") if reproduced else "skipped"
     result = StageOutcome(stage=stage, outcome=outcome, seconds=time.perf_counter() - started)
