@@ -28,6 +28,15 @@ Every run is tagged so the MLflow UI says where it came from:
 
 Each run, when it ends, records its UI link in ``reports/mlflow_runs.json`` (stage address → link) so the
 flow's summary can point at it.
+
+**Deferred runs.** Importing MLflow and opening its SQLite store costs a few seconds per process (the
+import, SQLAlchemy's mapper set-up, Alembic's schema check), more than most stages' own bookkeeping. A
+caller that runs many stages — the Prefect flow — sets :data:`DEFER_ENV` for the stage commands: the stage
+then records its run (params, tags, every metric with its step and time, artifacts, status) in a folder
+under ``.ebm/mlflow-pending/`` without importing MLflow, and the caller logs it with
+:func:`log_pending_runs` in its own process, where MLflow is imported once. The run keeps its real start
+and end times, so the UI shows the same run as a live one would; it appears when the stage ends rather
+than while it runs. A record left by a stage that was killed is logged as KILLED, never dropped.
 """
 
 from __future__ import annotations
@@ -35,13 +44,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from ebm.offline import apply_offline_env
@@ -55,6 +66,14 @@ FLOW_RUN_ID_ENV = "EBM_PREFECT_FLOW_RUN_ID"
 
 RUN_LINKS_FILE = Path("reports") / "mlflow_runs.json"
 """Where, relative to the project root, each stage's latest MLflow run link is recorded."""
+
+DEFER_ENV = "EBM_MLFLOW_DEFER"
+"""Set (to ``1``) in a stage's environment to record its run for the caller instead of logging it live."""
+
+PENDING_RUNS_DIR = Path(".ebm") / "mlflow-pending"
+"""Where, relative to the project root, deferred runs wait to be logged."""
+
+_PARTIAL = ".partial"
 
 _LOCAL_STORE_SCHEMES = ("sqlite", "file", "")
 
@@ -175,9 +194,24 @@ def record_run_link(project_root: Path, stage: str, link: str) -> None:
     os.replace(partial, path)
 
 
+class StageRun(Protocol):
+    """What a stage logs through, live (:class:`MlflowRun`) or deferred (:class:`RecordedRun`)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None: ...
+
+    def log_figure(self, figure: Figure, artifact_file: str) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+
 @dataclass(frozen=True)
-class StageRun:
-    """Handle on the MLflow run of one stage; every call goes to this run, active or not."""
+class MlflowRun:
+    """Handle on the live MLflow run of one stage; every call goes to this run, active or not."""
 
     run_id: str
     experiment_id: str
@@ -186,7 +220,7 @@ class StageRun:
     @property
     def url(self) -> str:
         """Link relative to the MLflow UI root (``mlflow ui`` serves it at ``http://127.0.0.1:5000/``)."""
-        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return run_url(self.experiment_id, self.run_id)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log scalar metrics (numpy and torch scalars are converted) at ``step`` (0 when omitted)."""
@@ -209,6 +243,77 @@ class StageRun:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """A run's link relative to the MLflow UI root."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+class RecordedRun:
+    """A deferred stage run: everything logged goes to files in ``folder`` (see :data:`DEFER_ENV`).
+
+    ``run.json`` holds the run's description (experiment, name, params, tags, status, times),
+    ``metrics.jsonl`` one line per metric value, ``artifacts/`` the files in their artifact paths.
+    """
+
+    def __init__(self, folder: Path, record: dict[str, Any]) -> None:
+        self.folder = folder
+        self.record = record
+        (folder / "artifacts").mkdir(parents=True, exist_ok=True)
+        self._write_record()
+
+    @property
+    def url(self) -> str:
+        return "(deferred: logged to MLflow when the stage ends)"
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        timestamp_ms = int(time.time() * 1000)
+        lines = "".join(
+            json.dumps({"key": key, "value": float(value), "step": step or 0, "timestamp": timestamp_ms})
+            + "\n"
+            for key, value in metrics.items()
+        )
+        with open(self.folder / "metrics.jsonl", "a", encoding="utf-8") as file:
+            file.write(lines)
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        source = Path(path)
+        target = self._artifact_dir(artifact_path) / source.name
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+
+    def log_figure(self, figure: Figure, artifact_file: str) -> None:
+        target = self.folder / "artifacts" / artifact_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(target)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.record["tags"].update({key: str(value) for key, value in tags.items()})
+        self._write_record()
+
+    def finish(self, status: str) -> Path:
+        """Record the end (``FINISHED``, ``FAILED`` or ``KILLED``) and hand the record over; returns its
+        final folder."""
+        self.record["status"] = status
+        self.record["end_time"] = int(time.time() * 1000)
+        self._write_record()
+        done = self.folder.with_name(self.folder.name.removesuffix(_PARTIAL))
+        os.replace(self.folder, done)
+        self.folder = done
+        return done
+
+    def _artifact_dir(self, artifact_path: str | None) -> Path:
+        folder = self.folder / "artifacts" / (artifact_path or "")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _write_record(self) -> None:
+        partial = self.folder / f".run.json.{os.getpid()}"
+        partial.write_text(json.dumps(self.record, indent=2, sort_keys=True))
+        os.replace(partial, self.folder / "run.json")
 
 
 def _get_or_create_experiment(client: MlflowClient, name: str, location: str | None) -> str:
@@ -235,8 +340,9 @@ def start_run(
     stage: str,
     params: Mapping[str, Any],
     run_name: str | None = None,
+    deferrable: bool = True,
 ) -> Iterator[StageRun]:
-    """Open an MLflow run for one stage run; the run is active (fluent ``mlflow.*`` calls land in it).
+    """Open the MLflow run of one stage run.
 
     Args:
         project_root: The DVC/git project root; the default store and artifacts live under it.
@@ -244,44 +350,166 @@ def start_run(
         stage: The DVC stage name (``DVC_STAGE``, when DVC set it, wins for the tag).
         params: The stage's params, logged flattened (``train.lr``).
         run_name: Shown in the UI; MLflow picks one when omitted.
+        deferrable: Whether the run may be recorded for the caller (:data:`DEFER_ENV`). A stage that needs
+            the live run (its id, the fluent ``mlflow.*`` API, e.g. to register a model) passes ``False``.
 
     Yields:
-        The :class:`StageRun` to log through.
+        The run to log through. A live run (:class:`MlflowRun`) is the active MLflow run.
 
     Raises:
         Whatever the body raises; the run is then marked FAILED (KILLED on ``KeyboardInterrupt``).
     """
+    root = Path(project_root).resolve()
+    dvc_stage = os.environ.get("DVC_STAGE") or stage
+    tags = {"git_commit": git_commit(root), "dvc_stage": dvc_stage}
+    flow_run_id = prefect_flow_run_id()
+    if flow_run_id:
+        tags["prefect_flow_run_id"] = flow_run_id
+    if deferrable and os.environ.get(DEFER_ENV):
+        folder = root / PENDING_RUNS_DIR / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}{_PARTIAL}"
+        recorded = RecordedRun(
+            folder,
+            {
+                "experiment": experiment,
+                "run_name": run_name,
+                "dvc_stage": dvc_stage,
+                "params": flatten_params(params),
+                "tags": tags,
+                "pid": os.getpid(),
+                "start_time": int(time.time() * 1000),
+                "status": "RUNNING",
+            },
+        )
+        with _finishing(recorded.finish):
+            yield recorded
+        return
+
     apply_offline_env()
     import mlflow
 
-    root = Path(project_root).resolve()
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     experiment_id = _get_or_create_experiment(client, experiment, artifact_location(root, uri, experiment))
-
-    dvc_stage = os.environ.get("DVC_STAGE") or stage
-    tags = {
-        "git_commit": git_commit(root),
-        "dvc_stage": dvc_stage,
-        "dvc_deps": json.dumps(dvc_dep_hashes(root, dvc_stage), sort_keys=True),
-    }
-    flow_run_id = prefect_flow_run_id()
-    if flow_run_id:
-        tags["prefect_flow_run_id"] = flow_run_id
-
+    tags["dvc_deps"] = json.dumps(dvc_dep_hashes(root, dvc_stage), sort_keys=True)
     active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    stage_run = StageRun(run_id=active.info.run_id, experiment_id=experiment_id, client=client)
+    stage_run = MlflowRun(run_id=active.info.run_id, experiment_id=experiment_id, client=client)
     try:
         mlflow.log_params(flatten_params(params))
-        yield stage_run
-    except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    else:
-        mlflow.end_run()
+        with _finishing(lambda status: mlflow.end_run(status=status)):
+            yield stage_run
     finally:
         record_run_link(root, dvc_stage, stage_run.url)
+
+
+@contextmanager
+def _finishing(finish: Any) -> Iterator[None]:
+    """Call ``finish(status)`` with the run's outcome: FINISHED, FAILED, or KILLED on Ctrl-C."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        finish("KILLED")
+        raise
+    except BaseException:
+        finish("FAILED")
+        raise
+    finish("FINISHED")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pending_runs(project_root: Path) -> list[Path]:
+    """Deferred run records ready to log, oldest first: finished ones, and unfinished ones whose
+    process is gone (killed stages)."""
+    folder = Path(project_root) / PENDING_RUNS_DIR
+    if not folder.is_dir():
+        return []
+    ready = []
+    for record in sorted(folder.iterdir()):
+        if not (record / "run.json").is_file():
+            continue
+        if record.name.endswith(_PARTIAL):
+            pid = json.loads((record / "run.json").read_text()).get("pid")
+            if isinstance(pid, int) and _pid_alive(pid):
+                continue
+        ready.append(record)
+    return ready
+
+
+def log_pending_runs(project_root: Path) -> list[str]:
+    """Log every deferred run of ``project_root`` to MLflow (see :data:`DEFER_ENV`), then delete its record.
+
+    Returns:
+        The logged runs' links, relative to the MLflow UI root.
+
+    Raises:
+        ValueError: A record is unreadable (its path is in the message; the record is kept).
+    """
+    records = pending_runs(project_root)
+    if not records:
+        return []
+    apply_offline_env()
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    root = Path(project_root).resolve()
+    uri = tracking_uri(root)
+    client = mlflow.MlflowClient(uri)
+    links = []
+    for folder in records:
+        try:
+            record = json.loads((folder / "run.json").read_text())
+            metrics_file = folder / "metrics.jsonl"
+            metric_rows = (
+                [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+                if metrics_file.exists()
+                else []
+            )
+            experiment, stage = str(record["experiment"]), str(record["dvc_stage"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"unreadable deferred MLflow run record {folder}: {err}") from err
+        stale = folder / "mlflow_run_id"
+        if stale.exists():  # an earlier attempt died half-way: replace its run
+            client.delete_run(stale.read_text().strip())
+        location = artifact_location(root, uri, experiment)
+        experiment_id = _get_or_create_experiment(client, experiment, location)
+        status = "KILLED" if record.get("status", "RUNNING") == "RUNNING" else str(record["status"])
+        tags = dict(record.get("tags", {}))
+        tags["dvc_deps"] = json.dumps(dvc_dep_hashes(root, stage), sort_keys=True)
+        run = client.create_run(
+            experiment_id,
+            start_time=int(record["start_time"]),
+            tags={key: str(value) for key, value in tags.items()},
+            run_name=record.get("run_name"),
+        )
+        run_id = run.info.run_id
+        stale.write_text(run_id)
+        client.log_batch(
+            run_id,
+            params=[Param(key, str(value)) for key, value in record.get("params", {}).items()],
+            metrics=[
+                Metric(row["key"], float(row["value"]), int(row["timestamp"]), int(row["step"]))
+                for row in metric_rows
+            ],
+            tags=[RunTag("ebm_logging", "deferred")],
+        )
+        artifacts = folder / "artifacts"
+        if artifacts.is_dir() and any(artifacts.iterdir()):
+            client.log_artifacts(run_id, os.fspath(artifacts))
+        end_time = record.get("end_time") or int(
+            max((row["timestamp"] for row in metric_rows), default=record["start_time"])
+        )
+        client.set_terminated(run_id, status=status, end_time=int(end_time))
+        link = run_url(experiment_id, run_id)
+        record_run_link(root, stage, link)
+        links.append(link)
+        shutil.rmtree(folder)
+    return links

@@ -56,7 +56,13 @@ from prefect.client.schemas.objects import TaskRun  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import State  # noqa: E402
 
-from ebm.tracking import FLOW_RUN_ID_ENV, read_run_links, tracking_uri  # noqa: E402
+from ebm.tracking import (  # noqa: E402
+    DEFER_ENV,
+    FLOW_RUN_ID_ENV,
+    log_pending_runs,
+    read_run_links,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from dvc.repo import Repo
@@ -278,6 +284,16 @@ def _watch_run_cache() -> Iterator[_RunCacheRestores]:
         dvc_cache_logger.setLevel(previous_level)
 
 
+@contextmanager
+def _logging_deferred_runs(project_root: str) -> Iterator[None]:
+    """Log the MLflow runs the stage recorded (see ``ebm.tracking.DEFER_ENV``), whether it passed or not."""
+    try:
+        yield
+    finally:
+        for link in log_pending_runs(Path(project_root)):
+            get_run_logger().info("MLflow run logged: %s", link)
+
+
 def _retry_unless_locked(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry a failed stage, except when the repository is locked: a retry would hit the same lock."""
     return not isinstance(state.result(raise_on_failure=False), PipelineLockedError)
@@ -302,9 +318,12 @@ def reproduce_stage(
     from dvc.exceptions import ReproductionError
     from dvc.lock import LockError
 
-    run_env = {FLOW_RUN_ID_ENV: flow_run_id} if flow_run_id else {}
+    # The stage records its MLflow run instead of importing MLflow itself (seconds per process); this
+    # process, which has MLflow imported already after the first stage, logs it when the stage ends.
+    run_env = {DEFER_ENV: "1"} | ({FLOW_RUN_ID_ENV: flow_run_id} if flow_run_id else {})
     started = time.perf_counter()
     with (
+        _logging_deferred_runs(project_root),
         _dvc_repo(project_root) as repo,
         _watch_run_cache() as run_cache,
         _deadline(stage, timeout_seconds) as expired,

@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 
 from ebm.tracking import (
+    DEFER_ENV,
     FLOW_RUN_ID_ENV,
+    PENDING_RUNS_DIR,
     RUN_LINKS_FILE,
     flatten_params,
+    log_pending_runs,
+    pending_runs,
     read_run_links,
     start_run,
     tracking_uri,
@@ -126,3 +130,102 @@ def test_outside_git_and_dvc_the_default_store_lives_in_the_project(
     assert "prefect_flow_run_id" not in logged.data.tags
     assert logged.data.metrics == {"fid": 3.0}
     assert (tmp_path / RUN_LINKS_FILE).exists()
+
+
+def test_a_deferred_run_is_recorded_without_mlflow_and_logged_later_as_the_same_run(
+    tiny_pipeline: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    monkeypatch.setenv(DEFER_ENV, "1")
+    monkeypatch.setenv(FLOW_RUN_ID_ENV, "flow-run-456")
+    (tiny_pipeline / "prepared.txt").write_text("prepared\n")
+    figure = plt.figure()
+    with start_run(
+        project_root=tiny_pipeline, experiment="toy2d", stage="train", params={"train": {"lr": 0.5}}
+    ) as run:
+        for step in range(3):
+            run.log_metrics({"loss": 2.0 - step}, step=step)
+        run.log_artifact(tiny_pipeline / "raw.txt", artifact_path="inputs")
+        run.log_figure(figure, "figures/energy.png")
+        run.set_tags({"family": "toy"})
+        assert not hasattr(run, "run_id")
+    plt.close(figure)
+
+    assert len(pending_runs(tiny_pipeline)) == 1
+    assert not (tiny_pipeline / RUN_LINKS_FILE).exists()  # no link before MLflow has the run
+    (link,) = log_pending_runs(tiny_pipeline)
+    assert pending_runs(tiny_pipeline) == []
+    assert not any((tiny_pipeline / PENDING_RUNS_DIR).iterdir())
+
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("toy2d")
+    (logged,) = client.search_runs([experiment.experiment_id])
+    assert link == f"#/experiments/{experiment.experiment_id}/runs/{logged.info.run_id}"
+    assert read_run_links(tiny_pipeline) == {"train": link}
+    assert logged.info.status == "FINISHED"
+    assert logged.info.start_time <= logged.info.end_time
+    assert logged.data.params == {"train.lr": "0.5"}
+    history = client.get_metric_history(logged.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 2.0), (1, 1.0), (2, 0.0)]
+    tags = logged.data.tags
+    assert (tags["git_commit"], tags["dvc_stage"], tags["family"]) == (_head(tiny_pipeline), "train", "toy")
+    assert tags["prefect_flow_run_id"] == "flow-run-456"
+    assert json.loads(tags["dvc_deps"]) == {
+        path: hashlib.md5((tiny_pipeline / path).read_bytes()).hexdigest()
+        for path in ("prepared.txt", "train.py")
+    }
+    artifacts = tiny_pipeline / "mlruns" / "toy2d" / logged.info.run_id / "artifacts"
+    assert (artifacts / "inputs" / "raw.txt").read_text() == (tiny_pipeline / "raw.txt").read_text()
+    assert (artifacts / "figures" / "energy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_deferred_run_that_fails_is_logged_failed(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    monkeypatch.setenv(DEFER_ENV, "1")
+    with (
+        pytest.raises(ValueError, match="diverged"),
+        start_run(project_root=tmp_path, experiment="toy2d", stage="train", params={}),
+    ):
+        raise ValueError("loss diverged")
+    log_pending_runs(tmp_path)
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("toy2d").experiment_id])
+    assert logged.info.status == "FAILED"
+
+
+def test_a_killed_stage_is_logged_killed_and_a_running_one_is_left_alone(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record whose process died mid-stage still reaches MLflow (KILLED, with what it logged);
+    one whose process is alive is another stage still running, and waits."""
+    import mlflow
+
+    monkeypatch.setenv(DEFER_ENV, "1")
+    script = (
+        "import os, sys; from pathlib import Path; from ebm.tracking import start_run\n"
+        f"with start_run(project_root=Path({str(tmp_path)!r}), experiment='toy2d', stage='train', "
+        "params={'k': 1}) as run:\n"
+        "    run.log_metrics({'loss': 3.0}, step=7)\n"
+        "    os._exit(9)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], check=False)
+    assert killed.returncode == 9
+    context = start_run(project_root=tmp_path, experiment="toy2d", stage="evaluate", params={})
+    context.__enter__()  # this process is alive: its record is not ready
+    try:
+        assert len(pending_runs(tmp_path)) == 1
+        log_pending_runs(tmp_path)
+    finally:
+        context.__exit__(None, None, None)
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    experiment_id = client.get_experiment_by_name("toy2d").experiment_id
+    (logged,) = client.search_runs([experiment_id])
+    assert logged.info.status == "KILLED"
+    assert [(m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "loss")] == [(7, 3.0)]
+    log_pending_runs(tmp_path)
+    assert {run.info.status for run in client.search_runs([experiment_id])} == {"KILLED", "FINISHED"}
