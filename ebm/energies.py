@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ebm import fastconv
+
 EnergyFn = Callable[[Tensor], Tensor]
 
 
@@ -79,7 +81,8 @@ def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tu
     """
     if compile:
         return _compiled_energy_and_grad(energy)(x)
-    with torch.enable_grad():
+    # Convolutions whose weights are frozen take ebm.fastconv's input-gradient-only path (same values).
+    with torch.enable_grad(), fastconv.for_energy(energy):
         x = x.detach().requires_grad_(True)
         e = check_energy_output(energy(x), x)
         (grad,) = torch.autograd.grad(e.sum(), x)

@@ -1,0 +1,241 @@
+"""Convolutions with frozen weights, as Langevin sampling runs them: forward plus the input gradient only.
+
+A sampler step needs ``E(x)`` and ``∇ₓE(x)`` with the weights held fixed. Autograd's convolution then
+still runs PyTorch's generic backward for the input gradient, in whatever memory format the tensors
+happen to have. Measured on a 2-core AVX-512 CPU (``benchmarks/sampling.py``, anatomy table), two
+things are much faster for the small convolutions of image EBMs:
+
+* **channels_last for input and weight.** oneDNN's direct convolutions vectorise over channels; in
+  NCHW, or with only the activations in channels_last, PyTorch reorders or takes a slower kernel.
+  A one-channel weight such as ``(32, 1, 5, 5)`` counts as channels_last whatever its strides, so it is
+  restrided explicitly (otherwise the output comes back NCHW on the slow path).
+* **the input gradient of a convolution with few input channels as one GEMM plus col2im**:
+  ``∂x = fold(Wᵀ · ∂y)`` with ``W`` the ``(C_out, C_in·kh·kw)`` weight matrix. oneDNN's backward-data
+  kernel for one input channel runs at a few GFLOP/s (it cannot fill a vector register along
+  ``C_in``); the GEMM has ``K = C_out`` and runs several times faster, col2im included.
+
+:class:`FrozenConvolutions` is a :class:`~torch.overrides.TorchFunctionMode` that routes every
+``conv2d`` whose weight and bias do not require gradients (as inside :func:`ebm.energies.frozen`)
+through :class:`FrozenWeightConv2d`, an autograd function that saves no activations. A convolution it
+cannot take (grouped, unbatched, not on the CPU, ...) runs unchanged, and the reason is counted in
+:func:`fallback_counts` and logged once. Convolutions whose weights require gradients (training)
+always run unchanged: they need the weight gradient.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+# Input gradients of convolutions with at most this many input channels go through GEMM + col2im; above
+# it oneDNN's backward-data kernel wins. Measured (batch 128, 2 threads, ms): C_in = 1, 5×5 stride 2 on
+# 28 px: 6.9 oneDNN vs 1.6; C_in = 3, 3×3 on 32 px: 8.8 vs 6.7; C_in = 8: equal; C_in = 16: 2.2 vs 3.5.
+GEMM_INPUT_GRAD_MAX_IN_CHANNELS = 4
+
+# Calls per route in this process: "forward", "input grad by GEMM + col2im", "input grad by oneDNN", and
+# "ordinary path: <reason>" for the frozen-weight calls this module could not take.
+_ROUTES: collections.Counter[str] = collections.Counter()
+_FALLBACK = "ordinary path: "
+_ENABLED = contextvars.ContextVar("ebm_fastconv_enabled", default=True)
+
+
+def route_counts() -> dict[str, int]:
+    """How often each route ran in this process (a diagnostic for tests and benchmarks)."""
+    return dict(_ROUTES)
+
+
+def fallback_counts() -> dict[str, int]:
+    """How often a frozen-weight ``conv2d`` ran on PyTorch's ordinary path, by reason, in this process."""
+    return {key.removeprefix(_FALLBACK): n for key, n in _ROUTES.items() if key.startswith(_FALLBACK)}
+
+
+def _record_fallback(reason: str) -> None:
+    if _FALLBACK + reason not in _ROUTES:
+        logger.info("frozen-weight conv2d on PyTorch's ordinary path: %s", reason)
+    _ROUTES[_FALLBACK + reason] += 1
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    first, second = value
+    return int(first), int(second)
+
+
+def channels_last(tensor: Tensor) -> Tensor:
+    """``tensor`` (4-D) with channels_last strides, copied only if its strides are not already so.
+
+    Unlike ``tensor.contiguous(memory_format=torch.channels_last)``, this also restrides tensors with
+    one channel, which PyTorch counts as contiguous in both formats but convolves as NCHW.
+    """
+    _, channels, height, width = tensor.shape
+    strides = (height * width * channels, 1, width * channels, channels)
+    if tensor.stride() == strides:
+        return tensor
+    storage = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    return storage.as_strided(tensor.shape, strides).copy_(tensor)
+
+
+def input_grad_by_gemm(
+    grad_out: Tensor,
+    weight: Tensor,
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """∂x of ``y = conv2d(x, W)`` from ∂y: ``fold(Wᵀ · ∂y)``, a GEMM and a col2im scatter-add.
+
+    Args:
+        grad_out: ∂y, ``(B, C_out, H', W')``, any memory format.
+        weight: ``(C_out, C_in, kh, kw)``.
+        input_size: ``(H, W)`` of x.
+
+    Returns:
+        ∂x, ``(B, C_in, H, W)``, contiguous.
+    """
+    batch, out_channels = grad_out.shape[:2]
+    weight_matrix = weight.reshape(out_channels, -1)  # (C_out, C_in·kh·kw)
+    columns = weight_matrix.T @ grad_out.reshape(batch, out_channels, -1)  # (B, C_in·kh·kw, H'·W')
+    return F.fold(columns, input_size, weight.shape[-2:], dilation=dilation, padding=padding, stride=stride)
+
+
+class FrozenWeightConv2d(torch.autograd.Function):
+    """``conv2d`` for weights that need no gradient: channels_last forward, input gradient only.
+
+    Saves the weight (not the input) for the backward pass, which takes the input gradient by
+    :func:`input_grad_by_gemm` for at most :data:`GEMM_INPUT_GRAD_MAX_IN_CHANNELS` input channels and by
+    oneDNN's backward-data kernel (channels_last) otherwise.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> Tensor:
+        _ROUTES["forward"] += 1
+        weight_cl = channels_last(weight)
+        ctx.save_for_backward(weight_cl)
+        ctx.conv_args = (tuple(x.shape), stride, padding, dilation)
+        return torch.conv2d(channels_last(x), weight_cl, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (weight_cl,) = ctx.saved_tensors
+        input_shape, stride, padding, dilation = ctx.conv_args
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if input_shape[1] <= GEMM_INPUT_GRAD_MAX_IN_CHANNELS:
+                _ROUTES["input grad by GEMM + col2im"] += 1
+                grad_x = input_grad_by_gemm(grad_out, weight_cl, input_shape[2:], stride, padding, dilation)
+            else:
+                _ROUTES["input grad by oneDNN"] += 1
+                placeholder = grad_out.new_empty(1).expand(input_shape)  # only its shape is read
+                grad_x = torch.ops.aten.convolution_backward(
+                    channels_last(grad_out),
+                    placeholder,
+                    weight_cl,
+                    None,
+                    list(stride),
+                    list(padding),
+                    list(dilation),
+                    False,
+                    [0, 0],
+                    1,
+                    [True, False, False],
+                )[0]
+        return grad_x, None, None, None, None, None
+
+
+def _conv2d_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    return {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+
+
+def _unsupported(arguments: dict[str, Any]) -> str | None:
+    """Why this ``conv2d`` call cannot take the frozen-weight path (``None``: it can)."""
+    x, weight, bias = arguments["input"], arguments["weight"], arguments["bias"]
+    if x.device.type != "cpu":
+        return f"input on {x.device.type}, the fast path is measured for the CPU only"
+    if x.ndim != 4:
+        return f"unbatched or not 2-D input of shape {tuple(x.shape)}"
+    if arguments["groups"] != 1:
+        return f"groups={arguments['groups']} (only groups=1)"
+    if isinstance(arguments["padding"], str):
+        return f"padding={arguments['padding']!r} given as a string"
+    if not (x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64)):
+        return f"dtype {x.dtype} input with {weight.dtype} weight"
+    if bias is not None and bias.requires_grad:
+        return "bias requires grad while the weight does not"
+    return None
+
+
+class FrozenConvolutions(TorchFunctionMode):
+    """Within this mode, ``conv2d`` calls whose weights need no gradient run as :class:`FrozenWeightConv2d`.
+
+    Calls whose weight requires gradients (training) run unchanged. Unsupported calls run unchanged and
+    are recorded (:func:`fallback_counts`).
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is not torch.conv2d:
+            return func(*args, **kwargs)
+        arguments = _conv2d_arguments(args, kwargs)
+        if arguments["weight"].requires_grad:
+            return func(*args, **kwargs)
+        reason = _unsupported(arguments)
+        if reason is not None:
+            _record_fallback(reason)
+            return func(*args, **kwargs)
+        return FrozenWeightConv2d.apply(
+            arguments["input"],
+            arguments["weight"],
+            arguments["bias"],
+            _pair(arguments["stride"]),
+            _pair(arguments["padding"]),
+            _pair(arguments["dilation"]),
+        )
+
+
+def for_energy(energy: object) -> contextlib.AbstractContextManager[object]:
+    """The context :func:`ebm.energies.energy_and_grad` runs ``energy`` in: :class:`FrozenConvolutions`
+    if ``energy`` is a module with a 2-D convolution (and the fast path is not :func:`disabled`), else
+    nothing, so energies without convolutions pay no per-op dispatch (~0.15 ms per MLP step)."""
+    if _ENABLED.get() and isinstance(energy, nn.Module):
+        if any(isinstance(module, nn.Conv2d) for module in energy.modules()):
+            return FrozenConvolutions()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run frozen-weight convolutions on PyTorch's ordinary autograd path, for comparisons."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
