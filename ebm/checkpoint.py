@@ -79,9 +79,23 @@ def _image_energy(config: dict[str, Any]) -> nn.Module:
     return build_image_energy(from_dict(ImageEnergySpec, config))
 
 
+def _rbm(config: dict[str, Any]) -> nn.Module:
+    from ebm.boltzmann.rbm import BernoulliRBM, RBMConfig
+
+    return BernoulliRBM(from_dict(RBMConfig, config))
+
+
+def _grid_crf(config: dict[str, Any]) -> nn.Module:
+    from ebm.boltzmann.structured import GridCRFConfig, GridCRFEnergy
+
+    return GridCRFEnergy(from_dict(GridCRFConfig, config))
+
+
 MODEL_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "mlp_energy": lambda config: MLPEnergy(from_dict(MLPEnergyConfig, config)),
     "image_energy": _image_energy,
+    "rbm": _rbm,
+    "grid_crf": _grid_crf,
 }
 
 
