@@ -44,18 +44,15 @@ class RBMAISConfig:
         n_temperatures: K, intermediate distributions. They are spread as in Salakhutdinov & Murray (500
             over β ∈ [0, 0.5], 4,000 over [0.5, 0.9], 10,000 over [0.9, 1] of K = 14,500): the same
             fractions for any K.
-        batch_size: score test rows in batches of this size.
     """
 
     n_chains: int = 100
     n_temperatures: int = 14500
-    batch_size: int = 1000
 
     def __post_init__(self) -> None:
-        if self.n_chains < 2 or self.n_temperatures < 3 or self.batch_size < 1:
+        if self.n_chains < 2 or self.n_temperatures < 3:
             raise ValueError(
-                f"AIS needs n_chains ≥ 2, n_temperatures ≥ 3 and batch_size ≥ 1, got {self.n_chains}, "
-                f"{self.n_temperatures}, {self.batch_size}"
+                f"AIS needs n_chains ≥ 2 and n_temperatures ≥ 3, got {self.n_chains}, {self.n_temperatures}"
             )
 
 

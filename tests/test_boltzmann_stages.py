@@ -1,0 +1,167 @@
+"""The Boltzmann pipeline stages on tmp_path: params, the four stages through their CLI, MLflow runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from test_rbm import fashion_mnist_images, needs_fashion_mnist
+
+from ebm.boltzmann.rbm import BernoulliRBM
+from ebm.boltzmann.structured import GridCRFEnergy
+from ebm.checkpoint import load_model
+from ebm.config import ConfigError
+from ebm.stages.boltzmann import BoltzmannParams, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quick_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
+
+
+def _dotted_keys(mapping: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in mapping.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])
+def test_params_files_build_the_boltzmann_configs_and_hold_every_key_dvc_reads(params_file: str) -> None:
+    raw = yaml.safe_load((REPO / params_file).read_text())
+    params = BoltzmannParams.from_params(raw)
+    assert params.rbm.variants and all(cd.n_steps >= 1 for cd in params.rbm.variants.values())
+    assert params.rbm.train.grad_clip is None and params.rbm.train.max_abs_energy >= 1e5
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    names = ("train_rbm", "evaluate_rbm", "train_structured", "evaluate_structured")
+    read = {key for name in names for key in stages[name]["params"]}
+    assert read <= _dotted_keys(raw)
+    assert {"boltzmann.rbm.train", "boltzmann.structured.inference"} <= read
+
+
+def test_the_full_params_train_cd1_cd10_and_pcd_with_500_hidden_units() -> None:
+    params = BoltzmannParams.from_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert params.rbm.n_hidden == 500
+    assert {name: (cd.n_steps, cd.persistent) for name, cd in params.rbm.variants.items()} == {
+        "cd1": (1, False),
+        "cd10": (10, False),
+        "pcd": (1, True),
+    }
+
+
+def test_a_typo_in_the_boltzmann_section_is_an_error_naming_it() -> None:
+    raw = quick_params()
+    raw["boltzmann"]["rbm"]["train"]["stpes"] = 3
+    with pytest.raises(ConfigError, match=r"boltzmann\.rbm\.train\.stpes"):
+        BoltzmannParams.from_params(raw)
+    raw = quick_params()
+    raw["boltzmann"]["rbm"]["variants"]["cd5"] = {"k": 5}
+    with pytest.raises(ConfigError, match=r"boltzmann\.rbm\.variants\.cd5\.k"):
+        BoltzmannParams.from_params(raw)
+    raw = quick_params()
+    raw["boltzmann"]["structured"]["inference"]["gibbs_burn_in"] = 1000
+    with pytest.raises(ConfigError, match="gibbs_burn_in"):
+        BoltzmannParams.from_params(raw)
+    raw = quick_params()
+    raw["boltzmann"]["gibbs"] = {}
+    with pytest.raises(ConfigError, match=r"boltzmann\.gibbs"):
+        BoltzmannParams.from_params(raw)
+
+
+def write_prepared_splits(folder: Path, n_train: int, n_test: int) -> None:
+    """Prepared splits in the format the prepare_images stage writes, holding real Fashion-MNIST images."""
+    folder.mkdir(parents=True)
+    for name, images in (
+        ("train", fashion_mnist_images(n_train)),
+        ("validation", fashion_mnist_images(20)),
+        ("test", fashion_mnist_images(n_test, train=False)),
+    ):
+        n = images.shape[0]
+        payload = {
+            "images": images,
+            "labels": torch.zeros(n, dtype=torch.int64),
+            "source_indices": torch.arange(n),
+        }
+        torch.save(payload, folder / f"{name}.pt")
+
+
+@needs_fashion_mnist
+def test_the_four_stages_write_their_outs_and_log_to_the_boltzmann_experiment(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    root = tmp_path / "project"
+    write_prepared_splits(root / "data" / "images" / "fashion_mnist", n_train=400, n_test=100)
+    raw = copy.deepcopy(quick_params())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
+
+    stages = ("train_rbm", "evaluate_rbm", "train_structured", "evaluate_structured")
+    for stage in stages:
+        main([stage, "--params", str(tmp_path / "params.yaml"), "--root", str(root)])
+
+    reports = root / "reports" / "boltzmann"
+    assert sorted(p.name for p in (root / "models" / "boltzmann" / "rbm").iterdir()) == ["cd1.pt", "pcd.pt"]
+    assert isinstance(load_model(root / "models" / "boltzmann" / "rbm" / "pcd.pt"), BernoulliRBM)
+    assert isinstance(load_model(root / "models" / "boltzmann" / "structured.pt"), GridCRFEnergy)
+
+    train = json.loads((reports / "rbm_train.json").read_text())
+    assert train["pcd"]["steps"] == 60 and train["pcd"]["persistent"] is True
+    metrics = json.loads((reports / "rbm_metrics.json").read_text())
+    assert metrics["n_test"] == 100
+    for variant in ("cd1", "pcd"):
+        result = metrics[variant]
+        assert abs(result["ais_minus_exact"]) < 0.1 + 5 * result["ais"]["standard_error"]
+        assert result["test_log_likelihood"] == pytest.approx(result["test_log_likelihood_exact"], abs=0.5)
+        assert -784 * 0.7 < result["test_log_likelihood"] < 0 and result["test_log_likelihood_se"] > 0
+    figures = sorted(p.name for p in (reports / "rbm_figures").iterdir())
+    assert figures == [
+        "cd1_reconstructions.png",
+        "cd1_samples.png",
+        "pcd_reconstructions.png",
+        "pcd_samples.png",
+    ]
+    curve = (reports / "rbm_curves" / "cd1.csv").read_text().splitlines()
+    assert curve[0].split(",")[-2] == "reconstruction_error" and len(curve) == 1 + 7
+
+    structured = json.loads((reports / "structured_metrics.json").read_text())
+    methods = structured["methods"]
+    assert structured["table_order"][:2] == ["noisy_threshold", "unary"]
+    assert set(structured["table_order"]) == set(methods) and "langevin" in methods
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in methods.values())
+    assert sorted(p.name for p in (reports / "structured_figures").iterdir()) == [
+        "examples.png",
+        "inference_table.png",
+    ]
+
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("boltzmann").experiment_id])
+    by_name = {run.info.run_name: run for run in runs}
+    assert sorted(by_name) == sorted(stages) and all(r.info.status == "FINISHED" for r in runs)
+    history = client.get_metric_history(by_name["train_rbm"].info.run_id, "pcd/reconstruction_error")
+    assert len(history) >= 5
+    evaluated = by_name["evaluate_rbm"].data.metrics
+    assert {"cd1/test_log_likelihood", "cd1/ais/log_partition", "pcd/exact_log_partition"} <= set(evaluated)
+    assert "methods/gibbs_marginals/accuracy" in by_name["evaluate_structured"].data.metrics
+    artifacts = {
+        a.path
+        for a in client.list_artifacts(by_name["evaluate_structured"].info.run_id, "structured_figures")
+    }
+    assert artifacts == {"structured_figures/examples.png", "structured_figures/inference_table.png"}
+
+
+def test_a_missing_prepared_split_says_which_stage_to_run(tmp_path: Path) -> None:
+    from ebm.stages.boltzmann import BoltzmannPaths, train_rbms
+
+    params = BoltzmannParams.from_params(quick_params())
+    with pytest.raises(FileNotFoundError, match="prepare_images"):
+        train_rbms(params, BoltzmannPaths(tmp_path))
