@@ -7,6 +7,7 @@
     ebm toy render --dataset moons --model models/moons.pt --out moons.png
     ebm toy classify --dataset moons --out moons-decision.png
     ebm pipeline                                             # the whole DVC pipeline through Prefect
+    ebm rbm loglik --model models/boltzmann/rbm/cd1.pt       # AIS (and exact) log Z, test log-likelihood
 
 Every option has a default; ``ebm <command> --help`` explains each one.
 """
@@ -178,6 +179,65 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_rbm_loglik(args: argparse.Namespace) -> int:
+    import torch
+
+    from ebm.boltzmann.ais import RBMAISConfig, ais_log_partition, mean_log_likelihood
+    from ebm.boltzmann.rbm import MAX_ENUMERATED_UNITS, BernoulliRBM, exact_log_partition
+    from ebm.boltzmann.training import BinarizeConfig, binarize
+    from ebm.checkpoint import load_model
+    from ebm.data.images import load_image_split
+
+    rbm = load_model(args.model)
+    if not isinstance(rbm, BernoulliRBM):
+        raise ValueError(f"{args.model} holds a {type(rbm).__name__}, not an RBM")
+    config = BinarizeConfig(method=args.binarize)
+    train = binarize(load_image_split(args.data, "train").images, config)
+    test = binarize(load_image_split(args.data, "test").images, config, offset=2)[: args.max_test]
+    ais_config = RBMAISConfig(n_chains=args.chains, n_temperatures=args.temperatures)
+    ais = ais_log_partition(rbm, train, ais_config, generator=torch.Generator().manual_seed(args.seed))
+    likelihood = mean_log_likelihood(rbm, test, ais.log_partition, ais.standard_error)
+    print(
+        f"log Z (AIS, {args.chains} chains × {args.temperatures} temperatures) = {ais.log_partition:.3f} "
+        f"± {ais.standard_error:.3f} (ESS {ais.effective_sample_size:.1f})"
+    )
+    if min(rbm.n_hidden, rbm.n_visible) <= MAX_ENUMERATED_UNITS:
+        print(f"log Z (exact, by enumeration) = {exact_log_partition(rbm):.3f}")
+    print(
+        f"test log-likelihood = {likelihood.mean:.2f} ± {likelihood.standard_error:.2f} nats per image "
+        f"({likelihood.n_images} images)"
+    )
+    return 0
+
+
+def _add_rbm_commands(commands: Any) -> None:
+    rbm = commands.add_parser("rbm", help="restricted Boltzmann machines: log-likelihood by AIS")
+    rbm_commands = rbm.add_subparsers(dest="rbm_command", required=True)
+    loglik = rbm_commands.add_parser(
+        "loglik", help="AIS estimate of log Z (exact too when enumerable) and the test log-likelihood"
+    )
+    loglik.add_argument("--model", type=Path, required=True, help="RBM file written by the train_rbm stage")
+    loglik.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/images/fashion_mnist"),
+        help="prepared image splits (default %(default)s)",
+    )
+    loglik.add_argument(
+        "--binarize",
+        choices=["stochastic", "threshold"],
+        default="stochastic",
+        help="how grey images become binary, as the model was trained (default %(default)s)",
+    )
+    loglik.add_argument("--chains", type=int, default=100, help="AIS runs (default %(default)s)")
+    loglik.add_argument(
+        "--temperatures", type=int, default=14500, help="AIS intermediate distributions (default %(default)s)"
+    )
+    loglik.add_argument("--max-test", type=int, default=None, help="score at most this many test images")
+    loglik.add_argument("--seed", type=int, default=0, help="seed of the AIS chains (default %(default)s)")
+    loglik.set_defaults(handler=cmd_rbm_loglik)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ebm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -235,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="run the DVC pipeline stage by stage through Prefect")
     pipeline.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
     pipeline.set_defaults(handler=cmd_pipeline)
+
+    _add_rbm_commands(commands)
     return parser
 
 

@@ -95,9 +95,11 @@ def write_prepared_splits(folder: Path, n_train: int, n_test: int) -> None:
 
 @needs_fashion_mnist
 def test_the_four_stages_write_their_outs_and_log_to_the_boltzmann_experiment(
-    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import mlflow
+
+    from ebm.cli import main as ebm_main
 
     root = tmp_path / "project"
     write_prepared_splits(root / "data" / "images" / "fashion_mnist", n_train=400, n_test=100)
@@ -142,6 +144,28 @@ def test_the_four_stages_write_their_outs_and_log_to_the_boltzmann_experiment(
         "examples.png",
         "inference_table.png",
     ]
+
+    model, data = root / "models" / "boltzmann" / "rbm" / "cd1.pt", root / "data" / "images" / "fashion_mnist"
+    capsys.readouterr()
+    command = [
+        "rbm",
+        "loglik",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--chains",
+        "20",
+        "--temperatures",
+    ]
+    assert ebm_main([*command, "300", "--max-test", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert f"log Z (exact, by enumeration) = {metrics['cd1']['exact_log_partition']:.3f}" in printed
+    assert (
+        f"test log-likelihood = {metrics['cd1']['test_log_likelihood']:.2f}" in printed
+    )  # the stage's figure
+    assert ebm_main(["rbm", "loglik", "--model", str(root / "models" / "boltzmann" / "structured.pt")]) == 2
+    assert "not an RBM" in capsys.readouterr().err
 
     client = mlflow.MlflowClient(mlflow_tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("boltzmann").experiment_id])
