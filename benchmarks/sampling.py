@@ -17,7 +17,9 @@ Every figure comes from this one process, on identical weights and starting chai
 2. **equivalence**: the textbook loop (``benchmarks/textbook.py``) and ``Langevin.run`` fed the same
    pre-drawn noise must produce the same chains within float tolerance.
 3. **throughput**: model × batch. Langevin steps/s and samples/s (= batch × steps/s, chain updates
-   per second) of the textbook loop, the library's default (eager) path, the same with the model in
+   per second) of the textbook loop, the library's default (eager) path (``fast``; for conv energies
+   with ``ebm.fastconv``'s frozen-weight convolutions), the same without them (``autograd``: plain
+   autograd with frozen weights, the library's path before), the default with the model in
    ``channels_last`` (conv energies), and ``torch.compile`` (``--compile``); GFLOP per step from
    ``torch.utils.flop_counter`` (matmuls and convolutions), achieved GFLOP/s and % of GEMM peak.
    Variants are timed interleaved (A B C A B C ...), so a change of load hits all of them alike.
@@ -25,9 +27,9 @@ Every figure comes from this one process, on identical weights and starting chai
    PASSIVE wait policies, each in a fresh process (``--probe``).
 5. **compile**: compile seconds (``--cold-compile`` bypasses inductor's on-disk cache), eager vs
    compiled ms/step, and the steps needed to break even.
-6. **anatomy** (CNN28, batch 128): each convolution's forward and input-gradient time and GFLOP/s,
-   what the rest (activations, autograd, Python) costs, and the step time if the first convolution's
-   input gradient ran as GEMM + col2im instead of oneDNN's one-input-channel kernel.
+6. **anatomy** (CNN28, batch 128): each convolution's forward and input-gradient time and GFLOP/s on
+   PyTorch's autograd path and on the library's, its FLOP/byte and roofline bound (GEMM peak and a
+   measured copy bandwidth), and what the rest (activations, autograd, Python) costs.
 7. **scaling**: cost against batch size (from 3), image size (ResNet32 at 16–64 px; its global
    pooling takes any size) and number of steps; ``--plot`` draws the three panels.
 """
@@ -55,6 +57,7 @@ from textbook import library_equivalent, textbook_langevin
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ebm import fastconv
 from ebm.energies import MLPEnergy, MLPEnergyConfig, energy_and_grad, frozen
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
 from ebm.samplers import Langevin
@@ -183,13 +186,26 @@ def textbook_run(model: nn.Module, x0: Tensor, n_steps: int) -> Callable[[], Any
 
 
 def library_run(
-    model: nn.Module, x0: Tensor, n_steps: int, *, compile: bool = False, seed: int = 0
+    model: nn.Module,
+    x0: Tensor,
+    n_steps: int,
+    *,
+    compile: bool = False,
+    seed: int = 0,
+    fast_conv: bool = True,
 ) -> Callable[[], Any]:
+    """The library's Langevin; ``fast_conv=False`` runs convolutions through plain autograd instead of
+    ``ebm.fastconv`` (the library's path before it)."""
     sampler = library_equivalent(TEXTBOOK_STEP_SIZE, x0.shape[0])
     if compile:
         sampler = Langevin(sampler.step_size, sampler.noise_scale, compile=True)
     generator = torch.Generator().manual_seed(seed)
-    return lambda: sampler.run(model, x0, n_steps, generator=generator)
+
+    def run() -> Any:
+        with contextlib.nullcontext() if fast_conv else fastconv.disabled():
+            return sampler.run(model, x0, n_steps, generator=generator)
+
+    return run
 
 
 @dataclass
@@ -283,7 +299,10 @@ def throughput_row(
 ) -> dict[str, Any]:
     model = seeded_model(case)
     x0 = case.starting_chains(batch, torch.Generator().manual_seed(2))
-    runs = {"textbook": textbook_run(model, x0, n_steps), "fast": library_run(model, x0, n_steps)}
+    runs = {"textbook": textbook_run(model, x0, n_steps)}
+    if case.is_conv:
+        runs["autograd"] = library_run(model, x0, n_steps, fast_conv=False)
+    runs["fast"] = library_run(model, x0, n_steps)
     if case.is_conv:
         runs["fast_cl"] = library_run(
             channels_last_copy(model), x0.contiguous(memory_format=torch.channels_last), n_steps
@@ -410,11 +429,67 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def anatomy(batch: int, repeats: int) -> dict[str, Any]:
-    """Each convolution of CNN28 (channels_last, real weights and activations) timed alone."""
-    model = channels_last_copy(seeded_model(MODELS["cnn28"]))
+def memory_bandwidth_gbs(n_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Best copy rate between two ``n_bytes`` buffers, counting read plus write: GB/s."""
+    source = torch.ones(n_bytes // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    return 2 * n_bytes / _median_time(lambda: target.copy_(source), repeats) / 1e9
+
+
+def model_output_size(conv: nn.Conv2d, inp: Tensor) -> tuple[int, int]:
+    """``(H', W')`` of ``conv`` applied to ``inp``."""
+    sizes = []
+    for dim in range(2):
+        padding = cast(tuple[int, int], conv.padding)[dim]
+        span = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
+        sizes.append((inp.shape[2 + dim] + 2 * padding - span) // conv.stride[dim] + 1)
+    return sizes[0], sizes[1]
+
+
+def conv_layer_ms(conv: nn.Conv2d, inp: Tensor, repeats: int, *, seed: int) -> dict[str, float]:
+    """Median ms of ``conv``'s forward and input gradient: PyTorch's autograd path (NCHW tensors,
+    oneDNN backward-data) and the library's (channels_last, ``ebm.fastconv``'s route)."""
+    weight = conv.weight.detach()
+    bias = conv.bias.detach() if conv.bias is not None else None
+    stride, padding = cast(tuple[int, int], conv.stride), cast(tuple[int, int], conv.padding)
+    grad_out = torch.randn(
+        (inp.shape[0], conv.out_channels, *model_output_size(conv, inp)),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    inp_cl, weight_cl = fastconv.channels_last(inp), fastconv.channels_last(weight)
+    grad_out_cl = fastconv.channels_last(grad_out)
+
+    def onednn_input_grad(grad: Tensor, inp: Tensor, weight: Tensor) -> Tensor:
+        mask = [True, False, False]
+        return torch.ops.aten.convolution_backward(
+            grad, inp, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, mask
+        )[0]
+
+    def library_input_grad() -> Tensor:
+        if conv.in_channels <= fastconv.GEMM_INPUT_GRAD_MAX_IN_CHANNELS:
+            size = (inp.shape[-2], inp.shape[-1])
+            return fastconv.input_grad_by_gemm(grad_out_cl, weight_cl, size, stride, padding, (1, 1))
+        return onednn_input_grad(grad_out_cl, inp_cl, weight_cl)
+
+    timed = {
+        "autograd_forward": lambda: F.conv2d(inp, weight, bias, stride, padding),
+        "autograd_input_grad": lambda: onednn_input_grad(grad_out, inp, weight),
+        "library_forward": lambda: F.conv2d(inp_cl, weight_cl, bias, stride, padding),
+        "library_input_grad": library_input_grad,
+    }
+    return {name: 1e3 * _median_time(fn, repeats) for name, fn in timed.items()}
+
+
+def anatomy(batch: int, repeats: int, peak: float, bandwidth: float) -> dict[str, Any]:
+    """Each convolution of CNN28 (real weights and activations) timed alone, on PyTorch's autograd path
+    (NCHW, oneDNN backward-data) and on the library's (``ebm.fastconv``), with a roofline bound.
+
+    The roofline bound of a layer is ``min(peak, intensity × bandwidth)``, intensity being its FLOPs
+    over the bytes it must move at least (input, output and weight, fp32, once each).
+    """
+    model = seeded_model(MODELS["cnn28"])
     x = MODELS["cnn28"].starting_chains(batch, torch.Generator().manual_seed(5))
-    x = x.contiguous(memory_format=torch.channels_last)
     step_ms = 1e3 * _median_time(library_run(model, x, 5), max(3, repeats // 3)) / 5
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     inputs: dict[nn.Module, Tensor] = {}
@@ -429,73 +504,32 @@ def anatomy(batch: int, repeats: int) -> dict[str, Any]:
         hook.remove()
     layers, conv_ms = [], 0.0
     for index, conv in enumerate(convs):
-        inp = inputs[conv]
-        weight, bias = conv.weight.detach(), conv.bias.detach() if conv.bias is not None else None
-        with torch.no_grad():
-            out = conv(inp)
-        grad_out = torch.randn_like(out)
-        flops = 2 * out.numel() * conv.in_channels * math.prod(conv.kernel_size)
-
-        def forward(
-            conv: nn.Conv2d = conv, inp: Tensor = inp, weight: Tensor = weight, bias: Tensor | None = bias
-        ) -> Tensor:
-            return F.conv2d(inp, weight, bias, conv.stride, conv.padding)
-
-        def input_grad(
-            conv: nn.Conv2d = conv, inp: Tensor = inp, weight: Tensor = weight, grad_out: Tensor = grad_out
-        ) -> Tensor:
-            return torch.ops.aten.convolution_backward(
-                grad_out,
-                inp,
-                weight,
-                None,
-                list(conv.stride),
-                list(conv.padding),
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [True, False, False],
-            )[0]
-
-        forward_s, backward_s = _median_time(forward, repeats), _median_time(input_grad, repeats)
-        conv_ms += 1e3 * (forward_s + backward_s)
+        inp = inputs[conv].contiguous()
+        out_numel = batch * conv.out_channels * math.prod(model_output_size(conv, inp))
+        flops = 2 * out_numel * conv.in_channels * math.prod(conv.kernel_size)
+        n_bytes = 4 * (inp.numel() + out_numel + conv.weight.numel())
+        ms = conv_layer_ms(conv, inp, repeats, seed=index)
+        conv_ms += ms["library_forward"] + ms["library_input_grad"]
+        by_gemm = conv.in_channels <= fastconv.GEMM_INPUT_GRAD_MAX_IN_CHANNELS
         layers.append(
             {
                 "layer": f"conv{index + 1} {conv.in_channels}→{conv.out_channels} k{conv.kernel_size[0]} "
                 f"s{conv.stride[0]} on {inp.shape[-1]}px",
                 "mflop": flops / 1e6,
-                "forward_ms": 1e3 * forward_s,
-                "forward_gflops": flops / forward_s / 1e9,
-                "input_grad_ms": 1e3 * backward_s,
-                "input_grad_gflops": flops / backward_s / 1e9,
+                "flop_per_byte": flops / n_bytes,
+                "roofline_gflops": min(peak, flops / n_bytes * bandwidth),
+                "library_input_grad_route": "GEMM + col2im" if by_gemm else "oneDNN channels_last",
+                **{f"{name}_ms": value for name, value in ms.items()},
+                **{f"{name}_gflops": flops / value / 1e6 for name, value in ms.items()},
             }
         )
-    # The first convolution has one input channel, the worst case for oneDNN's vectorisation over
-    # channels. Its input gradient is also a GEMM (Wᵀ · ∂out, K = 32 channels) plus a col2im scatter:
-    first, inp = convs[0], inputs[convs[0]]
-    weight_matrix = first.weight.detach().reshape(first.out_channels, -1)  # (C_out, C_in·k·k)
-    with torch.no_grad():
-        grad_out = torch.randn_like(first(inp))
-    spatial = grad_out.shape[-2] * grad_out.shape[-1]
-
-    def gemm_col2im() -> Tensor:
-        columns = weight_matrix.T @ grad_out.reshape(
-            batch, first.out_channels, spatial
-        )  # (B, C_in·k·k, H'W')
-        padding = cast(tuple[int, int], first.padding)
-        return F.fold(columns, inp.shape[-2:], first.kernel_size, padding=padding, stride=first.stride)
-
-    gemm_col2im_ms = 1e3 * _median_time(gemm_col2im, repeats)
-    conv1_input_grad_ms = layers[0]["input_grad_ms"]
     return {
         "batch": batch,
-        "projected_step_ms_with_conv1_gemm_col2im": step_ms - conv1_input_grad_ms + gemm_col2im_ms,
         "layers": layers,
         "conv_ms_per_step": conv_ms,
         "step_ms": step_ms,
         "other_ms_per_step": step_ms - conv_ms,
-        "conv1_input_grad_as_gemm_col2im_ms": gemm_col2im_ms,
+        "memory_bandwidth_gbs": bandwidth,
     }
 
 
@@ -867,28 +901,40 @@ def main(argv: list[str] | None = None) -> int:
         loads.mark("compile")
 
     if "cnn28" in args.models:
-        results["anatomy"] = anatomy(128, 5 if quick else 15)
+        bandwidth = memory_bandwidth_gbs()
+        results["anatomy"] = anatomy(128, 5 if quick else 15, peak, bandwidth)
         a = results["anatomy"]
         print_table(
-            "Anatomy of one CNN28 step (batch 128, channels_last): each convolution alone",
-            ["layer", "MFLOP", "fwd ms", "fwd GFLOP/s", "∂x ms", "∂x GFLOP/s"],
+            "Anatomy of one CNN28 step (batch 128): each convolution alone, PyTorch's autograd path (NCHW) "
+            "vs the library's (ebm.fastconv); roofline = min(GEMM peak, FLOP/byte × "
+            f"{bandwidth:.0f} GB/s copy)",
+            [
+                "layer",
+                "MFLOP",
+                "FLOP/B",
+                "roofline GFLOP/s",
+                "fwd ms (autograd, library)",
+                "∂x ms (autograd, library)",
+                "library fwd, ∂x GFLOP/s",
+                "∂x route",
+            ],
             [
                 [
                     layer["layer"],
                     layer["mflop"],
-                    layer["forward_ms"],
-                    layer["forward_gflops"],
-                    layer["input_grad_ms"],
-                    layer["input_grad_gflops"],
+                    layer["flop_per_byte"],
+                    layer["roofline_gflops"],
+                    f"{layer['autograd_forward_ms']:.2f}, {layer['library_forward_ms']:.2f}",
+                    f"{layer['autograd_input_grad_ms']:.2f}, {layer['library_input_grad_ms']:.2f}",
+                    f"{layer['library_forward_gflops']:.0f}, {layer['library_input_grad_gflops']:.0f}",
+                    layer["library_input_grad_route"],
                 ]
                 for layer in a["layers"]
             ],
         )
         print(
-            f"convolutions {a['conv_ms_per_step']:.2f} ms of a {a['step_ms']:.2f} ms step; the rest "
-            f"(SiLU and its gradient, the head, autograd, the update) {a['other_ms_per_step']:.2f} ms. "
-            f"conv1's ∂x as GEMM + col2im: {a['conv1_input_grad_as_gemm_col2im_ms']:.2f} ms, which would "
-            f"make the step {a['projected_step_ms_with_conv1_gemm_col2im']:.2f} ms"
+            f"library convolutions {a['conv_ms_per_step']:.2f} ms of a {a['step_ms']:.2f} ms step; the rest "
+            f"(SiLU and its gradient, the head, autograd, the update) {a['other_ms_per_step']:.2f} ms"
         )
         loads.mark("anatomy")
         results["steps"] = steps_rows([1, 5, 20] if quick else [1, 2, 5, 10, 20, 50], 128, budget_s)
@@ -931,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_samples": loads.samples,
     }
     results["warnings"] = loads.warnings()
+    results["fastconv_routes"] = fastconv.route_counts()  # fallbacks appear as "ordinary path: <reason>"
     print_throughput(results["throughput"], peak, n_steps)
     verdict = bar_verdict(results["throughput"], peak, peak_cpu)
     results["bar"] = verdict
@@ -948,6 +995,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{verdict['gflop_per_cpu_s_per_thread']:.1f} GFLOP per CPU-second per thread = "
             f"{100 * verdict['cpu_peak_fraction']:.0f}% of the GEMM's {peak_cpu:.0f}"
         )
+    fallbacks = fastconv.fallback_counts()
+    print(f"ebm.fastconv routes taken: {results['fastconv_routes']}; fallbacks: {fallbacks or 'none'}")
     end = loads.samples[-1][1]
     print(f"load average at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
     for note in results["warnings"]:

@@ -68,7 +68,9 @@ def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tu
     """Return ``(E(x), ∇ₓE(x))`` for a batch, with shapes ``(B,)`` and ``x.shape``.
 
     The gradient is taken with respect to the input only, so the energy's parameters accumulate
-    nothing. Both results are detached.
+    nothing. Both results are detached. In an energy module with 2-D convolutions, those whose weights
+    are frozen (inside :func:`frozen`, as in the samplers) run through :mod:`ebm.fastconv`: the same
+    values, computed in channels_last with the input gradient only.
 
     Args:
         energy: ``(B, *event) → (B,)``.
@@ -81,7 +83,6 @@ def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tu
     """
     if compile:
         return _compiled_energy_and_grad(energy)(x)
-    # Convolutions whose weights are frozen take ebm.fastconv's input-gradient-only path (same values).
     with torch.enable_grad(), fastconv.for_energy(energy):
         x = x.detach().requires_grad_(True)
         e = check_energy_output(energy(x), x)
