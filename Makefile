@@ -33,5 +33,5 @@ test: $(STAMP) data
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -n 2 -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check ebm flows tests benchmarks
+	$(BIN)/ruff check ebm flows tests benchmarks scripts
 	$(BIN)/mypy ebm

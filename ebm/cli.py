@@ -109,7 +109,7 @@ def cmd_toy_render(args: argparse.Namespace) -> int:
     energy = load_model(args.model)
     data = _toy_data(args.dataset, 2000, recipe.train.seed)
     samples = sample_energy(
-        energy, recipe, dataset.bounds, generator=torch.Generator().manual_seed(args.seed or 0)
+        energy, recipe, dataset.bounds, x_train=data, generator=torch.Generator().manual_seed(args.seed or 0)
     )
     figure = plot_energy_and_density(
         energy, dataset.bounds, data=data, samples=samples[:2000], title=args.dataset

@@ -25,11 +25,13 @@ class SamplerStats:
         grad_norm: mean over steps and chains of the per-chain ‖∇ₓE‖ before clipping.
         acceptance_rate: fraction of accepted proposals (1 for unadjusted samplers).
         final_energy: mean energy of the returned states.
+        jump_acceptance_rate: fraction of accepted independence moves (``None`` when there were none).
     """
 
     grad_norm: Tensor
     acceptance_rate: Tensor
     final_energy: Tensor
+    jump_acceptance_rate: Tensor | None = None
 
 
 class Sampler(Protocol):
@@ -154,14 +156,28 @@ class MALA:
     so the chain leaves p(x) ∝ exp(−E(x)) exactly invariant for any step size; η then trades
     acceptance against move length (≈ 0.574 acceptance is optimal in high dimension).
 
+    Langevin moves are local: a chain crosses a low-density region between two modes only by a rare
+    run of uphill steps, so chains keep whatever split between modes they started with, and a PCD
+    model trained on them puts the wrong mass on each mode. With ``jump`` set, every ``jump_every``
+    steps each chain also tries an independence Metropolis–Hastings move: ``y ~ q`` is accepted with
+    probability ``min(1, exp(E(x) − E(y) + log q(x) − log q(y)))``. That kernel leaves exp(−E)
+    invariant for any proposal q, so the chain stays exact; a q that overlaps the model's modes (a
+    kernel density of the training data, :class:`KernelProposal`) makes the jumps between them likely.
+
     Attributes:
         step_size: η.
+        jump: the independence proposal, or ``None`` for plain MALA.
+        jump_every: steps between independence moves (the first comes before the first MALA step).
     """
 
     step_size: float = 0.01
+    jump: KernelProposal | None = None
+    jump_every: int = 10
 
     def __post_init__(self) -> None:
         _check_positive("step_size", self.step_size)
+        if self.jump_every < 1:
+            raise ValueError(f"jump_every must be ≥ 1, got {self.jump_every}")
 
     def run(
         self, energy: EnergyFn, x0: Tensor, n_steps: int, *, generator: torch.Generator | None = None
@@ -169,10 +185,16 @@ class MALA:
         eta = self.step_size
         x = x0.detach().clone()
         accepted = torch.zeros((), device=x.device)
+        jumps_accepted = torch.zeros((), device=x.device)
+        n_jumps = 0
         grad_norm_sum = torch.zeros((), device=x.device)
         with frozen(energy):
             e_x, grad_x = energy_and_grad(energy, x)
-            for _ in range(n_steps):
+            for step in range(n_steps):
+                if self.jump is not None and step % self.jump_every == 0:
+                    x, e_x, grad_x, rate = self._jump(self.jump, energy, x, e_x, grad_x, generator)
+                    jumps_accepted += rate
+                    n_jumps += 1
                 grad_norm_sum += _per_chain_norm(grad_x).mean()
                 y = x - eta * grad_x + math.sqrt(2 * eta) * _randn_like(x, generator)
                 e_y, grad_y = energy_and_grad(energy, y)
@@ -190,8 +212,119 @@ class MALA:
             grad_norm=grad_norm_sum / max(n_steps, 1),
             acceptance_rate=accepted / max(n_steps, 1),
             final_energy=e_x.mean(),
+            jump_acceptance_rate=jumps_accepted / n_jumps if n_jumps else None,
         )
         return x, stats
+
+    @staticmethod
+    def _jump(
+        proposal: KernelProposal,
+        energy: EnergyFn,
+        x: Tensor,
+        e_x: Tensor,
+        grad_x: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One independence Metropolis–Hastings move of every chain; returns the new state and rate."""
+        y = proposal.sample(x.shape[0], generator=generator).to(x.dtype)
+        e_y, grad_y = energy_and_grad(energy, y)
+        log_alpha = e_x - e_y + proposal.log_prob(x) - proposal.log_prob(y)
+        uniform = torch.rand(log_alpha.shape, generator=generator, device=x.device, dtype=x.dtype)
+        accept = torch.log(uniform) < log_alpha
+        mask = accept.view(-1, *([1] * (x.ndim - 1)))
+        return (
+            torch.where(mask, y, x),
+            torch.where(accept, e_y, e_x),
+            torch.where(mask, grad_y, grad_x),
+            accept.float().mean(),
+        )
+
+
+class KernelProposal:
+    """A Gaussian kernel density over ``centres`` mixed with uniform noise over a box.
+
+    ``q(x) = (1 − w) · (1/M) Σₘ N(x; cₘ, h² I) + w · U(x; box)``: an independence proposal for
+    :class:`MALA`'s mode-jumping moves. Built from training data it proposes where the data's modes
+    are, in the data's proportions; the uniform part (weight ``w``) keeps q positive over the whole box,
+    so the chains can also reach, and the loss then push up, spurious modes far from any data.
+
+    Args:
+        centres: ``(M, *event)`` kernel centres (e.g. a subset of the training set).
+        bandwidth: the kernel's standard deviation h.
+        box: ``(low, high)`` of the uniform component, per coordinate.
+        uniform_weight: w in [0, 1).
+    """
+
+    def __init__(
+        self, centres: Tensor, bandwidth: float, box: tuple[float, float], *, uniform_weight: float = 0.1
+    ) -> None:
+        if centres.ndim < 2 or centres.shape[0] < 1:
+            raise ValueError(f"centres must have shape (M, *event) with M ≥ 1, got {tuple(centres.shape)}")
+        if not bool(torch.isfinite(centres).all()):
+            raise ValueError("centres contain NaN or infinite values")
+        _check_positive("bandwidth", bandwidth)
+        _check_box(box)
+        if not 0.0 <= uniform_weight < 1.0:
+            raise ValueError(f"uniform_weight must lie in [0, 1), got {uniform_weight}")
+        self.centres = centres.detach()
+        self.bandwidth = float(bandwidth)
+        self.box = box
+        self.uniform_weight = float(uniform_weight)
+        self._uniform = UniformBox(tuple(centres.shape[1:]), *box)
+        dim = centres[0].numel()
+        self._log_uniform = -dim * math.log(box[1] - box[0])
+        self._log_kernel_norm = -0.5 * dim * math.log(2 * math.pi * self.bandwidth**2)
+
+    @classmethod
+    def from_data(
+        cls,
+        x: Tensor,
+        box: tuple[float, float],
+        *,
+        max_centres: int = 2048,
+        uniform_weight: float = 0.1,
+        bandwidth: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> KernelProposal:
+        """Centres: up to ``max_centres`` rows of ``x`` drawn without replacement; ``bandwidth``
+        ``None`` means Scott's rule, h = σ̄ · M^(−1/(d+4)) with σ̄ the mean per-coordinate std."""
+        if x.shape[0] > max_centres:
+            x = x[torch.randperm(x.shape[0], generator=generator, device=x.device)[:max_centres]]
+        if bandwidth is None:
+            if x.shape[0] < 2:
+                raise ValueError("Scott's bandwidth needs at least 2 centres; give bandwidth explicitly")
+            dim = x[0].numel()
+            bandwidth = float(x.flatten(1).std(0).mean()) * x.shape[0] ** (-1.0 / (dim + 4))
+        return cls(x, bandwidth, box, uniform_weight=uniform_weight)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        device, dtype = self.centres.device, self.centres.dtype
+        picks = torch.randint(self.centres.shape[0], (n,), generator=generator, device=device)
+        kernel = self.centres[picks] + self.bandwidth * torch.randn(
+            (n, *self.centres.shape[1:]), generator=generator, device=device, dtype=dtype
+        )
+        uniform = self._uniform.sample(n, generator=generator, device=device, dtype=dtype)
+        use_uniform = torch.rand(n, generator=generator, device=device) < self.uniform_weight
+        return torch.where(use_uniform.view(-1, *([1] * (kernel.ndim - 1))), uniform, kernel)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log q(x)`` per row, shape ``(B,)``."""
+        sq = torch.cdist(x.flatten(1), self.centres.flatten(1).to(x.dtype)).square()  # (B, M)
+        log_kernel = (
+            torch.logsumexp(-sq / (2 * self.bandwidth**2), dim=1)
+            - math.log(self.centres.shape[0])
+            + self._log_kernel_norm
+        )
+        low, high = self.box
+        inside = ((x >= low) & (x <= high)).flatten(1).all(1)
+        log_uniform = torch.where(
+            inside, torch.full_like(log_kernel, self._log_uniform), torch.full_like(log_kernel, -math.inf)
+        )
+        if self.uniform_weight == 0.0:
+            return log_kernel
+        return torch.logaddexp(
+            log_kernel + math.log1p(-self.uniform_weight), log_uniform + math.log(self.uniform_weight)
+        )
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -313,7 +446,9 @@ class SamplerConfig:
     """A sampler by name plus its hyperparameters, as ``params.yaml`` gives them.
 
     ``noise_scale``, ``grad_clip`` and ``clamp`` apply to ``langevin`` only; setting them for
-    ``mala`` (which has no such knobs: it must keep exp(−E) invariant) is an error.
+    ``mala`` (which has no such knobs: it must keep exp(−E) invariant) is an error. ``jump_every``
+    (``mala`` only) turns on mode-jumping moves from a :class:`KernelProposal` of the training data,
+    mixed with uniform noise over the data box at weight ``jump_uniform_weight``.
     """
 
     name: str = "langevin"
@@ -321,9 +456,21 @@ class SamplerConfig:
     noise_scale: float | None = None
     grad_clip: float | None = None
     clamp: tuple[float, float] | None = None
+    jump_every: int | None = None
+    jump_uniform_weight: float = 0.1
 
-    def build(self) -> Sampler:
+    def build(
+        self,
+        *,
+        data: Tensor | None = None,
+        box: tuple[float, float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Sampler:
+        """The sampler; ``data`` and ``box`` (what :class:`KernelProposal` is built from) are needed
+        when ``jump_every`` is set, and ignored otherwise."""
         if self.name == "langevin":
+            if self.jump_every is not None:
+                raise ValueError("jump_every needs the Metropolis-adjusted sampler (name: mala)")
             return Langevin(self.step_size, self.noise_scale, self.grad_clip, self.clamp)
         extras = {
             k: v
@@ -336,4 +483,11 @@ class SamplerConfig:
         }
         if extras:
             raise ValueError(f"sampler {self.name!r} takes no {sorted(extras)}")
-        return make_sampler(self.name, step_size=self.step_size)
+        if self.jump_every is None:
+            return make_sampler(self.name, step_size=self.step_size)
+        if data is None or box is None:
+            raise ValueError("jump_every is set: building the sampler needs the training data and its box")
+        proposal = KernelProposal.from_data(
+            data, box, uniform_weight=self.jump_uniform_weight, generator=generator
+        )
+        return MALA(self.step_size, jump=proposal, jump_every=self.jump_every)

@@ -22,7 +22,7 @@ from ebm.distributed import process_group_context
 from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
 from ebm.evaluation.density2d import DensityReport, evaluate_density
 from ebm.losses import CDConfig, ContrastiveDivergence, NonFiniteLossError
-from ebm.samplers import ReplayBuffer, SamplerConfig, UniformBox
+from ebm.samplers import ReplayBuffer, Sampler, SamplerConfig, UniformBox
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer, TrainResult, resolve_device
 
 
@@ -41,7 +41,9 @@ class Toy2DConfig:
     model: MLPEnergyConfig = field(
         default_factory=lambda: MLPEnergyConfig(in_features=2, widths=(128, 128, 128))
     )
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="mala", step_size=0.05))
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(name="mala", step_size=0.05, jump_every=5)
+    )
     loss: CDConfig = field(default_factory=lambda: CDConfig(offset_weight=1.0))
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
@@ -52,9 +54,15 @@ class Toy2DConfig:
 
 
 def build_objective(
-    config: Toy2DConfig, bounds: tuple[float, float], *, device: torch.device, generator: torch.Generator
+    config: Toy2DConfig,
+    bounds: tuple[float, float],
+    *,
+    x_train: Tensor,
+    device: torch.device,
+    generator: torch.Generator,
 ) -> ContrastiveDivergence:
-    """The CD/PCD loss of ``config``, its buffer filled with uniform noise over ``bounds``²."""
+    """The CD/PCD loss of ``config``, its buffer filled with uniform noise over ``bounds``², its
+    sampler's mode-jumping proposal (if on) built from ``x_train``."""
     buffer = None
     if config.loss.persistent:
         proposal = UniformBox((config.model.in_features,), *bounds)
@@ -66,13 +74,20 @@ def build_objective(
             device=device,
         )
     return ContrastiveDivergence(
-        config.sampler.build(),
+        build_sampler(config, bounds, x_train=x_train.to(device)),
         n_steps=config.loss.n_steps,
         alpha=config.loss.alpha,
         offset_weight=config.loss.offset_weight,
         buffer=buffer,
         target_acceptance=config.loss.target_acceptance,
     )
+
+
+def build_sampler(config: Toy2DConfig, bounds: tuple[float, float], *, x_train: Tensor) -> Sampler:
+    """The configured sampler; mode-jumping proposals come from ``x_train``, chosen by the training
+    seed, so a resumed run rebuilds the same proposal."""
+    generator = torch.Generator(x_train.device).manual_seed(config.train.seed)
+    return config.sampler.build(data=x_train, box=bounds, generator=generator)
 
 
 def train_energy(
@@ -99,7 +114,11 @@ def train_energy(
     buffer_generator = torch.Generator(device).manual_seed(buffer_seed)
     shard = dataclasses.replace(config.loss, buffer_size=config.loss.buffer_size // context.world_size)
     objective = build_objective(
-        dataclasses.replace(config, loss=shard), bounds, device=device, generator=buffer_generator
+        dataclasses.replace(config, loss=shard),
+        bounds,
+        x_train=x_train,
+        device=device,
+        generator=buffer_generator,
     )
     trainer = Trainer(
         energy, objective, x_train, config.train, checkpoint_path=checkpoint_path, callbacks=callbacks
@@ -109,13 +128,19 @@ def train_energy(
 
 
 def sample_energy(
-    energy: nn.Module, config: Toy2DConfig, bounds: tuple[float, float], *, generator: torch.Generator
+    energy: nn.Module,
+    config: Toy2DConfig,
+    bounds: tuple[float, float],
+    *,
+    x_train: Tensor,
+    generator: torch.Generator,
 ) -> Tensor:
     """Long-run samples: ``sampling.n_steps`` of the training sampler from uniform noise."""
     device = next(energy.parameters()).device
     proposal = UniformBox((config.model.in_features,), *bounds)
     x0 = proposal.sample(config.sampling.n_samples, generator=generator, device=device)
-    samples, _ = config.sampler.build().run(energy, x0, config.sampling.n_steps, generator=generator)
+    sampler = build_sampler(config, bounds, x_train=x_train.to(device))
+    samples, _ = sampler.run(energy, x0, config.sampling.n_steps, generator=generator)
     return samples
 
 
@@ -129,7 +154,9 @@ def evaluate_energy(
     seed: int,
 ) -> tuple[DensityReport, Tensor]:
     """Long-run samples, then the exact-grid report (NLL, gap, MMD, CV-KDE); returns both."""
-    samples = sample_energy(energy, config, dataset.bounds, generator=torch.Generator().manual_seed(seed))
+    samples = sample_energy(
+        energy, config, dataset.bounds, x_train=x_train, generator=torch.Generator().manual_seed(seed)
+    )
     report = evaluate_density(
         energy,
         bounds=dataset.bounds,

@@ -31,14 +31,18 @@ Usage::
 """
 
 # Prefect starts its analytics thread during ``import prefect``: the switches go first.
+import os
+
 from ebm.offline import apply_offline_env
 
 apply_offline_env()
+# Prefect gives its temporary API 20 s to come up, which a busy 2-core machine (a training stage in
+# another process, say) overruns; the flow would then fail before its first stage.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator, Mapping  # noqa: E402
