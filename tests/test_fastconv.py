@@ -8,6 +8,7 @@ whenever a convolution falls back to PyTorch's ordinary path.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ebm import fastconv
-from ebm.energies import energy_and_grad, frozen
+from ebm.energies import MLPEnergy, MLPEnergyConfig, energy_and_grad, frozen
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
 from ebm.images import ImageEnergySpec, ImageModelConfig, ImageRecipe, train_image_energy
 from ebm.jem import JEMConfig
@@ -206,3 +207,24 @@ def test_image_training_samples_through_the_path_and_trains_the_same_weights() -
     reference_state = reference.state_dict()
     for key, value in trained.state_dict().items():
         torch.testing.assert_close(value, reference_state[key], rtol=1e-4, atol=1e-6)
+
+
+def test_functional_conv2d_with_one_element_lists_inside_the_mode() -> None:
+    weight = torch.randn(6, 2, 3, 3, generator=seeded(9))  # a plain tensor: no gradient needed
+    x = torch.randn(3, 2, 10, 10, generator=seeded(10), requires_grad=True)
+    forward_calls = fastconv.route_counts().get("forward", 0)
+    with fastconv.FrozenConvolutions():
+        fast = F.conv2d(x, weight, None, [2], [1])
+        (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
+    assert fastconv.route_counts()["forward"] == forward_calls + 1
+    plain = F.conv2d(x, weight, None, [2], [1])
+    (plain_grad,) = torch.autograd.grad(plain.square().sum(), x)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_energies_without_convolutions_run_outside_the_mode() -> None:
+    assert isinstance(fastconv.for_energy(MLPEnergy(MLPEnergyConfig())), contextlib.nullcontext)
+    assert isinstance(fastconv.for_energy(cnn28()), fastconv.FrozenConvolutions)
+    with fastconv.disabled():
+        assert isinstance(fastconv.for_energy(cnn28()), contextlib.nullcontext)
