@@ -69,8 +69,8 @@ def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tu
 
     The gradient is taken with respect to the input only, so the energy's parameters accumulate
     nothing. Both results are detached. In an energy module with 2-D convolutions, those whose weights
-    are frozen (inside :func:`frozen`, as in the samplers) run through :mod:`ebm.fastconv`: the same
-    values, computed in channels_last with the input gradient only.
+    are frozen (inside :func:`frozen`, as in the samplers) run on the CPU through :mod:`ebm.fastconv`: the
+    same values, computed in channels_last with the input gradient only.
 
     Args:
         energy: ``(B, *event) → (B,)``.
@@ -83,7 +83,7 @@ def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tu
     """
     if compile:
         return _compiled_energy_and_grad(energy)(x)
-    with torch.enable_grad(), fastconv.for_energy(energy):
+    with torch.enable_grad(), fastconv.for_energy(energy, x):
         x = x.detach().requires_grad_(True)
         e = check_energy_output(energy(x), x)
         (grad,) = torch.autograd.grad(e.sum(), x)

@@ -223,8 +223,10 @@ def test_functional_conv2d_with_one_element_lists_inside_the_mode() -> None:
     torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-5)
 
 
-def test_energies_without_convolutions_run_outside_the_mode() -> None:
-    assert isinstance(fastconv.for_energy(MLPEnergy(MLPEnergyConfig())), contextlib.nullcontext)
-    assert isinstance(fastconv.for_energy(cnn28()), fastconv.FrozenConvolutions)
+def test_energies_without_convolutions_and_non_cpu_inputs_run_outside_the_mode() -> None:
+    images, rows = torch.rand(2, 1, 28, 28), torch.rand(2, 2)
+    assert isinstance(fastconv.for_energy(MLPEnergy(MLPEnergyConfig()), rows), contextlib.nullcontext)
+    assert isinstance(fastconv.for_energy(cnn28(), images), fastconv.FrozenConvolutions)
+    assert isinstance(fastconv.for_energy(cnn28(), images.to("meta")), contextlib.nullcontext)  # not CPU
     with fastconv.disabled():
-        assert isinstance(fastconv.for_energy(cnn28()), contextlib.nullcontext)
+        assert isinstance(fastconv.for_energy(cnn28(), images), contextlib.nullcontext)
