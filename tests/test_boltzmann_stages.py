@@ -137,7 +137,7 @@ def test_the_four_stages_write_their_outs_and_log_to_the_boltzmann_experiment(
 
     structured = json.loads((reports / "structured_metrics.json").read_text())
     methods = structured["methods"]
-    assert structured["table_order"][:2] == ["noisy_threshold", "unary"]
+    assert structured["table_order"][:2] == ["noisy_threshold", "independent"]
     assert set(structured["table_order"]) == set(methods) and "langevin" in methods
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in methods.values())
     assert sorted(p.name for p in (reports / "structured_figures").iterdir()) == [

@@ -18,12 +18,14 @@ over y with x clamped, started at y_true (conditional CD-k); ``forward(state)`` 
 
 Inference (:func:`compare_inference`): Gibbs sampling at β = 1 with the posterior marginals thresholded at
 ½ (the maximiser of expected per-pixel accuracy), annealed Gibbs finished by ICM, ICM alone, and Langevin
-dynamics on the relaxation y ∈ [0, 1]^(H×W), rounded at ½.
+dynamics on the relaxation y ∈ [0, 1]^(H×W), rounded at ½. All start from the labels each pixel prefers
+when its neighbours tell it nothing (neighbours at ½), the usual starting point of ICM.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -220,7 +222,7 @@ def _default_train() -> TrainConfig:
     return TrainConfig(
         steps=1500,
         batch_size=32,
-        lr=3e-3,
+        lr=1e-3,
         betas=(0.9, 0.999),
         grad_clip=None,
         checkpoint_every=500,
@@ -260,7 +262,7 @@ def train_grid_crf(
     states: Tensor,
     recipe: StructuredRecipe,
     *,
-    checkpoint_path: str | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
     callbacks: Sequence[MetricsCallback] = (),
 ) -> tuple[GridCRFEnergy, TrainResult]:
     """Train on task states ``(N, 2, H, W)`` by conditional CD-k; returns the model (eval mode) and run."""
@@ -321,16 +323,26 @@ Decoder = Callable[[GridCRFEnergy, Tensor, torch.Generator], Tensor]
 """(model, inputs x (B, 1, H, W), generator) → binary labels ŷ (B, 1, H, W)."""
 
 
-def unary_labels(model: GridCRFEnergy, x: Tensor) -> Tensor:
-    """The labels the unaries alone prefer, 1[u(x) > 0]: every method's starting point."""
-    return (model.unary(x) > 0).to(x.dtype)
+def independent_field(model: GridCRFEnergy, x: Tensor) -> Tensor:
+    """∂E/∂y with every neighbour at ½: each pixel's preference when its neighbours tell it nothing.
+
+    The compatibility tables carry per-pixel biases as well as the interaction (φ[1, ·] − φ[0, ·]), so
+    the unaries u(x) alone are not the no-interaction model; this field keeps those biases.
+    Shape ``(B, 1, H, W)``.
+    """
+    return model.pairwise_field(torch.full_like(x, 0.5)) - model.unary(x)
+
+
+def independent_labels(model: GridCRFEnergy, x: Tensor) -> Tensor:
+    """1[−∂E/∂y > 0] with neighbours at ½ (:func:`independent_field`): every method's starting point."""
+    return (independent_field(model, x) < 0).to(x.dtype)
 
 
 def decode_gibbs_marginals(
     model: GridCRFEnergy, x: Tensor, generator: torch.Generator, *, sweeps: int, burn_in: int
 ) -> Tensor:
     """1[p̂(yᵢ = 1 | x) > ½], p̂ the average of the Gibbs samples after burn-in (β = 1)."""
-    state = torch.cat([x, unary_labels(model, x)], dim=1)
+    state = torch.cat([x, independent_labels(model, x)], dim=1)
     unary = model.gibbs_context(state)
     total = torch.zeros_like(x)
     for sweep in range(sweeps):
@@ -343,8 +355,10 @@ def decode_gibbs_marginals(
 def decode_gibbs(
     model: GridCRFEnergy, x: Tensor, generator: torch.Generator, *, sampler: Gibbs, sweeps: int
 ) -> Tensor:
-    """The last state of a Gibbs chain (annealed, or ICM) started at the unary labels."""
-    state, _ = sampler.run(model, torch.cat([x, unary_labels(model, x)], dim=1), sweeps, generator=generator)
+    """The last state of a Gibbs chain (annealed, or ICM) started at the independent-pixel labels."""
+    state, _ = sampler.run(
+        model, torch.cat([x, independent_labels(model, x)], dim=1), sweeps, generator=generator
+    )
     return state[:, 1:]
 
 
@@ -358,7 +372,7 @@ def decode_annealed(
     icm_sweeps: int,
 ) -> Tensor:
     """Annealed Gibbs (β: 1 → ``beta_end``) finished by ``icm_sweeps`` sweeps of ICM."""
-    state = torch.cat([x, unary_labels(model, x)], dim=1)
+    state = torch.cat([x, independent_labels(model, x)], dim=1)
     state, _ = Gibbs(1.0, beta_end).run(model, state, sweeps, generator=generator)
     state, _ = Gibbs(math.inf, math.inf).run(model, state, icm_sweeps, generator=generator)
     return state[:, 1:]
@@ -367,8 +381,8 @@ def decode_annealed(
 def decode_langevin(
     model: GridCRFEnergy, x: Tensor, generator: torch.Generator, *, sampler: Langevin, steps: int
 ) -> Tensor:
-    """Langevin on y ∈ [0, 1] from σ(u(x)), with x fixed; rounded at ½."""
-    start = torch.sigmoid(model.unary(x))
+    """Langevin on y ∈ [0, 1] from the independent pixels' probabilities σ(−∂E/∂y), x fixed; rounded at ½."""
+    start = torch.sigmoid(-independent_field(model, x))
     relaxed, _ = sampler.run(ClampedInputEnergy(model, x), start, steps, generator=generator)
     return (relaxed > 0.5).to(x.dtype)
 
@@ -389,7 +403,12 @@ def inference_methods(config: InferenceConfig) -> list[Method]:
     decoupled = Langevin(config.langevin_step_size, config.langevin_noise_scale, None, (0.0, 1.0))
     icm = Gibbs(math.inf, math.inf)
     return [
-        Method("unary", "unary only", lambda model, x, g: unary_labels(model, x), 0),
+        Method(
+            "independent",
+            "independent pixels (neighbours at ½)",
+            lambda model, x, g: independent_labels(model, x),
+            0,
+        ),
         Method(
             "gibbs_marginals",
             "Gibbs marginals (β=1)",
