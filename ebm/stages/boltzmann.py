@@ -369,7 +369,7 @@ def train_structured(
     callbacks: list[MetricsCallback] = [] if run is None else [_mlflow_callback(run, "structured", [])]
     checkpoint = paths.checkpoints / f"structured-{_fingerprint(to_dict(recipe), states)}.ckpt"
     start = time.perf_counter()
-    model, result = train_grid_crf(states, recipe, checkpoint_path=str(checkpoint), callbacks=callbacks)
+    model, result = train_grid_crf(states, recipe, checkpoint_path=checkpoint, callbacks=callbacks)
     seconds = time.perf_counter() - start
     save_model(
         paths.structured_model,
