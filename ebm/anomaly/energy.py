@@ -1,0 +1,352 @@
+"""The detector's energy: exact marginal energies plus a residual learned by contrastive divergence.
+
+On robust-scaled features ``x ∈ ℝ^C`` the model is a product of experts,
+
+    E(x) = Σ_j e_j(x_j) + scale · f_m(x),     p(x) ∝ exp(−E(x)),
+
+- ``e_j = −log q_j``, with ``q_j`` a Gaussian kernel density of column ``j`` (Silverman's bandwidth),
+  fitted in closed form and tabulated on a grid (:class:`MarginalEnergy`). Alone, ``Σ_j e_j`` is the
+  independence model, a smooth cousin of HBOS; it makes the energy density-aware and scale-free from
+  the start, and it grows quadratically outside the data, so no spurious low-energy region is left
+  far away;
+- ``f_m`` is a spectrally normalised MLP (:class:`~ebm.energies.MLPEnergy`), trained by contrastive
+  divergence with MALA negatives against the *whole* energy (:class:`ResidualEnergy`), so it learns
+  what the marginals miss: the dependence between columns. ``M`` members with different seeds are
+  averaged.
+
+The anomaly score :class:`AnomalyEnergy` keeps the marginal part whole and the residual only where it
+raises the energy (see there why).
+
+Because the base is a product of one-dimensional densities it can be sampled exactly (draw every
+column independently from the data, add kernel noise): :class:`MarginalProposal` gives the replay
+buffer fresh chains that already sit in the base's equilibrium.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ebm.energies import MLPEnergy
+
+
+class MarginalEnergy(nn.Module):
+    """E(x) = Σ_j e_j(x_j), each ``e_j`` a calibrated negative log-density of column ``j``, tabulated.
+
+    ``e_j = (1 − c)·(−log q_j) + c·(−log P(q_j(X) ≤ q_j(x)))``: a mix (``c = calibration``, default ½) of
+    the column's negative log-density and the negative log of its *density p-value*, the share of
+    training rows whose value is no more likely than ``x_j``. Both rank a column's values identically;
+    they differ in how columns add up. The log-density keeps each column's dynamic range, so one column
+    with sharp peaks can drown the others; the p-value puts every column on one probability scale
+    (Fisher's combination, the idea behind ECOD), which lets several moderately unusual columns add up.
+    Measured with the marginal part alone (5 seeds): the mix lifts AUPRC on the synthetic transactions
+    from 0.795 (c = 0) to 0.827 and keeps the public sets' mean AUROC (0.899 → 0.899); c = 1 reaches
+    0.821 and 0.882 (digits falls from 0.83 to 0.60).
+
+    Column ``j``'s density is Abramson's adaptive kernel estimate: a pilot with Silverman's bandwidth
+    ``h_j``, then each point's kernel widened by ``(q̃(x_i)/g)^(−1/2)`` (``g`` the pilot's geometric
+    mean), so a few stray training rows in a tail (contamination) spread thin instead of carving
+    low-energy pockets where anomalies would hide.
+
+    The table has ``grid_size`` points uniform in ``u = asinh(x / h_j)``: spacing a fraction of ``h`` in the
+    bulk and a few percent of ``|x|`` in the tails, so one table serves light and heavy tails alike. It
+    spans ``[min − 4h_lo, max + 4h_hi]`` (``h_lo``, ``h_hi`` the extreme points' kernel widths); beyond, the
+    energy continues as the extreme kernel's, ``e_edge + 4d/h + d²/(2h²)`` at a distance ``d`` past the
+    edge (C¹ there), plus, beyond the largest training energy, nothing else: the p-value part grows one for
+    one with the energy there. Build it with :meth:`fit`; everything is a buffer, saved by ``state_dict``.
+    """
+
+    bandwidth: Tensor
+    u_low: Tensor
+    u_step: Tensor
+    x_low: Tensor
+    x_high: Tensor
+    h_low: Tensor
+    h_high: Tensor
+    table: Tensor
+
+    def __init__(self, n_features: int, grid_size: int = 1024) -> None:
+        super().__init__()
+        for name in ("bandwidth", "u_step", "h_low", "h_high"):
+            self.register_buffer(name, torch.ones(n_features))
+        for name in ("u_low", "x_low", "x_high"):
+            self.register_buffer(name, torch.zeros(n_features))
+        self.register_buffer("table", torch.zeros(grid_size, n_features))  # (G, C)
+
+    @property
+    def grid_size(self) -> int:
+        return self.table.shape[0]
+
+    @classmethod
+    def fit(
+        cls,
+        x: Tensor,
+        *,
+        grid_size: int = 1024,
+        bandwidth_factor: float = 1.0,
+        adaptive: bool = True,
+        calibration: float = 0.5,
+    ) -> MarginalEnergy:
+        """Fit one kernel density per column of ``x`` (N, C).
+
+        The pilot bandwidth is Silverman's ``0.9 · min(σ, IQR/1.349) · N^(−1/5)`` (σ alone when the IQR is 0,
+        1 for a constant column) times ``bandwidth_factor``; ``adaptive=False`` keeps it for every point.
+        ``calibration=0`` gives the plain negative log-densities (each ``exp(−e_j)`` integrates to 1).
+        """
+        if grid_size < 16:
+            raise ValueError(f"grid_size must be ≥ 16, got {grid_size}")
+        x = x.detach().to(torch.float64).cpu()
+        energy = cls(x.shape[1], grid_size)
+        for j in range(x.shape[1]):
+            column = _fit_column(x[:, j], grid_size, bandwidth_factor, adaptive, calibration)
+            for name, value in column.items():
+                getattr(energy, name)[..., j] = value
+        return energy
+
+    def per_feature(self, x: Tensor) -> Tensor:
+        """The marginal energies ``e_j(x_j)``, shape (B, C); differentiable in ``x``."""
+        return _TabulatedEnergy.apply(x, self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.per_feature(x).sum(1)
+
+
+class _TabulatedEnergy(torch.autograd.Function):
+    """Table look-up with its analytic derivative (a third of autograd's time and memory on the
+    gathers): inside the grid ``∂e/∂x = slope / (Δu · √(x² + h²))``, beyond it ``±4/h + d/h²``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, marginal: MarginalEnergy) -> Tensor:
+        # Scoring speed lives here (the marginal is half the model's time): few passes over (B, C), in
+        # place where possible, and the tail formula only for the rare entries past the grid.
+        table = marginal.table.to(x.dtype)
+        clamped = torch.maximum(torch.minimum(x, marginal.x_high), marginal.x_low)
+        position = torch.asinh(clamped / marginal.bandwidth).sub_(marginal.u_low).div_(marginal.u_step)
+        position.clamp_(0, table.shape[0] - 1)
+        index = position.floor().clamp_(max=table.shape[0] - 2)
+        fraction = position.sub_(index)
+        index = index.long()  # (B, C)
+        left = table.gather(0, index)
+        slope = table.gather(0, index.add_(1)).sub_(left)
+        energy = torch.addcmul(left, fraction, slope)
+        outside = x - clamped  # signed distance past the grid, 0 inside
+        past = outside.ne(0).nonzero(as_tuple=True)  # (rows, columns) of the entries past the grid
+        distance = outside[past]
+        width = torch.where(distance > 0, marginal.h_high[past[1]], marginal.h_low[past[1]])
+        if distance.numel():
+            energy.index_put_(
+                past, distance.abs() * (4.0 + 0.5 * distance.abs() / width) / width, accumulate=True
+            )
+        if ctx.needs_input_grad[0]:
+            du_dx = (clamped.square() + marginal.bandwidth.square()).rsqrt()
+            derivative = slope.div_(marginal.u_step).mul_(du_dx)
+            derivative.index_put_(past, (distance.sign() * 4.0 + distance / width) / width)
+            ctx.save_for_backward(derivative)
+        return energy
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (derivative,) = ctx.saved_tensors
+        return grad_output * derivative, None
+
+
+def _spread(values: Tensor) -> float:
+    """min(σ, IQR/1.349), σ alone when the IQR is 0, 1 for a constant column."""
+    q25, q75 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=values.dtype)).tolist()
+    std = float(values.std()) if values.numel() > 1 else 0.0
+    spread = min(std, (q75 - q25) / 1.349) if q75 > q25 else std
+    return spread if spread > 0 else 1.0
+
+
+def _silverman(values: Tensor) -> float:
+    return 0.9 * _spread(values) * values.numel() ** (-0.2)
+
+
+def _log_kde(points: Tensor, centres: Tensor, log_weights: Tensor, widths: Tensor) -> Tensor:
+    """log Σ_k w_k N(point; centre_k, width_k²) for every point, in chunks: shape of ``points``."""
+    out = torch.empty_like(points)
+    log_norm = log_weights - widths.log() - 0.5 * math.log(2 * math.pi)
+    for start in range(0, points.numel(), 256):
+        chunk = points[start : start + 256, None]  # (256, 1)
+        out[start : start + 256] = torch.logsumexp(
+            log_norm - 0.5 * ((chunk - centres) / widths).square(), dim=1
+        )
+    return out
+
+
+def _support(values: Tensor, pilot: float, max_points: int = 4096) -> tuple[Tensor, Tensor]:
+    """Distinct values and their counts; above ``max_points`` of them, the means and counts of
+    ``max_points`` bins uniform in ``asinh(x / pilot)`` (finer than the pilot kernel in the bulk)."""
+    unique, counts = torch.unique(values, return_counts=True)
+    if unique.numel() <= max_points:
+        return unique, counts.to(values.dtype)
+    u = torch.asinh(values / pilot)
+    u_min, u_max = float(u.min()), float(u.max())
+    index = ((u - u_min) / (u_max - u_min) * (max_points - 1)).round().long()
+    sums = torch.zeros(max_points, dtype=values.dtype).index_add_(0, index, values)
+    counts = torch.zeros(max_points, dtype=values.dtype).index_add_(0, index, torch.ones_like(values))
+    occupied = counts > 0
+    return sums[occupied] / counts[occupied], counts[occupied]
+
+
+def _log_survival(values: Tensor, table: Tensor, pilot: float, u_low: float, u_step: float) -> Tensor:
+    """``−log P(e(X) ≥ e)`` at each table entry ``e``, from the energies of the training ``values``.
+
+    Between training energies the rank is interpolated as the forward pass reads the table; beyond the
+    largest it continues as ``log(n + 1) + (e − e_max)``, so extreme rows keep their order.
+    """
+    positions = ((torch.asinh(values / pilot) - u_low) / u_step).numpy()
+    at_data = np.sort(np.interp(positions, np.arange(table.numel()), table.numpy()))
+    n_rows = at_data.size
+    below = np.searchsorted(at_data, table.numpy(), side="left")  # training energies lower than e
+    log_survival = -np.log((n_rows - below + 1) / (n_rows + 1))
+    beyond = table.numpy() > at_data[-1]
+    log_survival[beyond] = math.log(n_rows + 1) + table.numpy()[beyond] - at_data[-1]
+    return torch.from_numpy(log_survival)
+
+
+def _fit_column(
+    values: Tensor,
+    grid_size: int,
+    bandwidth_factor: float,
+    adaptive: bool,
+    calibration: float,
+) -> dict[str, Any]:
+    n_rows = values.numel()
+    pilot = bandwidth_factor * _silverman(values)
+    unique, counts = _support(values, pilot)
+    log_weights = (counts / n_rows).log()
+    widths = torch.full_like(unique, pilot)
+    if adaptive and unique.numel() > 1:
+        log_density = _log_kde(unique, unique, log_weights, widths)
+        log_geometric_mean = float((log_weights.exp() * log_density).sum())
+        widths = pilot * (-0.5 * (log_density - log_geometric_mean)).exp().clamp(0.2, 10.0)
+    h_low, h_high = float(widths[0]), float(widths[-1])
+    x_low, x_high = float(unique[0]) - 4 * h_low, float(unique[-1]) + 4 * h_high
+    u_low, u_high = math.asinh(x_low / pilot), math.asinh(x_high / pilot)
+    u_step = (u_high - u_low) / (grid_size - 1)
+    grid = pilot * torch.sinh(u_low + u_step * torch.arange(grid_size, dtype=values.dtype))
+    table = -_log_kde(grid, unique, log_weights, widths)
+    if calibration > 0:
+        table = (1 - calibration) * table + calibration * _log_survival(values, table, pilot, u_low, u_step)
+    return {
+        "bandwidth": pilot,
+        "u_low": u_low,
+        "u_step": u_step,
+        "x_low": x_low,
+        "x_high": x_high,
+        "h_low": h_low,
+        "h_high": h_high,
+        "table": table.float(),
+    }
+
+
+class AnomalyEnergy(nn.Module):
+    """The detector's score: ``S(x) = Σ_j e_j(x_j) + scale · max(0, f̄(x) − f̄₀)``, higher = more anomalous.
+
+    ``f̄`` is the mean of the members' residual energies and ``f̄₀`` its median on the training rows. The
+    residual enters only where it *raises* the energy above its typical value (broken dependence between
+    columns). Where it lowers the energy, the marginal evidence stands: a density model rightly gives a
+    dense cluster of contaminating rows, or rows extreme along a correlated direction, a lower joint
+    energy than the independence model does, but for detection that credit is a loss.
+
+    Measured on the benchmark's sets with uncalibrated marginals (3 members, 2 seeds; AUROC unless
+    said; ``benchmarks/anomaly.py`` has the current figures): the unclipped energy
+    ``Σ e_j + scale·(f̄ − f̄₀)`` falls to 0.00 on clustered breast-cancer anomalies and 0.07 on clustered
+    digits; this clipped score keeps 0.99 and 0.91. Against the marginals alone, the clipped residual at
+    0.3 × its training weight raises ADBench-style dependency anomalies from 0.54 to 0.65 (mean of
+    three sources) and the public sets' mean from 0.912 to 0.919, at a cost of 0.006 AUPRC on the
+    synthetic transactions; at its full training weight it reaches 0.81 on dependency anomalies but costs
+    0.06 AUPRC on the transactions (legitimate but unusual combinations get flagged).
+
+    Args:
+        marginal: the fitted :class:`MarginalEnergy`.
+        members: residual energies ``(B, C) → (B,)``; plain (not spectrally normalised) MLPs once trained.
+        scale: the residual's weight in the score (the detector uses 0.3 × its training weight).
+        offset: ``f̄₀``.
+    """
+
+    offset: Tensor
+
+    def __init__(
+        self, marginal: MarginalEnergy, members: Sequence[nn.Module], scale: float, offset: float = 0.0
+    ):
+        super().__init__()
+        self.marginal = marginal
+        self.members = nn.ModuleList(members)
+        self.scale = float(scale)
+        self.register_buffer("offset", torch.tensor(float(offset)))
+
+    def residual(self, x: Tensor) -> Tensor:
+        """The members' mean residual energy ``f̄(x)``, shape (B,)."""
+        if not len(self.members):
+            return x.new_zeros(x.shape[0])
+        total = self.members[0](x)
+        for member in self.members[1:]:
+            total = total + member(x)
+        return total / len(self.members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.marginal(x) + self.scale * torch.relu(self.residual(x) - self.offset)
+
+
+class ResidualEnergy(nn.Module):
+    """One member trained by CD: ``E(x) = marginal(x) + scale · f(x)`` with the marginal frozen."""
+
+    def __init__(self, marginal: MarginalEnergy, residual: MLPEnergy, scale: float = 1.0) -> None:
+        super().__init__()
+        self.marginal = marginal
+        self.residual = residual
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.marginal(x) + self.scale * self.residual(x)
+
+
+class MarginalProposal:
+    """Exact samples of the marginal model: each column drawn independently from the data, plus kernel noise.
+
+    Duck-types :class:`~ebm.samplers.UniformBox` (``sample(n, generator=, device=, dtype=)``), so a
+    :class:`~ebm.samplers.ReplayBuffer` can start and refresh its chains from it.
+    """
+
+    def __init__(self, data: Tensor, bandwidth: Tensor) -> None:
+        self.data = data.detach()
+        self.bandwidth = bandwidth.detach().to(data.dtype)
+        self.event_shape = tuple(data.shape[1:])
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        n_rows, n_features = self.data.shape
+        data = self.data.to(device)
+        rows = torch.randint(n_rows, (n, n_features), generator=generator, device=device)
+        picked = data.gather(0, rows)  # (n, C): column j from row rows[:, j]
+        noise = torch.randn((n, n_features), generator=generator, device=device, dtype=data.dtype)
+        return (picked + noise * self.bandwidth.to(device)).to(dtype)
+
+
+def plain_mlp(energy: MLPEnergy) -> MLPEnergy:
+    """A copy of ``energy`` with spectral normalisation folded into plain weights (W/σ, as in eval mode)."""
+    config = dataclasses.replace(energy.config, spectral_norm=False)
+    plain = MLPEnergy(config)
+    was_training = energy.training
+    energy.eval()
+    with torch.no_grad():
+        for source, target in zip(energy.net, plain.net, strict=True):
+            if isinstance(target, nn.Linear) and isinstance(source, nn.Linear):
+                target.weight.copy_(source.weight)  # a parametrised weight reads as W/σ
+                target.bias.copy_(source.bias)
+    energy.train(was_training)
+    return plain.eval()

@@ -1,0 +1,159 @@
+"""EnergyAnomalyDetector: PyOD/scikit-learn conventions, thresholds, saving, validation, behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector, make_detector
+from ebm.anomaly.metrics import detection_metrics
+from ebm.anomaly.validation import ValidationError
+from ebm.checkpoint import CheckpointError
+
+
+def quick_config(steps: int = 20, members: int = 1, **overrides: object) -> DetectorConfig:
+    config = DetectorConfig(n_members=members, widths=(16, 16), grid_size=256, **overrides)  # type: ignore[arg-type]
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps, batch_size=128))
+
+
+def make_rows(n: int, seed: int, kind: str = "normal") -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(size=n)
+    x2 = x1 + 0.2 * rng.normal(size=n)
+    amount = np.exp(rng.normal(3, 0.5, size=n))
+    category = rng.choice(["grocery", "fuel", "travel"], p=[0.6, 0.3, 0.1], size=n)
+    if kind == "global":
+        amount = amount * 60
+    elif kind == "dependency":
+        x2 = -x1 + 0.2 * rng.normal(size=n)
+    elif kind == "category":
+        category = np.full(n, "casino")
+    return pd.DataFrame({"x1": x1, "x2": x2, "amount": amount, "category": category})
+
+
+@pytest.fixture(scope="module")
+def train_rows() -> pd.DataFrame:
+    return pd.concat([make_rows(1500, 0), make_rows(15, 1, "global")], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def detector(train_rows: pd.DataFrame) -> EnergyAnomalyDetector:
+    return EnergyAnomalyDetector(quick_config()).fit(train_rows)
+
+
+def test_fit_learns_columns_log_amounts_and_categories(detector: EnergyAnomalyDetector) -> None:
+    assert detector.feature_names_in_ == ["x1", "x2", "amount", "category"]
+    assert detector.preprocessor.log_columns == [] or "amount" in detector.preprocessor.log_columns
+    assert detector.schema is not None and detector.schema.categorical == ("category",)
+    assert "category=__other__" in detector.preprocessor.encoded_names
+
+
+def test_decision_function_is_higher_for_anomalies(detector: EnergyAnomalyDetector) -> None:
+    normal = make_rows(400, 10)
+    # 1 % of the training rows are amounts 60× the usual, so those form a cluster the energy has seen:
+    # the hard, clustered case (the marginals alone reach 0.90 here, IsolationForest-style isolation more).
+    for kind, bar in (("global", 0.9), ("category", 0.99)):
+        anomalies = make_rows(20, 11, kind)
+        scores = detector.decision_function(pd.concat([normal, anomalies]))
+        labels = np.r_[np.zeros(400), np.ones(20)]
+        assert detection_metrics(labels, scores).auroc > bar, kind
+
+
+def test_threshold_follows_contamination_and_predict_is_zero_one(detector: EnergyAnomalyDetector) -> None:
+    assert detector.labels_.mean() == pytest.approx(detector.config.contamination, abs=0.005)
+    flags = detector.predict(make_rows(200, 12))
+    assert flags.dtype == np.int64 and set(np.unique(flags)) <= {0, 1}
+    assert (detector.decision_scores_ > detector.threshold_).sum() == detector.labels_.sum()
+
+
+def test_calibrate_sets_the_false_positive_rate_on_held_out_rows(train_rows: pd.DataFrame) -> None:
+    detector = EnergyAnomalyDetector(quick_config(steps=5)).fit(train_rows)
+    holdout = make_rows(2000, 13)
+    threshold = detector.calibrate(holdout, fpr=0.05)
+    assert threshold == detector.threshold_
+    assert detector.predict(holdout).mean() == pytest.approx(0.05, abs=0.002)
+    assert detector.predict(make_rows(2000, 14)).mean() == pytest.approx(0.05, abs=0.02)
+
+
+def test_save_and_load_give_the_same_scores_from_a_weights_only_file(
+    detector: EnergyAnomalyDetector, tmp_path: Path
+) -> None:
+    path = detector.save(tmp_path / "detector.pt", metadata={"note": "test"})
+    payload = torch.load(path, weights_only=True)  # no pickled objects: plain data and tensors only
+    assert payload["kind"] == "ebm-anomaly-detector"
+    loaded = EnergyAnomalyDetector.load(path)
+    rows = make_rows(100, 15)
+    np.testing.assert_array_equal(loaded.decision_function(rows), detector.decision_function(rows))
+    assert loaded.threshold_ == detector.threshold_ and loaded.config == detector.config
+    np.testing.assert_allclose(loaded.score_quantiles_, detector.score_quantiles_)
+
+
+def test_load_refuses_other_files(tmp_path: Path) -> None:
+    torch.save({"format_version": 1, "kind": "mlp_energy"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an ebm-anomaly-detector"):
+        EnergyAnomalyDetector.load(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError):
+        EnergyAnomalyDetector.load(tmp_path / "junk.pt")
+
+
+def test_same_seed_same_detector(train_rows: pd.DataFrame) -> None:
+    rows = make_rows(50, 16)
+    first = EnergyAnomalyDetector(quick_config(steps=5)).fit(train_rows).decision_function(rows)
+    second = EnergyAnomalyDetector(quick_config(steps=5)).fit(train_rows).decision_function(rows)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_bad_inputs_are_refused_with_the_column_named(detector: EnergyAnomalyDetector) -> None:
+    rows = make_rows(10, 17)
+    rows.loc[3, "x2"] = np.nan
+    with pytest.raises(ValidationError, match=r"'x2'.*row 4"):
+        detector.decision_function(rows)
+    with pytest.raises(ValidationError, match="missing column"):
+        detector.decision_function(make_rows(10, 17).drop(columns="amount"))
+    with pytest.raises(ValueError, match="columns"):
+        detector.decision_function(np.zeros((3, 7)))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        EnergyAnomalyDetector().decision_function(rows)
+
+
+def test_arrays_work_as_in_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 3))
+    detector = EnergyAnomalyDetector(quick_config(steps=5)).fit(x)
+    assert detector.feature_names_in_ == ["x0", "x1", "x2"]
+    scores = detector.decision_function(np.r_[x[:50], [[8.0, 8.0, 8.0]]])
+    assert scores.shape == (51,) and scores[-1] > scores[:-1].max()
+
+
+def test_params_mapping_is_checked_key_by_key() -> None:
+    assert make_detector({"n_members": 2, "train": {"steps": 7}}).config.train.steps == 7
+    with pytest.raises(ValueError, match="n_memberz"):
+        make_detector({"n_memberz": 2})
+
+
+@pytest.mark.slow
+def test_the_learned_residual_catches_broken_dependence_the_marginals_cannot_see(
+    train_rows: pd.DataFrame,
+) -> None:
+    normal, broken = make_rows(400, 20), make_rows(40, 21, "dependency")
+    rows, labels = pd.concat([normal, broken]), np.r_[np.zeros(400), np.ones(40)]
+    marginal_only = EnergyAnomalyDetector(DetectorConfig(n_members=0)).fit(train_rows)
+    # The default residual MLPs (16-wide ones are too small to learn the dependence in 200 steps: ~0.73).
+    with_residual = EnergyAnomalyDetector(DetectorConfig(n_members=2)).fit(train_rows)
+    assert with_residual.energy is not None
+    with torch.no_grad():
+        residual = with_residual.energy.residual(with_residual.transform(rows)).numpy()
+    auroc_marginal = detection_metrics(labels, marginal_only.decision_function(rows)).auroc
+    auroc_score = detection_metrics(labels, with_residual.decision_function(rows)).auroc
+    assert auroc_marginal < 0.6  # the marginals of x1 and x2 are unchanged (measured 0.55)
+    # The learned energy sees the dependence (measured 0.78–0.92 for one member, by seed; untrained: 0.5).
+    assert detection_metrics(labels, residual).auroc > 0.8
+    assert auroc_score > auroc_marginal + 0.03  # at 0.3 of its weight it moves the score (measured +0.05)
+    final = with_residual.history_[0][-1]
+    assert final["energy_pos"] < final["energy_neg"]  # data sit lower than the model's own samples

@@ -1,0 +1,127 @@
+"""The detector's energy: tabulated marginals (gradient, normalisation, tails), the proposal, plain MLPs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ebm.anomaly.energy import AnomalyEnergy, MarginalEnergy, MarginalProposal, plain_mlp
+from ebm.energies import MLPEnergy, MLPEnergyConfig, energy_and_grad, seed_linear_layers_
+
+
+@pytest.fixture(scope="module")
+def columns() -> torch.Tensor:
+    """Five columns of different kinds: Gaussian, wide, narrow, heavy-tailed, discrete."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(800, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 20.0, 0.01, 1.0, 2.0])
+    x[:, 3] = x[:, 3].exp() * 10
+    x[:, 4] = x[:, 4].round()
+    return x
+
+
+@pytest.fixture(scope="module")
+def marginal(columns: torch.Tensor) -> MarginalEnergy:
+    return MarginalEnergy.fit(columns, grid_size=512, calibration=0.0).double()
+
+
+def test_analytic_gradient_matches_finite_differences(
+    marginal: MarginalEnergy, columns: torch.Tensor
+) -> None:
+    g = torch.Generator().manual_seed(1)
+    spread = columns.std(0)
+    x = columns.mean(0) + 3 * spread * torch.randn(300, 5, generator=g, dtype=torch.float64)  # in and out
+    _, grad = energy_and_grad(marginal, x)
+    step = 1e-6 * spread
+    finite = torch.stack(
+        [
+            (
+                marginal(x + step[j] * torch.eye(5, dtype=x.dtype)[j])
+                - marginal(x - step[j] * torch.eye(5, dtype=x.dtype)[j])
+            )
+            / (2 * step[j])
+            for j in range(5)
+        ],
+        dim=1,
+    )
+    assert torch.allclose(grad, finite, rtol=1e-3, atol=1e-3 / spread.min().item())
+
+
+def test_each_column_density_integrates_to_one(marginal: MarginalEnergy, columns: torch.Tensor) -> None:
+    for j in (0, 1, 2, 4):  # the heavy-tailed column's mass reaches past any finite integration box
+        low, high = columns[:, j].min().item(), columns[:, j].max().item()
+        pad = 0.5 * (high - low)
+        grid = torch.linspace(low - pad, high + pad, 400_001, dtype=torch.float64)
+        x = torch.zeros(grid.numel(), 5, dtype=torch.float64)
+        x[:, j] = grid
+        density = torch.exp(-marginal.per_feature(x)[:, j])
+        assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_energy_keeps_growing_beyond_the_data(marginal: MarginalEnergy, columns: torch.Tensor) -> None:
+    top = columns.max(0).values
+    spread = columns.std(0)
+    energies = [marginal.per_feature((top + k * spread)[None])[0] for k in (1, 2, 4, 8)]
+    for near, far in itertools.pairwise(energies):
+        assert (far > near).all()
+
+
+def test_adaptive_kernels_keep_a_stray_point_from_making_a_low_energy_pocket() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(2000, 1, generator=g), torch.full((3, 1), 8.0)])
+    probe = torch.tensor([[8.0], [0.0]])
+    fixed = MarginalEnergy.fit(x, adaptive=False, calibration=0.0)(probe)
+    adaptive = MarginalEnergy.fit(x, adaptive=True, calibration=0.0)(probe)
+    assert adaptive[0] - adaptive[1] > fixed[0] - fixed[1] + 0.5
+
+
+def test_calibrated_energy_is_the_log_p_value_of_the_density_and_keeps_its_order(
+    columns: torch.Tensor,
+) -> None:
+    plain = MarginalEnergy.fit(columns, grid_size=512, calibration=0.0).double()
+    calibrated = MarginalEnergy.fit(columns, grid_size=512, calibration=1.0).double()
+    with torch.no_grad():
+        e_plain, e_cal = plain.per_feature(columns), calibrated.per_feature(columns)
+    for j in range(columns.shape[1]):
+        order = torch.argsort(e_plain[:, j])
+        assert (e_cal[order, j].diff() >= -0.1).all()  # same ranking, up to interpolation between knots
+    # −log P(e(X) ≥ e(x)) over the training rows: the median row sits near log 2
+    assert e_cal.median(0).values.sub(torch.log(torch.tensor(2.0))).abs().max() < 0.1
+    top = torch.tensor([[columns[:, 0].max() + 10.0, 0, 0, 1, 0]], dtype=torch.float64)
+    assert calibrated.per_feature(top)[0, 0] > torch.log(torch.tensor(columns.shape[0] + 1.0))
+
+
+def test_proposal_draws_each_column_from_its_marginal(
+    marginal: MarginalEnergy, columns: torch.Tensor
+) -> None:
+    x = columns.float()
+    samples = MarginalProposal(x, marginal.bandwidth).sample(
+        20_000, generator=torch.Generator().manual_seed(3)
+    )
+    assert samples.shape == (20_000, 5)
+    assert torch.allclose(
+        samples.median(0).values, x.median(0).values, rtol=0.1, atol=0.05 * x.std(0).max().item()
+    )
+    correlation = torch.corrcoef(samples.T)[0, 1]
+    assert abs(correlation) < 0.05  # columns independent, as in the marginal model
+
+
+def test_plain_mlp_equals_the_spectrally_normalised_one_in_eval_mode() -> None:
+    energy = MLPEnergy(MLPEnergyConfig(4, (8, 8), spectral_norm=True))
+    seed_linear_layers_(energy, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, 4)
+    plain = plain_mlp(energy)
+    energy.eval()
+    assert torch.allclose(plain(x), energy(x), atol=1e-6)
+    assert not any("parametrizations" in name for name, _ in plain.named_parameters())
+
+
+def test_anomaly_energy_adds_only_the_residual_above_its_offset(marginal: MarginalEnergy) -> None:
+    member = MLPEnergy(MLPEnergyConfig(5, (4,), spectral_norm=False)).double()
+    energy = AnomalyEnergy(marginal, [member], scale=3.0, offset=0.0)
+    x = torch.randn(64, 5, dtype=torch.float64)
+    with torch.no_grad():
+        residual = member(x)
+        expected = marginal(x) + 3.0 * residual.clamp_min(0)
+        assert torch.allclose(energy(x), expected)

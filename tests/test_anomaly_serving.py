@@ -1,0 +1,232 @@
+"""`mlflow models serve` with the registered champion: JSON in, scores out, 4xx on malformed requests.
+
+One server per session (starting one takes seconds): the tests share it and leave it running between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ebm.anomaly.transactions import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+
+FEATURES = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    url: str
+    rows: list[dict[str, Any]]
+    log: Path
+
+    def post(self, body: bytes, content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(
+            f"{self.url}/invocations", data=body, headers={"Content-Type": content_type}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            text = error.read()
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = None
+            return error.code, parsed if isinstance(parsed, dict) else {
+                "message": text.decode(errors="replace")
+            }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -> Iterator[Server]:
+    """A tiny detector registered in a fresh store and served as ``@champion`` on a free loopback port."""
+    import mlflow
+
+    from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
+    from ebm.anomaly.registry import register_detector
+    from ebm.anomaly.transactions import TransactionsConfig, generate_transactions
+
+    folder = tmp_path_factory.mktemp("serving")
+    shutil.copyfile(mlflow_template_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    table = generate_transactions(TransactionsConfig(n_customers=60, days=3, warmup_days=3, n_regions=4))
+    config = DetectorConfig(n_members=1, widths=(8,), grid_size=128)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=3))
+    EnergyAnomalyDetector(config).fit(table[FEATURES]).save(folder / "detector.pt")
+    previous_uri = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # the registry functions use the global store, as a stage does
+    try:
+        register_detector(
+            folder / "detector.pt", table[FEATURES].head(3), metric_name="auprc", metric_value=0.5
+        )
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    command = [
+        *(sys.executable, "-m", "mlflow", "models", "serve"),
+        *("-m", "models:/ebm-anomaly-detector@champion", "--env-manager", "local"),
+        *("-h", "127.0.0.1", "-p", str(port), "--workers", "1"),
+    ]
+    log = folder / "server.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the model server did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.25)  # polling a port that is not open yet; nothing to wait on instead
+        rows = json.loads(table[FEATURES].head(2).to_json(orient="records"))
+        yield Server(url, rows, log)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # already gone; the tests that needed it have said so
+        process.wait(timeout=30)
+
+
+def _assert_refused(server: Server, body: bytes, content_type: str = "application/json") -> None:
+    status, answer = server.post(body, content_type)
+    assert 400 <= status < 500, (body[:200], status, answer)
+    assert answer.get("message") or answer.get("error_code"), answer
+
+
+@pytest.mark.slow
+def test_server_scores_json_and_answers_malformed_requests_with_4xx(server: Server) -> None:
+    status, body = server.post(json.dumps({"dataframe_records": server.rows}).encode())
+    assert status == 200
+    predictions = body["predictions"]
+    assert len(predictions) == 2 and {"anomaly_score", "is_anomaly", "reason_1"} <= set(predictions[0])
+    assert all(math.isfinite(p["anomaly_score"]) for p in predictions)
+
+    row = server.rows[0]
+    for body_bytes in (
+        b"{not json",
+        b"",
+        json.dumps({"dataframe_records": [{**row, "amount": "twelve"}]}).encode(),
+        json.dumps({"dataframe_records": [{k: v for k, v in row.items() if k != "hour"}]}).encode(),
+        json.dumps({"dataframe_records": []}).encode(),
+        json.dumps({"something": 1}).encode(),
+        json.dumps({"dataframe_records": [{**row, "amount": None}]}).encode(),
+        json.dumps({"dataframe_records": [row], "params": {"top_k": "many"}}).encode(),
+    ):
+        _assert_refused(server, body_bytes)
+    status, _ = server.post(b"a,b\n1,2\n", content_type="text/plain")
+    assert 400 <= status < 500
+    _assert_refused(server, b"amount,hour\n1,2\n", content_type="text/csv")
+    status, body = server.post(json.dumps({"dataframe_records": server.rows}).encode())
+    assert status == 200 and len(body["predictions"]) == 2  # still alive
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+cell_values = st.one_of(
+    st.none(),
+    st.floats(allow_nan=False),  # JSON has no NaN; the big and the infinite-looking ones are plain numbers
+    st.integers(-(10**20), 10**20),
+    st.text(max_size=5),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.sampled_from(["NaN", "Infinity", "-1e400", "1e400", "grocery", ""]),
+)
+
+
+VALID_ROWS = [
+    {**dict.fromkeys(NUMERIC_FEATURES, 1.0), "amount": 42.5, "hour": 13.25, "category": "grocery"},
+    {**dict.fromkeys(NUMERIC_FEATURES, 0.0), "amount": 3.0, "hour": 2.5, "category": "travel"},
+]
+
+
+@st.composite
+def near_valid_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """Requests close to a good one: each row a valid row with some cells changed, dropped or added."""
+    rows = []
+    for _ in range(draw(st.integers(0, 4))):
+        row = dict(draw(st.sampled_from(VALID_ROWS)))
+        for column in draw(st.lists(st.sampled_from([*FEATURES, "extra"]), max_size=3)):
+            action = draw(st.sampled_from(["change", "drop"]))
+            if action == "drop":
+                row.pop(column, None)
+            else:
+                row[column] = draw(cell_values)
+        rows.append(row)
+    key = draw(st.sampled_from(["dataframe_records", "dataframe_split", "inputs", "instances"]))
+    payload: Any = rows
+    if key == "dataframe_split":
+        columns = draw(st.permutations(FEATURES))
+        payload = {"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}
+    body: dict[str, Any] = {key: payload}
+    if draw(st.booleans()):
+        body["params"] = {"top_k": draw(st.one_of(st.integers(-5, 50), st.text(max_size=3), st.none()))}
+    return body
+
+
+@pytest.mark.slow
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.one_of(
+        near_valid_bodies().map(lambda b: json.dumps(b).encode()),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.binary(max_size=64),
+    )
+)
+def test_the_live_server_answers_every_malformed_body_with_4xx_or_a_score_per_row(
+    server: Server, body: bytes
+) -> None:
+    status, answer = server.post(body)
+    if status == 200:
+        predictions = answer["predictions"]
+        assert isinstance(predictions, list) and predictions
+        assert all(math.isfinite(p["anomaly_score"]) and p["is_anomaly"] in (0, 1) for p in predictions)
+    else:
+        assert 400 <= status < 500, (body[:300], status, answer, server.log.read_text()[-2000:])
+        assert answer.get("message") or answer.get("error_code"), answer

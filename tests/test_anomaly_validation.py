@@ -1,0 +1,118 @@
+"""Validation: every kind of bad table is refused with the column and the first bad rows named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ebm.anomaly.validation import TableSchema, ValidationError, iter_table, read_table, validate_frame
+
+SCHEMA = TableSchema(numeric=("amount", "hour"), categorical=("category",), label="is_fraud")
+
+
+def good_frame(n: int = 10) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "amount": np.linspace(1, 10, n),
+            "hour": np.linspace(0, 23, n),
+            "category": ["grocery", "fuel"] * (n // 2),
+            "is_fraud": [0] * (n - 1) + [1],
+        }
+    )
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_a_good_frame_passes_with_numeric_columns_as_float() -> None:
+    checked = validate_frame(good_frame(), SCHEMA)
+    assert checked.amount.dtype == np.float64 and checked.is_fraud.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        ("abc", "non-numeric"),
+        ("", "missing or NaN"),
+        ("nan", "missing or NaN"),
+        ("inf", "infinite"),
+        ("-inf", "infinite"),
+    ],
+)
+def test_bad_numeric_cells_name_the_column_and_the_rows(tmp_path: Path, cell: str, message: str) -> None:
+    rows = ["amount,hour,category,is_fraud"] + [f"{i}.5,3,grocery,0" for i in range(8)]
+    rows[3] = f"{cell},3,grocery,0"  # data row 3 (1-based, header not counted)
+    rows[6] = f"{cell},3,grocery,0"
+    path = write_csv(tmp_path / "t.csv", "\n".join(rows) + "\n")
+    with pytest.raises(ValidationError, match=message) as error:
+        read_table(path, SCHEMA)
+    assert error.value.column == "amount" and error.value.rows == (3, 6)
+    assert "'amount'" in str(error.value) and "rows 3, 6" in str(error.value)
+
+
+def test_row_numbers_count_from_the_start_of_the_file_across_chunks(tmp_path: Path) -> None:
+    frame = good_frame(40)
+    frame["hour"] = frame["hour"].astype(object)
+    frame.loc[33, "hour"] = "late"
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValidationError) as error:
+        list(iter_table(tmp_path / "t.csv", SCHEMA, chunk_rows=8))
+    assert error.value.column == "hour" and error.value.rows == (34,)
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "column"),
+    [
+        ("", "empty", None),
+        ("amount,hour,category,is_fraud\n", "no rows", None),
+        ("amount,hour,is_fraud\n1,2,0\n", "missing column", "category"),
+        ("amount,hour,hour,category,is_fraud\n1,2,3,a,0\n", "duplicated header", "hour"),
+        ("amount,hour,category,is_fraud\n1,2,,0\n", "empty values", "category"),
+        ("amount,hour,category,is_fraud\n1,2,a,2\n", "0 or 1", "is_fraud"),
+        ("amount,hour,category,is_fraud\n1,2,a,0\n1,2\n", "empty values", "category"),
+        ("amount,hour,category,is_fraud\n1,2,a,0\n1,2,a,0,9\n", "malformed CSV", None),
+    ],
+)
+def test_structural_problems_are_refused(tmp_path: Path, text: str, message: str, column: str | None) -> None:
+    path = write_csv(tmp_path / "t.csv", text)
+    with pytest.raises(ValidationError, match=message) as error:
+        read_table(path, SCHEMA)
+    if column is not None:
+        assert error.value.column == column
+
+
+def test_extra_columns_are_ignored_or_refused_as_configured(tmp_path: Path) -> None:
+    frame = good_frame().assign(note="x")
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    assert "note" not in read_table(tmp_path / "t.csv", SCHEMA).columns
+    strict = TableSchema(
+        numeric=("amount", "hour"), categorical=("category",), label="is_fraud", extra="error"
+    )
+    with pytest.raises(ValidationError, match="unexpected column") as error:
+        read_table(tmp_path / "t.csv", strict)
+    assert error.value.column == "note"
+
+
+def test_parquet_files_are_validated_like_csv(tmp_path: Path) -> None:
+    frame = good_frame()
+    frame.loc[4, "amount"] = np.inf
+    frame.to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(ValidationError, match="infinite") as error:
+        read_table(tmp_path / "t.parquet", SCHEMA)
+    assert error.value.rows == (5,)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValidationError, match="Parquet"):
+        read_table(tmp_path / "junk.parquet", SCHEMA)
+
+
+def test_unsupported_suffix_and_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "t.xlsx").write_text("x")
+    with pytest.raises(ValidationError, match="unsupported"):
+        read_table(tmp_path / "t.xlsx", SCHEMA)
+    with pytest.raises(FileNotFoundError):
+        read_table(tmp_path / "absent.csv", SCHEMA)
