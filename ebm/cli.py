@@ -7,6 +7,10 @@
     ebm toy render --dataset moons --model models/moons.pt --out moons.png
     ebm toy classify --dataset moons --out moons-decision.png
     ebm pipeline                                             # the whole DVC pipeline through Prefect
+    ebm anomaly generate --out data/anomaly/transactions.parquet   # synthetic transactions with fraud
+    ebm anomaly fit --data data/anomaly/train.parquet --out models/anomaly/detector.pt
+    ebm anomaly evaluate --model models/anomaly/detector.pt --data data/anomaly/test.parquet --label is_fraud
+    ebm score --model models/anomaly/detector.pt --input new.csv --output scored.csv
     ebm rbm loglik --model models/boltzmann/rbm/cd1.pt       # AIS (and exact) log Z, test log-likelihood
 
 Every option has a default; ``ebm <command> --help`` explains each one.
@@ -148,35 +152,123 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--params",
-        type=Path,
-        default=None,
-        help="read the recipe from the `toy` section of this params file "
-        "(default: the built-in 2D recipe, the same as params.yaml ships)",
+def _anomaly_features(args: argparse.Namespace, columns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Feature columns for ``ebm anomaly``: ``--features`` (with ``--categorical``), else the
+    synthetic-transactions features when the file has them, else every column but label and ``--ignore``."""
+    from ebm.anomaly.transactions import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+
+    categorical = list(args.categorical or [])
+    if args.features:
+        return list(args.features), categorical
+    known = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
+    if all(c in columns for c in known):
+        return known, categorical or list(CATEGORICAL_FEATURES)
+    skip = {args.label, *(args.ignore or [])}
+    return [c for c in columns if c not in skip], categorical
+
+
+def _read_anomaly_table(args: argparse.Namespace) -> Any:
+    from ebm.anomaly.validation import TableSchema, read_header, read_table
+
+    features, categorical = _anomaly_features(args, read_header(args.data))
+    schema = TableSchema(
+        numeric=tuple(c for c in features if c not in categorical),
+        categorical=tuple(categorical),
+        label=args.label,
+        label_required=args.label is not None,
     )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: the recipe's, 5000)"
+    return read_table(args.data, schema), features
+
+
+def cmd_anomaly_generate(args: argparse.Namespace) -> int:
+    from ebm.anomaly.transactions import TransactionsConfig, generate_transactions, split_by_time, write_table
+
+    config = TransactionsConfig(n_customers=args.customers, days=args.days, seed=args.seed)
+    table = generate_transactions(config)
+    written = [write_table(table, args.out)]
+    if args.split:
+        train, test = split_by_time(table)
+        written += [
+            write_table(train, args.out.with_name(f"{args.out.stem}-train{args.out.suffix}")),
+            write_table(test, args.out.with_name(f"{args.out.stem}-test{args.out.suffix}")),
+        ]
+    print(
+        f"{len(table):,} transactions, {int(table.is_fraud.sum()):,} fraudulent "
+        f"({table.is_fraud.mean():.2%}); written to {', '.join(map(str, written))}"
     )
-    parser.add_argument(
-        "--sampler",
-        choices=["langevin", "mala"],
-        default=None,
-        help="negative sampler (default: the recipe's, mala)",
+    return 0
+
+
+def cmd_anomaly_fit(args: argparse.Namespace) -> int:
+    from ebm.anomaly.detector import EnergyAnomalyDetector
+
+    table, features = _read_anomaly_table(args)
+    detector = EnergyAnomalyDetector(contamination=args.contamination, seed=args.seed)
+    config = detector.config
+    train = dataclasses.replace(
+        config.train, progress=args.progress, steps=config.train.steps if args.steps is None else args.steps
     )
-    parser.add_argument(
-        "--step-size", type=float, default=None, help="sampler step size η (default: the recipe's, 0.05)"
+    members = config.n_members if args.members is None else args.members
+    detector = EnergyAnomalyDetector(dataclasses.replace(config, train=train, n_members=members))
+    detector.fit(table[features])
+    detector.save(args.out, metadata={"source": str(args.data), "rows": len(table)})
+    print(
+        f"fitted on {len(table):,} rows × {len(features)} columns; threshold {detector.threshold_:.4g} "
+        f"flags {detector.labels_.mean():.2%} of them; detector written to {args.out}"
     )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="seed of data, initialisation and chains (default 0)"
+    return 0
+
+
+def cmd_anomaly_evaluate(args: argparse.Namespace) -> int:
+    from ebm.anomaly.detector import EnergyAnomalyDetector
+    from ebm.anomaly.metrics import detection_metrics
+
+    detector = EnergyAnomalyDetector.load(args.model)
+    args.features = detector.feature_names_in_
+    args.categorical = list(detector.schema.categorical) if detector.schema is not None else []
+    table, features = _read_anomaly_table(args)
+    report = detection_metrics(table[args.label].to_numpy(), detector.decision_function(table[features]))
+    for key, value in report.as_dict().items():
+        print(f"{key:>20}: {value:.4f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from ebm.anomaly.detector import EnergyAnomalyDetector
+    from ebm.anomaly.scoring import score_file
+
+    detector = EnergyAnomalyDetector.load(args.model)
+    summary = score_file(
+        detector,
+        args.input,
+        args.output,
+        chunk_rows=args.chunk_rows,
+        top_k=args.top_k,
+        reasons=args.reasons,
+        progress=not args.no_progress,
     )
-    parser.add_argument(
-        "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, …"
+    print(
+        f"scored {summary.rows:,} rows in {summary.seconds:.2f} s ({summary.rows_per_second:,.0f} rows/s); "
+        f"{summary.flagged:,} flagged; written to {summary.output}"
     )
-    parser.add_argument(
-        "--n-train", type=int, default=20_000, help="training points drawn (default %(default)s)"
-    )
+    if args.histogram is not None:
+        import pandas as pd
+
+        from ebm.anomaly.explain import plot_score_histogram
+
+        scored = (
+            pd.read_parquet(args.output) if args.output.suffix == ".parquet" else pd.read_csv(args.output)
+        )
+        path = plot_score_histogram(
+            scored["anomaly_score"].to_numpy(),
+            scored["is_anomaly"].to_numpy(),
+            detector.threshold_,
+            args.histogram,
+        )
+        print(f"energy histogram written to {path}")
+    return 0
 
 
 def cmd_rbm_loglik(args: argparse.Namespace) -> int:
@@ -238,6 +330,116 @@ def _add_rbm_commands(commands: Any) -> None:
     loglik.set_defaults(handler=cmd_rbm_loglik)
 
 
+def _add_anomaly_commands(commands: Any) -> None:
+    anomaly = commands.add_parser("anomaly", help="transaction anomaly detector: generate, fit, evaluate")
+    anomaly_commands = anomaly.add_subparsers(dest="anomaly_command", required=True)
+
+    generate = anomaly_commands.add_parser("generate", help="synthetic card transactions with labelled fraud")
+    generate.add_argument(
+        "--out",
+        type=Path,
+        default=Path("data/anomaly/transactions.parquet"),
+        help="CSV or Parquet file to write (default %(default)s)",
+    )
+    generate.add_argument("--customers", type=int, default=3000, help="cards (default %(default)s)")
+    generate.add_argument("--days", type=int, default=30, help="days of purchases (default %(default)s)")
+    generate.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    generate.add_argument(
+        "--split", action="store_true", help="also write OUT-train and OUT-test, split by time"
+    )
+    generate.set_defaults(handler=cmd_anomaly_generate)
+
+    def table_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--data", type=Path, required=True, help="CSV or Parquet table")
+        parser.add_argument(
+            "--features",
+            nargs="+",
+            default=None,
+            help="feature columns (default: the transaction features if present, else all "
+            "columns but --label and --ignore)",
+        )
+        parser.add_argument(
+            "--categorical", nargs="+", default=None, help="which feature columns are categories"
+        )
+        parser.add_argument("--ignore", nargs="+", default=None, help="columns that are not features (ids)")
+
+    fit = anomaly_commands.add_parser("fit", help="fit an EnergyAnomalyDetector on unlabelled rows")
+    table_options(fit)
+    fit.add_argument("--label", default=None, help="a label column to leave out of the features (never used)")
+    fit.add_argument(
+        "--out", type=Path, default=Path("models/anomaly/detector.pt"), help="detector file to write"
+    )
+    fit.add_argument(
+        "--contamination",
+        type=float,
+        default=0.01,
+        help="expected share of anomalies; sets the threshold (default %(default)s)",
+    )
+    fit.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    fit.add_argument("--progress", action="store_true", help="show training progress bars")
+    fit.add_argument(
+        "--members", type=int, default=None, help="residual energies to train (default: the detector's, 3)"
+    )
+    fit.add_argument("--steps", type=int, default=None, help="training steps per member (default: 200)")
+    fit.set_defaults(handler=cmd_anomaly_fit)
+
+    evaluate = anomaly_commands.add_parser("evaluate", help="AUROC, AUPRC, recall at 1%% FPR, precision@k")
+    evaluate.add_argument("--model", type=Path, required=True, help="detector file from `ebm anomaly fit`")
+    evaluate.add_argument("--data", type=Path, required=True, help="labelled CSV or Parquet table")
+    evaluate.add_argument("--label", required=True, help="the 0/1 anomaly label column")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    evaluate.set_defaults(handler=cmd_anomaly_evaluate, categorical=None, ignore=None)
+
+    score = commands.add_parser("score", help="score a CSV/Parquet file with a detector (streamed, atomic)")
+    score.add_argument("--model", type=Path, required=True, help="detector file from `ebm anomaly fit`")
+    score.add_argument("--input", type=Path, required=True, help="CSV or Parquet file to score")
+    score.add_argument("--output", type=Path, required=True, help="CSV or Parquet file to write (atomically)")
+    score.add_argument("--chunk-rows", type=int, default=262_144, help="rows per chunk (default %(default)s)")
+    score.add_argument(
+        "--top-k", type=int, default=3, help="reasons per row; 0 for none (default %(default)s)"
+    )
+    score.add_argument(
+        "--reasons",
+        choices=["flagged", "all", "none"],
+        default="flagged",
+        help="rows that get reasons (default %(default)s: the flagged ones)",
+    )
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.add_argument("--histogram", type=Path, default=None, help="also write the energy histogram (PNG)")
+    score.set_defaults(handler=cmd_score)
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="read the recipe from the `toy` section of this params file "
+        "(default: the built-in 2D recipe, the same as params.yaml ships)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the recipe's, 5000)"
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=["langevin", "mala"],
+        default=None,
+        help="negative sampler (default: the recipe's, mala)",
+    )
+    parser.add_argument(
+        "--step-size", type=float, default=None, help="sampler step size η (default: the recipe's, 0.05)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of data, initialisation and chains (default 0)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, …"
+    )
+    parser.add_argument(
+        "--n-train", type=int, default=20_000, help="training points drawn (default %(default)s)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ebm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -296,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
     pipeline.set_defaults(handler=cmd_pipeline)
 
+    _add_anomaly_commands(commands)
     _add_rbm_commands(commands)
     return parser
 

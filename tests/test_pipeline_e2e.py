@@ -87,6 +87,20 @@ def test_quick_pipeline_runs_every_stage_then_skips_them_and_dvc_agrees(
     assert "moons/energy_pos" in train_run.data.metrics
     assert len(client.get_metric_history(train_run.info.run_id, "moons/energy_pos")) > 5
 
+    anomaly_stages = ["prepare_anomaly", "train_anomaly", "evaluate_anomaly", "register_anomaly"]
+    assert [stage for stage in stages if stage.endswith("_anomaly")] == anomaly_stages
+    registration = json.loads((root / "reports" / "anomaly" / "registration.json").read_text())
+    assert registration["version"] == "1" and registration["alias_moved"]
+    assert (root / "reports" / "anomaly" / "energy_histogram.png").stat().st_size > 5_000
+    champion = client.get_model_version_by_alias("ebm-anomaly-detector", "champion")
+    assert str(champion.version) == "1" and champion.tags["model_hash"] == registration["model_hash"]
+    import pandas as pd
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    rows = pd.read_parquet(root / "data" / "anomaly" / "test.parquet").head(4)
+    scored = mlflow.pyfunc.load_model("models:/ebm-anomaly-detector@champion").predict(rows)
+    assert len(scored) == 4 and "anomaly_score" in scored
+
     second = pipeline(project_root=str(root))
     assert {outcome.outcome for outcome in second.stages} == {"skipped"}
     with Repo(str(root)) as repo:

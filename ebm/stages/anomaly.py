@@ -1,0 +1,265 @@
+"""Pipeline stages for the transaction anomaly detector: prepare → train → evaluate → register.
+
+Each stage is a function with explicit paths that writes exactly the outs ``dvc.yaml`` declares, plus
+a thin entry point::
+
+    python -m ebm.stages.anomaly prepare|train|evaluate|register [--params params.yaml] [--root .]
+
+- ``prepare``: the synthetic transactions (``data/anomaly/transactions.{parquet,csv}``) and their split by
+  time (``train.parquet``: earlier 60 %, ``test.parquet``: later 40 %).
+- ``train``: :class:`~ebm.anomaly.detector.EnergyAnomalyDetector` fitted on the training rows without
+  their labels → ``models/anomaly/detector.pt``; ``reports/anomaly/train.json``.
+- ``evaluate``: the detector and the baselines on the test rows → ``reports/anomaly/metrics.json``
+  (AUROC, AUPRC, recall at 1 % FPR, precision@k), the scored test file with reasons, and the energy
+  histogram of normal vs flagged rows (``reports/anomaly/energy_histogram.png``).
+- ``register``: the detector as an MLflow pyfunc, registered as ``ebm-anomaly-detector``; the alias
+  ``champion`` moves only to a better model (see :mod:`ebm.anomaly.registry`) →
+  ``reports/anomaly/registration.json``.
+
+Stages read the ``seed`` and ``anomaly`` sections of ``params.yaml`` and log to the MLflow experiment
+``anomaly`` through :mod:`ebm.tracking`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
+from ebm.anomaly.transactions import (
+    CATEGORICAL_FEATURES,
+    LABEL,
+    NUMERIC_FEATURES,
+    TransactionsConfig,
+    generate_transactions,
+    split_by_time,
+    write_table,
+)
+from ebm.checkpoint import atomic_write
+from ebm.config import from_dict, load_params, section
+
+EXPERIMENT = "anomaly"
+FEATURES = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
+
+
+@dataclass(frozen=True)
+class AnomalyPaths:
+    """Where the anomaly stages read and write, relative to the project root."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / "anomaly"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "models" / "anomaly" / "detector.pt"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports" / "anomaly"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    n_customers: int = 3000
+    days: int = 30
+    warmup_days: int = 30
+    n_regions: int = 12
+    fraud_rate: float = 0.15
+    train_fraction: float = 0.6
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    baselines: tuple[str, ...] = ("iforest", "ecod")
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    model_name: str = "ebm-anomaly-detector"
+    metric: str = "auprc"
+
+
+@dataclass(frozen=True)
+class AnomalyParams:
+    """The ``anomaly`` section of ``params.yaml`` plus the global seed."""
+
+    seed: int = 0
+    data: DataParams = field(default_factory=DataParams)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    register: RegisterParams = field(default_factory=RegisterParams)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> AnomalyParams:
+        anomaly = dict(section(params, "anomaly"))
+        return from_dict(cls, {"seed": int(section(params, "seed")), **anomaly}, "anomaly")
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def prepare(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, float]:
+    """Generate the transactions and split them by time into ``data/anomaly``."""
+    data = params.data
+    config = TransactionsConfig(
+        n_customers=data.n_customers,
+        days=data.days,
+        warmup_days=data.warmup_days,
+        n_regions=data.n_regions,
+        fraud_rate=data.fraud_rate,
+        seed=params.seed,
+    )
+    table = generate_transactions(config)
+    train, test = split_by_time(table, data.train_fraction)
+    write_table(table, paths.data / "transactions.parquet")
+    write_table(table, paths.data / "transactions.csv")
+    write_table(train, paths.data / "train.parquet")
+    write_table(test, paths.data / "test.parquet")
+    return {"rows": float(len(table)), "fraud_share": float(table[LABEL].mean())}
+
+
+def train(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, float]:
+    """Fit the detector on the training rows (labels unused) and save it."""
+    frame = pd.read_parquet(paths.data / "train.parquet")
+    start = time.perf_counter()
+    detector = EnergyAnomalyDetector(params.detector).fit(frame[FEATURES])
+    seconds = time.perf_counter() - start
+    detector.save(paths.model, metadata={"rows": len(frame), "features": FEATURES})
+    finals = [history[-1] for history in detector.history_ if history]
+    metrics = {
+        "fit_seconds": seconds,
+        "train_rows": float(len(frame)),
+        "threshold": float(detector.threshold_),
+        "flagged_share": float(detector.labels_.mean()),
+        "final_gap": float(np.mean([h["gap"] for h in finals])) if finals else float("nan"),
+        "acceptance_rate": float(np.mean([h["acceptance_rate"] for h in finals])) if finals else float("nan"),
+    }
+    _write_json(paths.reports / "train.json", metrics)
+    return metrics
+
+
+def evaluate(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, dict[str, float]]:
+    """Detector and baselines on the test rows: metrics, scored file with reasons, energy histogram."""
+    from ebm.anomaly.baselines import fit_score
+    from ebm.anomaly.explain import plot_score_histogram
+    from ebm.anomaly.metrics import detection_metrics
+    from ebm.anomaly.scoring import score_frame
+
+    train_frame = pd.read_parquet(paths.data / "train.parquet")
+    test_frame = pd.read_parquet(paths.data / "test.parquet")
+    detector = EnergyAnomalyDetector.load(paths.model)
+    labels = test_frame[LABEL].to_numpy()
+    scored = score_frame(detector, detector.validate(test_frame[FEATURES]), reasons="all")
+    metrics = {"ebm": detection_metrics(labels, scored["anomaly_score"]).as_dict()}
+    metrics["ebm"]["flagged_share"] = float(scored["is_anomaly"].mean())
+    for name in params.evaluate.baselines:
+        scores = fit_score(name, train_frame[FEATURES], test_frame[FEATURES], seed=params.seed)
+        metrics[name] = detection_metrics(labels, scores).as_dict()
+    ids = test_frame[["transaction_id", LABEL, "fraud_type"]].reset_index(drop=True)
+    write_table(
+        pd.concat([ids, scored.reset_index(drop=True)], axis=1), paths.reports / "scored_test.parquet"
+    )
+    plot_score_histogram(
+        scored["anomaly_score"].to_numpy(),
+        scored["is_anomaly"].to_numpy(),
+        detector.threshold_,
+        paths.reports / "energy_histogram.png",
+        labels=labels,
+        title="Synthetic transactions, test period",
+    )
+    _write_json(paths.reports / "metrics.json", metrics)
+    return metrics
+
+
+def register(params: AnomalyParams, paths: AnomalyPaths, run_id: str) -> dict[str, Any]:
+    """Register the detector in MLflow; ``champion`` moves only on improvement (``ebm.anomaly.registry``)."""
+    from ebm.anomaly.registry import register_detector
+
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    example = pd.read_parquet(paths.data / "test.parquet").head(5)[FEATURES]
+    outcome = register_detector(
+        paths.model,
+        example,
+        metric_name=params.register.metric,
+        metric_value=float(metrics["ebm"][params.register.metric]),
+        model_name=params.register.model_name,
+        run_id=run_id,
+    )
+    _write_json(paths.reports / "registration.json", outcome.as_dict())
+    return outcome.as_dict()
+
+
+# --- helpers and entry point ----------------------------------------------------------------------
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
+
+
+def _flat(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+STAGES = ("prepare", "train", "evaluate", "register")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ebm.stages.anomaly",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
+    )
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
+    args = parser.parse_args(argv)
+    raw = load_params(args.params)
+    params = AnomalyParams.from_params(raw)
+    paths = AnomalyPaths(args.root.resolve())
+    stage = f"{args.stage}_anomaly"
+
+    from ebm.tracking import MlflowRun, start_run
+
+    with start_run(
+        project_root=paths.root,
+        experiment=EXPERIMENT,
+        stage=stage,
+        params={"seed": raw["seed"], "anomaly": raw["anomaly"]},
+        run_name=stage,
+        deferrable=args.stage != "register",  # registration logs the model into this very run
+    ) as run:
+        if args.stage == "prepare":
+            run.log_metrics(prepare(params, paths))
+        elif args.stage == "train":
+            run.log_metrics(train(params, paths))
+        elif args.stage == "evaluate":
+            run.log_metrics(_flat(evaluate(params, paths)))
+            run.log_artifact(paths.reports / "energy_histogram.png", "figures")
+        else:
+            assert isinstance(run, MlflowRun)  # not deferrable, so live
+            outcome = register(params, paths, run.run_id)
+            run.set_tags({"registration": outcome["decision"]})
+    print(f"{stage}: done; MLflow run {run.url}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
