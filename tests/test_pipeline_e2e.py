@@ -60,7 +60,11 @@ def test_quick_pipeline_runs_every_stage_then_skips_them_and_dvc_agrees(
         "evaluate_images",
         "render_images",
     ]
+    boltzmann_stages = ["train_rbm", "evaluate_rbm", "train_structured", "evaluate_structured"]
+    assert [stage for stage in stages if stage in boltzmann_stages] == boltzmann_stages
     assert {outcome.outcome for outcome in first.stages} == {"ran"}
+    rbm_metrics = json.loads((root / "reports" / "boltzmann" / "rbm_metrics.json").read_text())
+    assert abs(rbm_metrics["cd1"]["ais_minus_exact"]) < 1.0  # the quick RBM is small enough to enumerate
     lock = (root / "dvc.lock").read_text()
     assert all(f"{stage}:" in lock for stage in stages)
     metrics = json.loads((root / "reports" / "toy" / "metrics.json").read_text())
