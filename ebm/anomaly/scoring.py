@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -71,21 +71,24 @@ def score_frame(
         )
     scores_np = scores.double().numpy()
     flags = scores_np > detector.threshold_
-    out: dict[str, np.ndarray] = {"anomaly_score": scores_np, "is_anomaly": flags.astype(np.int64)}
+    out: dict[str, Any] = {"anomaly_score": scores_np, "is_anomaly": flags.astype(np.int64)}
     if top_k > 0 and reasons != "none":
         rows = np.arange(len(x)) if reasons == "all" else np.flatnonzero(flags)
         k = min(top_k, len(features))
-        names = np.full((len(x), k), "", dtype=object)
+        # Reasons as categories over "" (no reason) and the feature names: a small integer per cell, so a
+        # million-row chunk's reason columns cost what its numbers do, in memory and in the written file.
+        categories = pd.Index(["", *features])
+        codes = np.zeros((len(x), k), dtype=np.int32)
         values = np.full((len(x), k), np.nan)
         for start in range(0, len(rows), BATCH_ROWS):
             chosen = rows[start : start + BATCH_ROWS]
             _, attributions = score_and_attribute(energy, x[torch.from_numpy(chosen)])
             raw = to_raw_columns(attributions, detector.preprocessor.encoded_source, len(features))
             top_names, top_values = top_attributions(raw, features, k)
-            names[chosen] = np.stack(top_names, axis=1)
+            codes[chosen] = np.stack([categories.get_indexer(names) for names in top_names], axis=1)
             values[chosen] = np.stack(top_values, axis=1)
         for rank in range(k):
-            out[f"reason_{rank + 1}"] = names[:, rank]
+            out[f"reason_{rank + 1}"] = pd.Categorical.from_codes(codes[:, rank], categories=categories)
             out[f"contribution_{rank + 1}"] = values[:, rank]
     return pd.DataFrame(out, index=frame.index)
 
