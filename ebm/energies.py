@@ -216,23 +216,49 @@ class MLPEnergyConfig:
         widths: hidden layer widths.
         spectral_norm: wrap every linear layer in spectral normalisation (Miyato et al. 2018), which
             bounds the energy's Lipschitz constant and keeps Langevin chains tame.
+        fourier_features: m > 0 feeds the MLP ``[x, sin 2πxB, cos 2πxB]`` besides x, with a fixed
+            ``(in_features, m)`` matrix B of N(0, s²) frequencies (Tancik et al. 2020,
+            https://arxiv.org/abs/2006.10739): an MLP on raw low-dimensional coordinates is biased
+            towards smooth functions and rounds sharp edges and thin structures off; 0 turns it off.
+        fourier_scale: s, the frequencies' standard deviation in cycles per unit of x.
+        fourier_seed: seeds B, so a config always builds the same features.
     """
 
     in_features: int = 2
     widths: Sequence[int] = (128, 128, 128)
     spectral_norm: bool = False
+    fourier_features: int = 0
+    fourier_scale: float = 1.0
+    fourier_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fourier_features < 0:
+            raise ValueError(f"fourier_features must be ≥ 0, got {self.fourier_features}")
+        if not self.fourier_scale > 0 or not math.isfinite(self.fourier_scale):
+            raise ValueError(f"fourier_scale must be a positive finite number, got {self.fourier_scale}")
 
 
 class MLPEnergy(nn.Module):
-    """E(x) = MLP(x) with SiLU (Swish) activations and a scalar output per row."""
+    """E(x) = MLP(x) with SiLU (Swish) activations and a scalar output per row (optionally over Fourier
+    features of x as well, see :class:`MLPEnergyConfig`)."""
+
+    frequencies: Tensor
 
     def __init__(self, config: MLPEnergyConfig) -> None:
         super().__init__()
         self.config = config
-        self.net = mlp(config.in_features, config.widths, 1, spectral_norm=config.spectral_norm)
+        m = config.fourier_features
+        generator = torch.Generator().manual_seed(config.fourier_seed)
+        frequencies = config.fourier_scale * torch.randn(config.in_features, m, generator=generator)
+        self.register_buffer("frequencies", 2 * math.pi * frequencies)
+        self.net = mlp(config.in_features + 2 * m, config.widths, 1, spectral_norm=config.spectral_norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1)).squeeze(1)
+        x = x.flatten(1)
+        if self.config.fourier_features:
+            phases = x @ self.frequencies.to(x.dtype)
+            x = torch.cat([x, phases.sin(), phases.cos()], dim=1)
+        return self.net(x).squeeze(1)
 
 
 def mlp(in_features: int, widths: Sequence[int], out_features: int, *, spectral_norm: bool) -> nn.Sequential:

@@ -81,7 +81,14 @@ def test_model_file_loads_code_free_and_holds_only_tensors_and_plain_data(tmp_pa
     payload = torch.load(path, weights_only=True)
 
     assert payload["kind"] == "mlp_energy"
-    assert payload["config"] == {"in_features": 2, "widths": [16, 16], "spectral_norm": False}
+    assert payload["config"] == {
+        "in_features": 2,
+        "widths": [16, 16],
+        "spectral_norm": False,
+        "fourier_features": 0,
+        "fourier_scale": 1.0,
+        "fourier_seed": 0,
+    }
     for where, value in leaves(payload):
         assert isinstance(value, PLAIN_LEAVES), f"{where} holds a {type(value).__name__}"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Callable
 
@@ -38,6 +40,11 @@ ENERGY_CASES = [
         id="gaussian_mixture",
     ),
     pytest.param(lambda: MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16))), (2,), id="mlp"),
+    pytest.param(
+        lambda: MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16), fourier_features=8)),
+        (2,),
+        id="mlp_fourier_features",
+    ),
     pytest.param(
         lambda: MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16), spectral_norm=True)),
         (2,),
@@ -258,3 +265,27 @@ def test_frozen_and_energy_and_grad_accept_plain_callables() -> None:
 
     torch.testing.assert_close(value, 0.5 * x.square().sum(1))
     torch.testing.assert_close(grad, x)
+
+
+def test_fourier_features_are_fixed_by_the_config_and_saved_with_the_model() -> None:
+    config = MLPEnergyConfig(
+        in_features=2, widths=(8,), fourier_features=4, fourier_scale=0.5, fourier_seed=3
+    )
+    first, second = MLPEnergy(config), MLPEnergy(config)
+    assert torch.equal(first.frequencies, second.frequencies)
+    assert first.frequencies.shape == (2, 4)
+    assert not first.frequencies.requires_grad  # a buffer: never trained, never sampled
+    assert "frequencies" in first.state_dict()
+    other_seed = MLPEnergy(dataclasses.replace(config, fourier_seed=4))
+    assert not torch.equal(first.frequencies, other_seed.frequencies)
+    # 2π·s·N(0, 1): the empirical scale of 2000 draws is within 10 % of 2π·0.5
+    wide = MLPEnergy(MLPEnergyConfig(in_features=2, widths=(8,), fourier_features=1000, fourier_scale=0.5))
+    assert float(wide.frequencies.std()) == pytest.approx(2 * math.pi * 0.5, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("fourier_features", -1), ("fourier_scale", 0.0), ("fourier_scale", math.inf)]
+)
+def test_fourier_feature_settings_are_validated(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        MLPEnergyConfig(**{field: value})
