@@ -22,13 +22,12 @@ Stages read the ``seed`` and ``anomaly`` sections of ``params.yaml`` and log to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -45,28 +44,21 @@ from ebm.anomaly.transactions import (
 )
 from ebm.checkpoint import atomic_write
 from ebm.config import from_dict, load_params, section
+from ebm.stages.common import StagePaths, stage_arguments
 
 EXPERIMENT = "anomaly"
 FEATURES = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
 
 
 @dataclass(frozen=True)
-class AnomalyPaths:
+class AnomalyPaths(StagePaths):
     """Where the anomaly stages read and write, relative to the project root."""
 
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data" / "anomaly"
+    family: ClassVar[str] = "anomaly"
 
     @property
     def model(self) -> Path:
-        return self.root / "models" / "anomaly" / "detector.pt"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports" / "anomaly"
+        return self.models / "detector.pt"
 
 
 @dataclass(frozen=True)
@@ -221,16 +213,7 @@ STAGES = ("prepare", "train", "evaluate", "register")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m ebm.stages.anomaly",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
-    )
-    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
+    parser = stage_arguments("ebm.stages.anomaly", __doc__, STAGES)
     args = parser.parse_args(argv)
     raw = load_params(args.params)
     params = AnomalyParams.from_params(raw)

@@ -23,7 +23,6 @@ in ``data/images/<dataset>/`` they use) and log to the MLflow experiment ``boltz
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -33,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,35 +60,29 @@ from ebm.boltzmann.training import (
 from ebm.checkpoint import atomic_write, load_model, save_model
 from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.images import ImageSplit, load_image_split
+from ebm.stages.common import StagePaths, stage_arguments
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer
 
 EXPERIMENT = "boltzmann"
 
 
 @dataclass(frozen=True)
-class BoltzmannPaths:
+class BoltzmannPaths(StagePaths):
     """Where the Boltzmann stages read and write, relative to the project root."""
 
-    root: Path
+    family: ClassVar[str] = "boltzmann"
 
-    def data(self, dataset: str) -> Path:
+    def image_data(self, dataset: str) -> Path:
+        """The image data stage's prepared split of ``dataset`` (the RBM's and the CRF's input)."""
         return self.root / "data" / "images" / dataset
 
     @property
     def rbm_models(self) -> Path:
-        return self.root / "models" / "boltzmann" / "rbm"
+        return self.models / "rbm"
 
     @property
     def structured_model(self) -> Path:
-        return self.root / "models" / "boltzmann" / "structured.pt"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints" / "boltzmann"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports" / "boltzmann"
+        return self.models / "structured.pt"
 
 
 @dataclass(frozen=True)
@@ -219,7 +212,7 @@ def _train_config(default: TrainConfig, values: Mapping[str, Any] | None, where:
 
 
 def _split(params: BoltzmannParams, paths: BoltzmannPaths, name: str) -> ImageSplit:
-    split = load_image_split(paths.data(params.dataset), name)
+    split = load_image_split(paths.image_data(params.dataset), name)
     if split.images.shape[1] != 1:
         raise ValueError(
             f"the Boltzmann stages model greyscale images; {params.dataset} has {split.images.shape[1]} "
@@ -507,16 +500,7 @@ STAGE_ARTIFACTS = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m ebm.stages.boltzmann",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("stage", choices=list(STAGES))
-    parser.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
-    )
-    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
+    parser = stage_arguments("ebm.stages.boltzmann", __doc__, STAGES)
     args = parser.parse_args(argv)
     raw = load_params(args.params)
     params = BoltzmannParams.from_params(raw)

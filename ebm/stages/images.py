@@ -20,7 +20,6 @@ Stages read the ``seed`` and ``images`` sections of ``params.yaml`` and log to t
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -30,7 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,32 +60,17 @@ from ebm.images import (
     uniform_images,
 )
 from ebm.jem import JEMConfig
+from ebm.stages.common import StagePaths, stage_arguments
 from ebm.trainer import resolve_device
 
 EXPERIMENT = "images"
 
 
 @dataclass(frozen=True)
-class ImagePaths:
+class ImagePaths(StagePaths):
     """Where the image stages read and write, relative to the project root."""
 
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data" / "images"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models" / "images"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints" / "images"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports" / "images"
+    family: ClassVar[str] = "images"
 
 
 @dataclass(frozen=True)
@@ -426,16 +410,7 @@ STAGES = ("prepare", "train", "evaluate", "render")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m ebm.stages.images",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
-    )
-    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
+    parser = stage_arguments("ebm.stages.images", __doc__, STAGES)
     args = parser.parse_args(argv)
     raw = load_params(args.params)
     params = ImagesParams.from_params(raw)

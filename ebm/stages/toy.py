@@ -18,7 +18,6 @@ Stages read the ``seed`` and ``toy`` sections of ``params.yaml`` and log to the 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -27,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,32 +35,17 @@ from ebm.checkpoint import atomic_write, load_model, save_model
 from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.toy2d import make_toy_dataset
 from ebm.distributed import init_from_env, process_group_context
+from ebm.stages.common import StagePaths, stage_arguments
 from ebm.toy import Toy2DConfig, evaluate_energy, train_energy
 
 EXPERIMENT = "toy2d"
 
 
 @dataclass(frozen=True)
-class ToyPaths:
+class ToyPaths(StagePaths):
     """Where the 2D stages read and write, relative to the project root."""
 
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data" / "toy"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models" / "toy"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints" / "toy"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports" / "toy"
+    family: ClassVar[str] = "toy"
 
 
 @dataclass(frozen=True)
@@ -238,16 +222,7 @@ STAGES = ("prepare", "train", "evaluate", "render")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m ebm.stages.toy",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
-    )
-    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
+    parser = stage_arguments("ebm.stages.toy", __doc__, STAGES)
     args = parser.parse_args(argv)
     raw = load_params(args.params)
     params = ToyParams.from_params(raw)

@@ -1,0 +1,51 @@
+"""What every stage entry point shares: its command line and where its family's files live."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """A model family's folders in the project: ``<root>/{data,models,checkpoints,reports}/<family>``.
+
+    Subclasses name the family; ``dvc.yaml`` declares the same folders as the stages' deps and outs.
+    """
+
+    root: Path
+    family: ClassVar[str]
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / self.family
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models" / self.family
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints" / self.family
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports" / self.family
+
+
+def stage_arguments(module: str, description: str | None, stages: Iterable[str]) -> argparse.ArgumentParser:
+    """The parser of ``python -m <module> <stage> [--params FILE] [--root DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("stage", choices=list(stages))
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
+    )
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
+    return parser
