@@ -14,7 +14,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 67108864
 export MALLOC_TRIM_THRESHOLD_ ?= 268435456
 export MALLOC_TOP_PAD_ ?= 67108864
 
-.PHONY: pipeline test lint install data
+.PHONY: pipeline test lint install data chromium
 
 install: $(STAMP)
 
@@ -35,7 +35,13 @@ $(STAMP): pyproject.toml
 pipeline: $(STAMP) data
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.pipeline
 
-test: $(STAMP) data
+# Headless Chromium: tests/test_mlflow_ui.py (and scripts/mlflow_ui_screenshot.py) open the MLflow UI in it.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+		|| apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) \
+		|| { echo "could not install Debian's chromium; the MLflow UI test needs it" >&2; exit 1; }
+
+test: $(STAMP) data chromium
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -n 2 -q
 
 lint: $(STAMP)
