@@ -185,22 +185,14 @@ def _numeric(values: pd.Series, column: str, source: str, offset: int) -> pd.Ser
             column=column,
             rows=rows,
         )
-    missing = np.isnan(array)
-    if missing.any():
-        rows = _rows(missing, offset)
-        raise ValidationError(
-            f"{source}: column {column!r} has missing or NaN values at {_show(rows, int(missing.sum()))}",
-            column=column,
-            rows=rows,
-        )
-    infinite = np.isinf(array)
-    if infinite.any():
-        rows = _rows(infinite, offset)
-        raise ValidationError(
-            f"{source}: column {column!r} has infinite values at {_show(rows, int(infinite.sum()))}",
-            column=column,
-            rows=rows,
-        )
+    for bad, what in ((np.isnan(array), "missing or NaN values"), (np.isinf(array), "infinite values")):
+        if bad.any():
+            rows = _rows(bad, offset)
+            raise ValidationError(
+                f"{source}: column {column!r} has {what} at {_show(rows, int(bad.sum()))}",
+                column=column,
+                rows=rows,
+            )
     return converted
 
 
