@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import yaml
+from paramfiles import REPO, dotted_keys, quick_params
 from test_rbm import fashion_mnist_images, needs_fashion_mnist
 
 from ebm.boltzmann.rbm import BernoulliRBM
@@ -17,21 +17,6 @@ from ebm.boltzmann.structured import GridCRFEnergy
 from ebm.checkpoint import load_model
 from ebm.config import ConfigError
 from ebm.stages.boltzmann import BoltzmannParams, main
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def quick_params() -> dict[str, Any]:
-    return yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
-
-
-def _dotted_keys(mapping: dict[str, Any], prefix: str = "") -> set[str]:
-    keys = set()
-    for key, value in mapping.items():
-        keys.add(f"{prefix}{key}")
-        if isinstance(value, dict):
-            keys |= _dotted_keys(value, f"{prefix}{key}.")
-    return keys
 
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])
@@ -43,7 +28,7 @@ def test_params_files_build_the_boltzmann_configs_and_hold_every_key_dvc_reads(p
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     names = ("train_rbm", "evaluate_rbm", "train_structured", "evaluate_structured")
     read = {key for name in names for key in stages[name]["params"]}
-    assert read <= _dotted_keys(raw)
+    assert read <= dotted_keys(raw)
     assert {"boltzmann.rbm.train", "boltzmann.structured.inference"} <= read
 
 

@@ -12,26 +12,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from paramfiles import REPO, dotted_keys, quick_params
 from test_images_data import write_cifar_copy, write_mnist_copy
 
 import ebm
 from ebm.config import ConfigError
 from ebm.stages.images import ImagePaths, ImagesParams, evaluate, main, prepare, render, train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def quick_params() -> dict[str, Any]:
-    return yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
-
-
-def _dotted_keys(mapping: dict[str, Any], prefix: str = "") -> set[str]:
-    keys = set()
-    for key, value in mapping.items():
-        keys.add(f"{prefix}{key}")
-        if isinstance(value, dict):
-            keys |= _dotted_keys(value, f"{prefix}{key}.")
-    return keys
 
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])
@@ -43,7 +29,7 @@ def test_params_files_build_the_image_configs_and_hold_every_key_dvc_reads(param
     read = {
         key for name, stage in stages.items() if name.endswith("_images") for key in stage.get("params", [])
     }
-    assert read and read <= _dotted_keys(raw)
+    assert read and read <= dotted_keys(raw)
 
 
 def test_a_typo_in_the_images_section_is_an_error_naming_it() -> None:
