@@ -4,9 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# With OpenMP's default (active) wait policy, two intra-op threads on a busy 2-core machine spin waiting
-# for a partner that is not scheduled: measured up to 80x slower per sampler step (benchmarks/sampling.py).
-export OMP_WAIT_POLICY ?= PASSIVE
 # glibc hands freed blocks above 128 KiB back to the kernel, so each multi-MB activation of an image EBM's
 # Langevin step is page-faulted in afresh (~1500 faults a step for the 28×28 CNN at batch 128). Keeping them
 # in the heap measured 12-15% less CPU per step, library and textbook loop alike (benchmarks/sampling.py).
@@ -41,6 +38,10 @@ chromium:
 		|| apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) \
 		|| { echo "could not install Debian's chromium; the MLflow UI test needs it" >&2; exit 1; }
 
+# Two test workers share two cores: OpenMP's default wait policy would spin waiting for a partner thread
+# that is not scheduled (up to 80x slower per sampler step). Everywhere else `import ebm` chooses the
+# policy from the machine's load (ebm/runtime.py).
+test: export OMP_WAIT_POLICY ?= PASSIVE
 test: $(STAMP) data chromium
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -n 2 -q
 
