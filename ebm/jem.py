@@ -39,17 +39,24 @@ class JEMConfig:
         noise_std: standard deviation of Gaussian noise added to positives after dequantisation
             (JEM uses 0.03 on [−1, 1] images); 0 for none.
         n_noise_probe: uniform-noise images whose mean energy is reported every step.
+        generative_batch: positives (and so negatives) of the CD term per step, the first this many of
+            the batch; the cross-entropy sees the whole batch. Labelled images are cheap and chains are
+            not: a forward-backward per image against one per image per sampler step, so a larger
+            classification batch costs little (``None``: the whole batch).
     """
 
     generative_weight: float = 1.0
     noise_std: float = 0.0
     n_noise_probe: int = 16
+    generative_batch: int | None = None
 
     def __post_init__(self) -> None:
         if not (self.generative_weight >= 0 and math.isfinite(self.generative_weight)):
             raise ValueError(f"generative_weight must be a finite number ≥ 0, got {self.generative_weight}")
         if self.noise_std < 0 or self.n_noise_probe < 1:
             raise ValueError("noise_std ≥ 0 and n_noise_probe ≥ 1 are required")
+        if self.generative_batch is not None and self.generative_batch < 1:
+            raise ValueError(f"generative_batch must be ≥ 1 or null, got {self.generative_batch}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,8 @@ class JEMObjective:
             energy_pos = -torch.logsumexp(logits.detach(), dim=1).mean()
         zero = torch.zeros((), device=x_pos.device)
         if self.cd is not None:
-            generative_loss, cd_stats = self.cd(energy, x_pos, generator=generator, step=step)
+            x_generative = x_pos[: self.config.generative_batch]  # [:None] is the whole batch
+            generative_loss, cd_stats = self.cd(energy, x_generative, generator=generator, step=step)
             loss = cross_entropy + self.config.generative_weight * generative_loss
             energy_pos, energy_neg = cd_stats.energy_pos, cd_stats.energy_neg
             regularisation, sampler_grad_norm = cd_stats.regularisation, cd_stats.sampler_grad_norm

@@ -70,6 +70,27 @@ def test_the_loss_is_cross_entropy_plus_weighted_cd_and_every_diagnostic_is_repo
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in energy.parameters())
 
 
+def test_a_generative_batch_runs_chains_for_part_of_the_batch_and_classifies_all_of_it() -> None:
+    images, labels = tiny_batch(8)
+    cd = tiny_cd(capacity=8)
+    drawn: list[int] = []
+    negatives = cd.negatives
+    cd.negatives = lambda energy, x, **kw: (drawn.append(x.shape[0]), negatives(energy, x, **kw))[1]  # type: ignore[method-assign]
+    objective = JEMObjective(cd, JEMConfig(generative_batch=3))
+    energy = tiny_energy()
+    _, stats = objective(energy, (images, labels), generator=torch.Generator().manual_seed(2), step=0)
+
+    assert drawn == [3]  # three chains, not eight
+    x = objective.positives(images, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(energy.logits(x).float(), labels)
+        first = torch.nn.functional.cross_entropy(energy.logits(x[:3]).float(), labels[:3])
+    assert float(stats.cross_entropy) == pytest.approx(float(full), abs=1e-5)
+    assert float(stats.cross_entropy) != pytest.approx(float(first), abs=1e-3)
+    with pytest.raises(ValueError, match="generative_batch"):
+        JEMConfig(generative_batch=0)
+
+
 def test_without_a_generative_term_it_is_a_plain_classifier_watching_noise() -> None:
     objective = JEMObjective(None, JEMConfig(generative_weight=0.0))
     loss, stats = objective(tiny_energy(), tiny_batch(), generator=torch.Generator().manual_seed(2))
