@@ -99,6 +99,13 @@ def figures(metrics: dict[str, Any], train_metrics: dict[str, float]) -> list[tu
             None,
             "{:.3f}",
         ),
+        row(
+            f"FD, {metrics['n_noise_samples']} samples from the buffer's proposal",
+            metrics["fd_proposal_samples"],
+            None,
+            "{:.3f}",
+        ),
+        row("FD of the proposal's own draws (no EBM)", metrics["fd_proposal_draws"], None, "{:.3f}"),
         row("FD floor, held-out real images", metrics["fd_real_floor"], None, "{:.3f}"),
         (
             "AIS log Z ± SE (ESS)",

@@ -29,7 +29,7 @@ from ebm.energies import seed_linear_layers_
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
 from ebm.jem import JEMConfig, JEMObjective
 from ebm.losses import CDConfig, ContrastiveDivergence
-from ebm.samplers import ReplayBuffer, Sampler, SamplerConfig, UniformBox
+from ebm.samplers import GaussianMixtureProposal, Proposal, ReplayBuffer, Sampler, SamplerConfig, UniformBox
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer, TrainResult, resolve_device
 
 ARCHITECTURES = ("cnn28", "resnet32")
@@ -180,19 +180,49 @@ class ImageRecipe:
     )
     sampling: ImageSamplingConfig = field(default_factory=ImageSamplingConfig)
     grid_every: int = 500
+    buffer_init: Literal["uniform", "class_gaussians"] = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.buffer_init not in BUFFER_INITS:
+            raise ValueError(f"unknown buffer_init {self.buffer_init!r}; choose one of {list(BUFFER_INITS)}")
+
+
+BUFFER_INITS = ("uniform", "class_gaussians")
+
+
+def buffer_proposal(
+    recipe: ImageRecipe,
+    image_shape: Sequence[int],
+    images: Tensor | None = None,
+    labels: Tensor | None = None,
+) -> Proposal:
+    """Where the replay buffer's fresh chains start: uniform noise on [0, 1], or (``class_gaussians``)
+    a full-covariance Gaussian per class fitted to the training ``images`` (uint8 or [0, 1]; JEM++)."""
+    if recipe.buffer_init == "uniform":
+        return UniformBox(tuple(image_shape), 0.0, 1.0)
+    if images is None:
+        raise ValueError("buffer_init 'class_gaussians' needs the training images to fit its Gaussians")
+    unit = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    return GaussianMixtureProposal.fit(unit, labels, low=0.0, high=1.0)
 
 
 def build_objective(
-    recipe: ImageRecipe, image_shape: Sequence[int], *, device: torch.device, generator: torch.Generator
+    recipe: ImageRecipe,
+    image_shape: Sequence[int],
+    *,
+    device: torch.device,
+    generator: torch.Generator,
+    proposal: Proposal | None = None,
 ) -> JEMObjective:
-    """The JEM objective of ``recipe``, its replay buffer filled with uniform noise on [0, 1]."""
+    """The JEM objective of ``recipe``, its replay buffer filled from ``proposal`` (default: uniform
+    noise on [0, 1])."""
     if recipe.jem.generative_weight == 0:
         return JEMObjective(None, recipe.jem)
     buffer = None
     if recipe.loss.persistent:
         buffer = ReplayBuffer(
             recipe.loss.buffer_size,
-            UniformBox(tuple(image_shape), 0.0, 1.0),
+            proposal if proposal is not None else UniformBox(tuple(image_shape), 0.0, 1.0),
             reinit_prob=recipe.loss.reinit_prob,
             generator=generator,
             device=device,
@@ -235,6 +265,7 @@ def train_image_energy(
         spec.image_shape,
         device=device,
         generator=torch.Generator(device).manual_seed(recipe.train.seed + 1),
+        proposal=buffer_proposal(recipe, spec.image_shape, images, labels),
     )
     trainer = Trainer(
         energy,

@@ -383,6 +383,96 @@ class UniformBox:
         return u.mul_(self.high - self.low).add_(self.low)
 
 
+class GaussianMixtureProposal:
+    """Fresh chains from Gaussians fitted to the data: one per class, full covariance, clamped to a box.
+
+    JEM++'s "informative initialisation" (Yang & Ji 2021, https://arxiv.org/abs/2109.09032): chains that
+    start from the data's per-class mean and covariance begin with the right brightness, size and
+    rough shape, so a few Langevin steps reach recognisable samples that uniform noise needs hundreds
+    for. The Gaussians know nothing a model could not be asked to beat: they are blurry, and the
+    energy learns to rank them above sharp data.
+
+    Args:
+        means: ``(K, *event_shape)`` component means.
+        scale_trils: ``(K, D, D)`` lower Cholesky factors of the covariances, ``D`` = prod(event_shape).
+        weights: ``(K,)`` mixture weights (non-negative, normalised here).
+        low, high: the box each draw is clamped to.
+    """
+
+    def __init__(
+        self, means: Tensor, scale_trils: Tensor, weights: Tensor, *, low: float = 0.0, high: float = 1.0
+    ) -> None:
+        _check_box((low, high))
+        n_components, n_dims = means.shape[0], int(means[0].numel())
+        if scale_trils.shape != (n_components, n_dims, n_dims) or weights.shape != (n_components,):
+            raise ValueError(
+                f"{n_components} means of {n_dims} dims need scale_trils of shape "
+                f"{(n_components, n_dims, n_dims)} and weights of shape {(n_components,)}; got "
+                f"{tuple(scale_trils.shape)} and {tuple(weights.shape)}"
+            )
+        if not (weights >= 0).all() or float(weights.sum()) <= 0:
+            raise ValueError("mixture weights must be non-negative with a positive sum")
+        self.event_shape = tuple(means.shape[1:])
+        self.means = means.reshape(n_components, n_dims).float()
+        self.scale_trils = scale_trils.float()
+        self.weights = (weights / weights.sum()).float()
+        self.low, self.high = low, high
+
+    @classmethod
+    def fit(
+        cls,
+        x: Tensor,
+        labels: Tensor | None = None,
+        *,
+        low: float = 0.0,
+        high: float = 1.0,
+        jitter: float = 1e-4,
+    ) -> GaussianMixtureProposal:
+        """Per-class (or, without ``labels``, one) Gaussian of float ``x`` ``(N, *event_shape)``.
+
+        ``jitter`` is added to each covariance's diagonal: pixels that never vary (an image border)
+        have zero variance, and the Cholesky factor needs a positive definite matrix.
+        """
+        if x.ndim < 2 or x.shape[0] < 2:
+            raise ValueError(f"need at least two samples of shape (N, *event_shape), got {tuple(x.shape)}")
+        flat = x.reshape(x.shape[0], -1).double()
+        groups = [flat] if labels is None else [flat[labels == k] for k in labels.unique(sorted=True)]
+        if any(group.shape[0] < 2 for group in groups):
+            raise ValueError("every class needs at least two samples to fit its covariance")
+        means, trils = [], []
+        eye = torch.eye(flat.shape[1], dtype=torch.float64)
+        for group in groups:
+            means.append(group.mean(0))
+            trils.append(torch.linalg.cholesky(torch.cov(group.T) + jitter * eye))
+        weights = torch.tensor([float(group.shape[0]) for group in groups])
+        mean_shape = (len(groups), *x.shape[1:])
+        return cls(torch.stack(means).reshape(mean_shape), torch.stack(trils), weights, low=low, high=high)
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        device = torch.device(device)
+        if self.means.device != device:
+            self.means, self.scale_trils, self.weights = (
+                t.to(device) for t in (self.means, self.scale_trils, self.weights)
+            )
+        component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn((n, self.means.shape[1]), generator=generator, device=device)
+        x = torch.empty_like(z)
+        for k in range(self.means.shape[0]):  # one GEMM per component, never a (n, D, D) gather
+            rows = (component == k).nonzero().squeeze(1)
+            x[rows] = self.means[k] + z[rows] @ self.scale_trils[k].T
+        return x.clamp_(self.low, self.high).reshape(n, *self.event_shape).to(dtype)
+
+
+Proposal = UniformBox | GaussianMixtureProposal
+
+
 class ReplayBuffer:
     """A persistent store of chain states for PCD (Tieleman 2008; Du & Mordatch 2019).
 
@@ -395,7 +485,7 @@ class ReplayBuffer:
     def __init__(
         self,
         capacity: int,
-        proposal: UniformBox,
+        proposal: Proposal,
         *,
         reinit_prob: float = 0.05,
         generator: torch.Generator | None = None,

@@ -214,3 +214,26 @@ def test_on_cuda_training_runs_bf16_channels_last_and_saves_the_same_kind_of_wei
     assert (
         type(model) is ImageEnergy and model(torch.rand(2, 1, 28, 28, device="cuda")).dtype == torch.float32
     )
+
+
+def test_class_gaussian_buffer_init_starts_chains_from_the_data_statistics() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # two classes of 12×12-pixel blocks on black: one top-left bright, one bottom-right
+    images = torch.zeros(40, 1, 28, 28, dtype=torch.uint8)
+    labels = torch.arange(40) % 2
+    images[labels == 0, :, :12, :12] = 200
+    images[labels == 1, :, 16:, 16:] = 200
+    images = (images.float() + torch.randint(0, 40, images.shape, generator=generator)).clamp(0, 255)
+    images = images.to(torch.uint8)
+    spec = ImageEnergySpec(TINY_CNN, (1, 28, 28), 10)
+    recipe = dataclasses.replace(tiny_recipe(steps=1), buffer_init="class_gaussians")
+
+    _, trainer, _ = train_image_energy(images, labels, spec, recipe)
+    states = trainer.objective.cd.buffer.states  # type: ignore[attr-defined]
+    top_left, bottom_right = states[:, 0, :12, :12].mean((1, 2)), states[:, 0, 16:, 16:].mean((1, 2))
+    bright = (top_left > 0.6) ^ (bottom_right > 0.6)  # each chain is one class's block, not grey noise
+    assert float(bright.float().mean()) > 0.9
+    assert 0.2 < float((top_left > 0.6).float().mean()) < 0.8  # both classes
+
+    with pytest.raises(ValueError, match="buffer_init"):
+        dataclasses.replace(recipe, buffer_init="data")

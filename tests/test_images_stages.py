@@ -59,6 +59,7 @@ def tiny_cifar_params(copy_dir: Path) -> dict[str, Any]:
     images["model"].update(architecture="resnet32", width=4, blocks_per_stage=1, spectral_norm=True)
     images["train"].update(steps=30, batch_size=16, lr=0.01, log_every=5, checkpoint_every=10)
     images["loss"].update(n_steps=2, buffer_size=64)
+    images["buffer_init"] = "uniform"  # ten 3072×3072 Cholesky factors would triple this test's time
     images["classifier"].update(steps=20, batch_size=16)
     images["evaluation"].update(n_buffer_samples=32, n_noise_samples=8, n_restore=4)
     images["evaluation"]["ais"].update(n_chains=4, n_temperatures=5)
@@ -98,6 +99,8 @@ def test_the_cifar10_path_runs_end_to_end_from_pickle_batches_to_a_loadable_mode
     assert {p.name for p in figures} == {
         "samples_buffer.png",
         "samples_noise.png",
+        "samples_proposal.png",
+        "proposal_draws.png",
         "inpainting.png",
         "denoising.png",
         "curves.png",

@@ -17,6 +17,7 @@ from ebm.energies import GaussianEnergy, GaussianMixtureEnergy, MLPEnergy, MLPEn
 from ebm.samplers import (
     MALA,
     SAMPLERS,
+    GaussianMixtureProposal,
     KernelProposal,
     Langevin,
     ReplayBuffer,
@@ -45,7 +46,6 @@ SAMPLER_CASES = [
     # "jump_from_x0": the contract test builds a KernelProposal around the chains' start.
     pytest.param("mala", {"step_size": 0.05, "jump_every": 2, "jump_from_x0": True}, id="mala_mode_jumping"),
 ]
-
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -521,3 +521,33 @@ def test_sampler_config_builds_mode_jumping_mala_only_with_data() -> None:
     assert sampler.jump_every == 5
     with pytest.raises(ValueError, match="mala"):
         SamplerConfig(name="langevin", jump_every=5).build(data=data, box=(-3.0, 3.0))
+
+
+def test_the_class_gaussian_proposal_reproduces_each_class_mean_covariance_and_weight() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.tensor([[0.05, 0.0, 0.0], [0.03, 0.04, 0.0], [0.0, -0.02, 0.06]])
+    centres = torch.tensor([[0.2, 0.3, 0.3], [0.8, 0.7, 0.7]])  # far apart: nearest centre = class
+    labels = torch.cat([torch.zeros(3000), torch.ones(1000)]).long()
+    x = centres[labels] + (torch.randn(4000, 3, generator=generator) @ mixing.T) * (1 + labels[:, None])
+    proposal = GaussianMixtureProposal.fit(x.view(4000, 1, 3), labels, jitter=1e-8)
+
+    draws = proposal.sample(40000, generator=torch.Generator().manual_seed(1))
+    assert draws.shape == (40000, 1, 3) and draws.min() >= 0 and draws.max() <= 1
+    flat = draws.view(-1, 3)
+    nearer_second = (flat - centres[1]).norm(dim=1) < (flat - centres[0]).norm(dim=1)
+    assert float(nearer_second.float().mean()) == pytest.approx(0.25, abs=0.02)  # the class weights
+    for k in (0, 1):
+        rows = flat[nearer_second == bool(k)]
+        expected_cov = (1 + k) ** 2 * mixing @ mixing.T
+        assert torch.allclose(rows.mean(0), centres[k], atol=0.01)
+        assert torch.allclose(torch.cov(rows.T), expected_cov, atol=0.1 * float(expected_cov.max()))
+
+
+def test_the_class_gaussian_proposal_clamps_to_its_box_and_rejects_what_it_cannot_fit() -> None:
+    wide = torch.rand(100, 4) * 10 - 5
+    draws = GaussianMixtureProposal.fit(wide, low=-1.0, high=1.0).sample(500)
+    assert draws.min() == -1 and draws.max() == 1  # clamped, and the tails reach the walls
+    with pytest.raises(ValueError, match="two samples"):
+        GaussianMixtureProposal.fit(wide, torch.cat([torch.zeros(99), torch.ones(1)]).long())
+    with pytest.raises(ValueError, match="scale_trils"):
+        GaussianMixtureProposal(torch.zeros(2, 4), torch.zeros(1, 4, 4), torch.ones(2))

@@ -52,6 +52,7 @@ from ebm.images import (
     ImageEnergySpec,
     ImageRecipe,
     buffer_grid_callback,
+    buffer_proposal,
     buffer_states,
     generate,
     restore_images,
@@ -89,7 +90,8 @@ class ImageEvaluationConfig:
     Attributes:
         max_test: evaluate on at most this many test images (``None``: all).
         n_buffer_samples: samples for the FD drawn from the replay buffer (plus ``sampling.buffer_steps``).
-        n_noise_samples: samples for the FD run from uniform noise for ``sampling.n_steps``.
+        n_noise_samples: samples for the FD run for ``sampling.n_steps`` from uniform noise, and as many
+            from the replay buffer's proposal (``buffer_init``), whose own draws are scored too.
         ood_score: the headline OOD score (all of :data:`~ebm.evaluation.images.OOD_SCORES` are reported).
         n_restore: test images inpainted and denoised.
         ais: the AIS settings for log Z.
@@ -255,11 +257,33 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
         generator=device_generator,
         batch_size=sampling.batch_size,
     )
+    # Fresh chains from the buffer's own proposal, and the proposal's draws themselves: with a proposal
+    # fitted to the data (class Gaussians), the EBM must beat what it starts from, or it added nothing.
+    if params.recipe.buffer_init == "uniform":
+        proposal_start, from_proposal = noise_start, from_noise  # the proposal is the uniform noise
+    else:
+        train_split = load_image_split(data_dir, "train")
+        proposal = buffer_proposal(params.recipe, spec.image_shape, train_split.images, train_split.labels)
+        proposal_start = proposal.sample(config.n_noise_samples, generator=device_generator, device=device)
+        from_proposal = generate(
+            energy,
+            proposal_start,
+            sampler=sampler,
+            n_steps=sampling.n_steps,
+            generator=device_generator,
+            batch_size=sampling.batch_size,
+        )
     features_test = penultimate_features(classifier, x_test)
+
+    def fd_to_test(images: torch.Tensor) -> float:
+        return frechet_distance(penultimate_features(classifier, images), features_test)
+
     fd = {
-        "fd_buffer_samples": frechet_distance(penultimate_features(classifier, from_buffer), features_test),
-        "fd_noise_samples": frechet_distance(penultimate_features(classifier, from_noise), features_test),
-        "fd_real_floor": frechet_distance(penultimate_features(classifier, validation.unit()), features_test),
+        "fd_buffer_samples": fd_to_test(from_buffer),
+        "fd_noise_samples": fd_to_test(from_noise),
+        "fd_proposal_samples": fd_to_test(from_proposal),
+        "fd_proposal_draws": fd_to_test(proposal_start),
+        "fd_real_floor": fd_to_test(validation.unit()),
     }
     sample_labels = {
         "buffer_samples_classifier_confidence": _mean_confidence(classifier, from_buffer),
@@ -293,7 +317,13 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
         "restoration": dataclasses.asdict(restoration),
     }
     samples = paths.reports / "samples"
-    _save_tensors(samples / "generated.pt", buffer=from_buffer, noise=from_noise)
+    _save_tensors(
+        samples / "generated.pt",
+        buffer=from_buffer,
+        noise=from_noise,
+        proposal=from_proposal,
+        start=proposal_start,
+    )
     _save_tensors(samples / "restoration.pt", **panels)
     _write_json(paths.reports / "metrics.json", metrics)
     return metrics
@@ -308,6 +338,8 @@ def render(params: ImagesParams, paths: ImagePaths) -> list[Path]:
     written = [
         save_image_grid(generated["buffer"][:64], figures / "samples_buffer.png"),
         save_image_grid(generated["noise"][:64], figures / "samples_noise.png"),
+        save_image_grid(generated["proposal"][:64], figures / "samples_proposal.png"),
+        save_image_grid(generated["start"][:64], figures / "proposal_draws.png"),
     ]
     for task, rows in (
         ("inpainting", ("original", "masked", "inpainted")),
