@@ -5,6 +5,7 @@ of a params file in a work folder, then prints every figure beside its bar::
 
     python benchmarks/images.py --json reports/bench/images.json
     python benchmarks/images.py --json /tmp/short.json --steps 600 --classifier-steps 300   # a short run
+    python benchmarks/images.py --root . --reuse --json reports/bench/images.json   # after `make pipeline`
 
 Bars (Fashion-MNIST, default params, 2 CPU cores): test accuracy ≥ 90 %; OOD AUROC ≥ 0.999 vs uniform
 noise, ≥ 0.99 vs inverted images, ≥ 0.95 vs another digit-like set (scikit-learn's digits); training
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--progress", action="store_true", help="show the training progress bar")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="print the figures of the stages already run under --root (after `make pipeline`: --root .)",
+    )
     args = parser.parse_args(argv)
 
     params = with_overrides(ImagesParams.from_params(load_params(args.params)), args)
@@ -168,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"recipe: {json.dumps(to_dict(params.recipe))}"
     )
-    seconds = {}
-    for name, stage in (("prepare", prepare), ("train", train), ("evaluate", evaluate), ("render", render)):
+    seconds: dict[str, float] = {}
+    stages = (("prepare", prepare), ("train", train), ("evaluate", evaluate), ("render", render))
+    for name, stage in () if args.reuse else stages:
         start = time.perf_counter()
         stage(params, paths)
         seconds[name] = time.perf_counter() - start
         print(f"{name}: {seconds[name]:.1f} s", flush=True)
+    if args.reuse and not (paths.reports / "metrics.json").is_file():
+        parser.error(f"--reuse: no {paths.reports / 'metrics.json'}; run the image stages there first")
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     train_metrics = json.loads((paths.reports / "train.json").read_text())
 
