@@ -181,10 +181,15 @@ class ImageRecipe:
     sampling: ImageSamplingConfig = field(default_factory=ImageSamplingConfig)
     grid_every: int = 500
     buffer_init: Literal["uniform", "class_gaussians"] = "uniform"
+    buffer_init_uniform_weight: float = 0.2
 
     def __post_init__(self) -> None:
         if self.buffer_init not in BUFFER_INITS:
             raise ValueError(f"unknown buffer_init {self.buffer_init!r}; choose one of {list(BUFFER_INITS)}")
+        if not 0.0 <= self.buffer_init_uniform_weight <= 1.0:
+            raise ValueError(
+                f"buffer_init_uniform_weight must lie in [0, 1], got {self.buffer_init_uniform_weight}"
+            )
 
 
 BUFFER_INITS = ("uniform", "class_gaussians")
@@ -197,13 +202,16 @@ def buffer_proposal(
     labels: Tensor | None = None,
 ) -> Proposal:
     """Where the replay buffer's fresh chains start: uniform noise on [0, 1], or (``class_gaussians``)
-    a full-covariance Gaussian per class fitted to the training ``images`` (uint8 or [0, 1]; JEM++)."""
+    a full-covariance Gaussian per class fitted to the training ``images`` (uint8 or [0, 1]; JEM++),
+    a share ``buffer_init_uniform_weight`` of the draws still uniform noise."""
     if recipe.buffer_init == "uniform":
         return UniformBox(tuple(image_shape), 0.0, 1.0)
     if images is None:
         raise ValueError("buffer_init 'class_gaussians' needs the training images to fit its Gaussians")
     unit = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-    return GaussianMixtureProposal.fit(unit, labels, low=0.0, high=1.0)
+    return GaussianMixtureProposal.fit(
+        unit, labels, low=0.0, high=1.0, uniform_weight=recipe.buffer_init_uniform_weight
+    )
 
 
 def build_objective(

@@ -397,12 +397,24 @@ class GaussianMixtureProposal:
         scale_trils: ``(K, D, D)`` lower Cholesky factors of the covariances, ``D`` = prod(event_shape).
         weights: ``(K,)`` mixture weights (non-negative, normalised here).
         low, high: the box each draw is clamped to.
+        uniform_weight: the share of draws that are uniform noise on the box instead. Chains only ever
+            start near the data otherwise, and nothing would teach the energy that noise is unlikely.
     """
 
     def __init__(
-        self, means: Tensor, scale_trils: Tensor, weights: Tensor, *, low: float = 0.0, high: float = 1.0
+        self,
+        means: Tensor,
+        scale_trils: Tensor,
+        weights: Tensor,
+        *,
+        low: float = 0.0,
+        high: float = 1.0,
+        uniform_weight: float = 0.0,
     ) -> None:
         _check_box((low, high))
+        if not 0.0 <= uniform_weight <= 1.0:
+            raise ValueError(f"uniform_weight must lie in [0, 1], got {uniform_weight}")
+        self.uniform_weight = uniform_weight
         n_components, n_dims = means.shape[0], int(means[0].numel())
         if scale_trils.shape != (n_components, n_dims, n_dims) or weights.shape != (n_components,):
             raise ValueError(
@@ -427,6 +439,7 @@ class GaussianMixtureProposal:
         low: float = 0.0,
         high: float = 1.0,
         jitter: float = 1e-4,
+        uniform_weight: float = 0.0,
     ) -> GaussianMixtureProposal:
         """Per-class (or, without ``labels``, one) Gaussian of float ``x`` ``(N, *event_shape)``.
 
@@ -446,7 +459,14 @@ class GaussianMixtureProposal:
             trils.append(torch.linalg.cholesky(torch.cov(group.T) + jitter * eye))
         weights = torch.tensor([float(group.shape[0]) for group in groups])
         mean_shape = (len(groups), *x.shape[1:])
-        return cls(torch.stack(means).reshape(mean_shape), torch.stack(trils), weights, low=low, high=high)
+        return cls(
+            torch.stack(means).reshape(mean_shape),
+            torch.stack(trils),
+            weights,
+            low=low,
+            high=high,
+            uniform_weight=uniform_weight,
+        )
 
     def sample(
         self,
@@ -467,7 +487,14 @@ class GaussianMixtureProposal:
         for k in range(self.means.shape[0]):  # one GEMM per component, never a (n, D, D) gather
             rows = (component == k).nonzero().squeeze(1)
             x[rows] = self.means[k] + z[rows] @ self.scale_trils[k].T
-        return x.clamp_(self.low, self.high).reshape(n, *self.event_shape).to(dtype)
+        x.clamp_(self.low, self.high)
+        if self.uniform_weight > 0:
+            noise = (
+                torch.rand(x.shape, generator=generator, device=device) * (self.high - self.low) + self.low
+            )
+            from_noise = torch.rand((n, 1), generator=generator, device=device) < self.uniform_weight
+            x = torch.where(from_noise, noise, x)
+        return x.reshape(n, *self.event_shape).to(dtype)
 
 
 Proposal = UniformBox | GaussianMixtureProposal

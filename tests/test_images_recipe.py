@@ -226,7 +226,9 @@ def test_class_gaussian_buffer_init_starts_chains_from_the_data_statistics() -> 
     images = (images.float() + torch.randint(0, 40, images.shape, generator=generator)).clamp(0, 255)
     images = images.to(torch.uint8)
     spec = ImageEnergySpec(TINY_CNN, (1, 28, 28), 10)
-    recipe = dataclasses.replace(tiny_recipe(steps=1), buffer_init="class_gaussians")
+    recipe = dataclasses.replace(
+        tiny_recipe(steps=1), buffer_init="class_gaussians", buffer_init_uniform_weight=0.0
+    )
 
     _, trainer, _ = train_image_energy(images, labels, spec, recipe)
     states = trainer.objective.cd.buffer.states  # type: ignore[attr-defined]

@@ -547,6 +547,12 @@ def test_the_class_gaussian_proposal_clamps_to_its_box_and_rejects_what_it_canno
     wide = torch.rand(100, 4) * 10 - 5
     draws = GaussianMixtureProposal.fit(wide, low=-1.0, high=1.0).sample(500)
     assert draws.min() == -1 and draws.max() == 1  # clamped, and the tails reach the walls
+    noisy = GaussianMixtureProposal.fit(wide, low=-1.0, high=1.0, uniform_weight=0.5).sample(4000)
+    interior = ((noisy > -1) & (noisy < 1)).all(dim=1)  # the Gaussian's draws mostly hit a wall
+    assert float(interior.float().mean()) == pytest.approx(0.5, abs=0.06)
+    assert (GaussianMixtureProposal.fit(wide, uniform_weight=1.0).sample(1000).mean() - 0.5).abs() < 0.02
+    with pytest.raises(ValueError, match="uniform_weight"):
+        GaussianMixtureProposal.fit(wide, uniform_weight=1.5)
     with pytest.raises(ValueError, match="two samples"):
         GaussianMixtureProposal.fit(wide, torch.cat([torch.zeros(99), torch.ones(1)]).long())
     with pytest.raises(ValueError, match="scale_trils"):
