@@ -15,12 +15,14 @@ from ebm.evaluation.images import (
     OOD_SCORES,
     AISConfig,
     TemperedLogitEnergy,
+    Typicality,
     accuracy,
     ais_log_partition,
     auroc,
     bits_per_dim,
     digits_images,
     frechet_distance,
+    model_statistics,
     ood_aurocs,
     ood_score,
     ood_sets,
@@ -71,6 +73,43 @@ def test_every_ood_score_is_defined_by_its_formula() -> None:
         ood_score(energy, x, "likelihood")
 
 
+def test_typicality_scores_atypical_statistics_on_either_side_as_out_of_distribution() -> None:
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(2000, 2, generator=generator) * torch.tensor([1.0, 3.0]) + torch.tensor(
+        [5.0, 0.0]
+    )
+    typicality = Typicality(reference)
+    probes = torch.tensor([[5.0, 0.0], [3.0, 0.0], [7.0, 0.0], [5.0, 9.0]])
+    log_density = typicality.log_density(probes)
+    assert log_density[0] > log_density[1:].max()  # too low and too high are both atypical
+    assert float(log_density[1]) == pytest.approx(float(log_density[2]), abs=0.3)  # symmetric around the mean
+    expected = (
+        -0.5 * math.log(2 * math.pi) * 2 - math.log(1.0) - math.log(3.0)
+    )  # N(5, 1) × N(0, 9) at the mean
+    assert float(log_density[0]) == pytest.approx(expected, abs=0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        Typicality(torch.tensor([[0.0], [float("nan")]]))
+
+
+def test_the_typicality_score_is_fitted_on_reference_images_only_and_needs_them() -> None:
+    energy = tiny_energy()
+    reference, images = torch.rand(12, *SHAPE), torch.rand(6, *SHAPE)
+    statistics = model_statistics(energy, images, batch_size=4)
+    _, grad = energy_and_grad(energy, images)
+    assert torch.allclose(statistics[:, 0], -energy(images).detach())
+    assert torch.allclose(statistics[:, 1], grad.flatten(1).norm(dim=1).log(), atol=1e-5)
+    typicality = Typicality(model_statistics(energy, reference))
+    assert torch.allclose(
+        ood_score(energy, images, "typicality", typicality=typicality),
+        typicality.log_density(statistics).float(),
+    )
+    with pytest.raises(ValueError, match="fitted on in-distribution"):
+        ood_score(energy, images, "typicality")
+    table = ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)}, reference_images=reference)
+    assert set(table) == set(OOD_SCORES)
+    assert "typicality" not in ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)})
+
+
 def test_png_bits_measure_complexity() -> None:
     flat, noisy = torch.zeros(1, *SHAPE), torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(0))
     bits = png_bits(torch.cat([flat, noisy]))
@@ -94,7 +133,11 @@ def test_ood_aurocs_tables_every_score_and_set() -> None:
     energy = tiny_energy()
     images = torch.rand(8, *SHAPE)
     table = ood_aurocs(
-        energy, images, {"same": images.clone(), "noise": torch.rand(8, *SHAPE)}, scores=OOD_SCORES
+        energy,
+        images,
+        {"same": images.clone(), "noise": torch.rand(8, *SHAPE)},
+        scores=OOD_SCORES,
+        reference_images=torch.rand(8, *SHAPE),
     )
     assert set(table) == set(OOD_SCORES) and all(set(row) == {"same", "noise"} for row in table.values())
     assert all(row["same"] == pytest.approx(0.5) for row in table.values())  # identical sets: chance

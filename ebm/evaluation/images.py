@@ -17,6 +17,11 @@ digits) lower energy than their own data:
   a likelihood ratio against a generic compressor. It is only meaningful when E is in nats of a
   normalised-up-to-a-constant density; an EBM trained with decoupled Langevin noise has energies on
   another scale, which the evaluation reports rather than hides.
+- ``typicality``: how typical the model's own statistics of x are of in-distribution images, "density
+  of states" (Morningstar et al. 2021, https://arxiv.org/abs/2006.09273): a 1D Gaussian KDE of each
+  of −E(x), log ‖∇ₓE(x)‖ and max_y p(y | x), fitted on held-out in-distribution images (the validation
+  split; never on OOD data), and the sum of their log densities. A value can be atypical on either
+  side, so an image with *too low* an energy (the trap above) scores as out of distribution too.
 
 AIS (Neal 2001) anneals from the uniform density on the box [0, 1]^D (log Z₀ = 0) to
 p(x) ∝ exp(−E(x)) on the box through p_β ∝ exp(−β E(x)), with MALA transitions run in logit space
@@ -42,7 +47,7 @@ from torch import Tensor, nn
 from ebm.energies import ClassConditionalEnergy, energy_and_grad, frozen
 from ebm.samplers import MALA
 
-OOD_SCORES = ("energy", "max_softmax", "grad_norm", "complexity")
+OOD_SCORES = ("energy", "max_softmax", "grad_norm", "complexity", "typicality")
 
 
 def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
@@ -81,14 +86,75 @@ def png_bits(images: Tensor) -> Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
-def ood_score(model: ClassConditionalEnergy, images: Tensor, score: str, *, batch_size: int = 500) -> Tensor:
+class Typicality:
+    """The ``typicality`` score: per-statistic Gaussian KDEs (Scott's bandwidth) of reference statistics.
+
+    Args:
+        reference: ``(N, S)`` statistics of held-out in-distribution images, one column per statistic.
+    """
+
+    def __init__(self, reference: Tensor) -> None:
+        if reference.ndim != 2 or reference.shape[0] < 2:
+            raise ValueError(f"reference statistics must be (N ≥ 2, S), got {tuple(reference.shape)}")
+        if not torch.isfinite(reference).all():
+            raise ValueError("reference statistics hold NaN or infinite values")
+        self.reference = reference.double()
+        n = self.reference.shape[0]
+        spread = self.reference.std(dim=0).clamp_min(1e-12)
+        self.bandwidths = 1.06 * spread * n ** (-1 / 5)
+
+    def log_density(self, statistics: Tensor) -> Tensor:
+        """Σ_s log KDE_s(statistics[:, s]), shape ``(M,)``: higher = more typical."""
+        total = torch.zeros(statistics.shape[0], dtype=torch.float64)
+        n = self.reference.shape[0]
+        for s, bandwidth in enumerate(self.bandwidths):
+            for rows in torch.arange(statistics.shape[0]).split(1000):  # (1000, N) at a time
+                z = (statistics[rows, s].double()[:, None] - self.reference[None, :, s]) / bandwidth
+                total[rows] += torch.logsumexp(-0.5 * z.square(), dim=1)
+            total -= math.log(n) + math.log(float(bandwidth) * math.sqrt(2 * math.pi))
+        return total
+
+
+def model_statistics(model: ClassConditionalEnergy, images: Tensor, *, batch_size: int = 500) -> Tensor:
+    """``(N, 3)``: −E(x), log ‖∇ₓE(x)‖ and max_y p(y | x) of [0, 1] ``images``."""
+    device = _device_of(model)
+
+    def one_batch(x: Tensor) -> Tensor:
+        x = x.to(device)
+        with frozen(model):
+            _, grad = energy_and_grad(model, x)
+        with torch.no_grad():
+            logits = model.logits(x).float()
+        log_grad = grad.flatten(1).float().norm(dim=1).clamp_min(1e-30).log()
+        return torch.stack(
+            [torch.logsumexp(logits, dim=1), log_grad, logits.softmax(dim=1).max(dim=1).values], dim=1
+        ).cpu()
+
+    return _batched(one_batch, images, batch_size)
+
+
+def ood_score(
+    model: ClassConditionalEnergy,
+    images: Tensor,
+    score: str,
+    *,
+    batch_size: int = 500,
+    typicality: Typicality | None = None,
+) -> Tensor:
     """Per-image in-distribution score (higher = more like the training data), shape ``(N,)``.
 
+    ``typicality`` (fitted on in-distribution statistics, :func:`model_statistics`) is needed for the
+    ``typicality`` score only.
+
     Raises:
-        ValueError: ``score`` is not one of :data:`OOD_SCORES`.
+        ValueError: ``score`` is not one of :data:`OOD_SCORES`, or ``typicality`` is missing for it.
     """
     if score not in OOD_SCORES:
         raise ValueError(f"unknown OOD score {score!r}; choose one of {list(OOD_SCORES)}")
+    if score == "typicality":
+        if typicality is None:
+            raise ValueError("the typicality score needs a Typicality fitted on in-distribution images")
+        return typicality.log_density(model_statistics(model, images, batch_size=batch_size)).float()
     device = _device_of(model)
 
     def one_batch(x: Tensor) -> Tensor:
@@ -152,15 +218,26 @@ def ood_aurocs(
     *,
     scores: Sequence[str] = OOD_SCORES,
     batch_size: int = 500,
+    reference_images: Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{score: {ood_set: AUROC}}`` for every score and OOD set."""
+    """``{score: {ood_set: AUROC}}`` for every score and OOD set.
+
+    ``reference_images`` (held-out in-distribution images, disjoint from ``in_images``) fit the
+    ``typicality`` score; without them it is left out of the table.
+    """
+    typicality = None
+    if reference_images is not None:
+        typicality = Typicality(model_statistics(model, reference_images, batch_size=batch_size))
+    elif "typicality" in scores:
+        scores = [score for score in scores if score != "typicality"]
     table: dict[str, dict[str, float]] = {}
     for score in scores:
-        in_scores = ood_score(model, in_images, score, batch_size=batch_size)
-        table[score] = {
-            name: auroc(in_scores, ood_score(model, images, score, batch_size=batch_size))
-            for name, images in out_sets.items()
-        }
+
+        def scored(images: Tensor, score: str = score) -> Tensor:
+            return ood_score(model, images, score, batch_size=batch_size, typicality=typicality)
+
+        in_scores = scored(in_images)
+        table[score] = {name: auroc(in_scores, scored(images)) for name, images in out_sets.items()}
     return table
 
 

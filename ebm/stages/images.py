@@ -228,7 +228,9 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
     sampling = params.recipe.sampling
     sampler = params.recipe.sampler.build()
 
-    aurocs = ood_aurocs(energy, x_test, ood_sets(x_test, generator=generator))
+    aurocs = ood_aurocs(
+        energy, x_test, ood_sets(x_test, generator=generator), reference_images=validation.unit()
+    )
     digits = ood_sets(x_test[:1], generator=generator)["sklearn_digits"]
 
     with torch.no_grad():
