@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
@@ -32,6 +33,24 @@ def runnable_tasks(loadavg: Path = Path("/proc/loadavg")) -> int | None:
         return None
 
 
+def typical_runnable_tasks(samples: int = 9, interval_s: float = 0.002) -> int | None:
+    """The median of ``samples`` readings of :func:`runnable_tasks`, ``interval_s`` apart (~20 ms).
+
+    One reading is a snapshot: on an idle machine a kernel thread or the parent process waking up
+    makes it read 2 about one time in ten, while a process that computes is runnable at nearly every
+    reading. The median keeps the second and ignores the first.
+    """
+    readings = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval_s)
+        reading = runnable_tasks()
+        if reading is None:
+            return None
+        readings.append(reading)
+    return sorted(readings)[len(readings) // 2]
+
+
 def available_cores() -> int:
     """Cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -44,7 +63,7 @@ def choose_omp_wait_policy(
 ) -> str | None:
     """``"PASSIVE"`` when other runnable tasks would leave an intra-op thread without a core, else
     ``None`` (keep OpenMP's default). ``threads`` defaults to ``OMP_NUM_THREADS`` or the core count."""
-    runnable = runnable_tasks() if runnable is None else runnable
+    runnable = typical_runnable_tasks() if runnable is None else runnable
     if runnable is None:
         return None
     cores = available_cores() if cores is None else cores

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ebm.runtime import choose_omp_wait_policy, runnable_tasks
+from ebm.runtime import choose_omp_wait_policy, runnable_tasks, typical_runnable_tasks
 
 
 def test_runnable_tasks_reads_the_instantaneous_field_of_loadavg(tmp_path: Path) -> None:
@@ -36,7 +36,17 @@ def test_passive_only_when_other_tasks_would_take_an_intra_op_threads_core(
 ) -> None:
     if runnable is None:
         monkeypatch.setattr("ebm.runtime.runnable_tasks", lambda: None)
+        assert choose_omp_wait_policy(cores=cores, threads=threads) is None
     assert choose_omp_wait_policy(runnable=runnable, cores=cores, threads=threads) == expected
+
+
+def test_a_momentary_wake_up_is_not_load_but_a_busy_process_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    readings = iter([1, 2, 1, 1, 1, 1, 1, 1, 1])  # the caller, and once a kernel thread waking up
+    monkeypatch.setattr("ebm.runtime.runnable_tasks", lambda: next(readings))
+    assert typical_runnable_tasks(interval_s=0.0) == 1
+    readings = iter([2, 2, 1, 2, 2, 2, 2, 2, 2])  # another process computing all along
+    monkeypatch.setattr("ebm.runtime.runnable_tasks", lambda: next(readings))
+    assert typical_runnable_tasks(interval_s=0.0) == 2
 
 
 def test_omp_num_threads_sets_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,7 +72,7 @@ def test_import_ebm_sets_the_policy_before_torch_loads() -> None:
     env["OMP_NUM_THREADS"] = "1"  # one thread: the default policy is always right
     assert _policy_after_import(env) == "None"
     code = (
-        "import ebm.runtime as r; r.runnable_tasks = lambda: 64; "
+        "import ebm.runtime as r; r.typical_runnable_tasks = lambda: 64; "
         "import os; os.environ.pop('OMP_WAIT_POLICY', None); "
         "print(r.configure_openmp(), 'torch' in __import__('sys').modules)"
     )
