@@ -237,28 +237,23 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
         mean_test_energy = float(torch.cat([energy(c.to(device)).cpu() for c in x_test.split(500)]).mean())
         mean_digits_energy = float(torch.cat([energy(c.to(device)).cpu() for c in digits.split(500)]).mean())
 
+    def run_chains(start: torch.Tensor, n_steps: int) -> torch.Tensor:
+        return generate(
+            energy,
+            start,
+            sampler=sampler,
+            n_steps=n_steps,
+            generator=device_generator,
+            batch_size=sampling.batch_size,
+        )
+
     buffer_states = torch.load(paths.models / "buffer.pt", weights_only=True)["states"]
     n_buffer = min(config.n_buffer_samples, buffer_states.shape[0])
-    buffer_start = buffer_states[:n_buffer].float().div(255).to(device)
-    from_buffer = generate(
-        energy,
-        buffer_start,
-        sampler=sampler,
-        n_steps=sampling.buffer_steps,
-        generator=device_generator,
-        batch_size=sampling.batch_size,
-    )
+    from_buffer = run_chains(buffer_states[:n_buffer].float().div(255).to(device), sampling.buffer_steps)
     noise_start = uniform_images(
         config.n_noise_samples, spec.image_shape, generator=device_generator, device=device
     )
-    from_noise = generate(
-        energy,
-        noise_start,
-        sampler=sampler,
-        n_steps=sampling.n_steps,
-        generator=device_generator,
-        batch_size=sampling.batch_size,
-    )
+    from_noise = run_chains(noise_start, sampling.n_steps)
     # Fresh chains from the buffer's own proposal, and the proposal's draws themselves: with a proposal
     # fitted to the data (class Gaussians), the EBM must beat what it starts from, or it added nothing.
     if params.recipe.buffer_init == "uniform":
@@ -267,14 +262,7 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
         train_split = load_image_split(data_dir, "train")
         proposal = buffer_proposal(params.recipe, spec.image_shape, train_split.images, train_split.labels)
         proposal_start = proposal.sample(config.n_noise_samples, generator=device_generator, device=device)
-        from_proposal = generate(
-            energy,
-            proposal_start,
-            sampler=sampler,
-            n_steps=sampling.n_steps,
-            generator=device_generator,
-            batch_size=sampling.batch_size,
-        )
+        from_proposal = run_chains(proposal_start, sampling.n_steps)
     features_test = penultimate_features(classifier, x_test)
 
     def fd_to_test(images: torch.Tensor) -> float:
