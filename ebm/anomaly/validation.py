@@ -88,6 +88,14 @@ def _show(rows: Sequence[int], total: int) -> str:
     return f"row{'s' if total > 1 else ''} {', '.join(map(str, rows))}{more}"
 
 
+def _reject_rows(bad: np.ndarray, offset: int, column: str, message: str, *, suffix: str = "") -> None:
+    """Raise a :class:`ValidationError` naming the first rows where ``bad`` holds, if any does:
+    ``"{message} at rows 3, 7 and 2 more{suffix}"``."""
+    if bad.any():
+        rows = _rows(bad, offset)
+        raise ValidationError(f"{message} at {_show(rows, int(bad.sum()))}{suffix}", column=column, rows=rows)
+
+
 def check_header(columns: Sequence[str], schema: TableSchema, source: str = "input") -> None:
     """Duplicated, missing and (with ``extra="error"``) unknown columns, before any data is read."""
     names = [str(c) for c in columns]
@@ -136,25 +144,13 @@ def validate_frame(
         text = values if isinstance(values.dtype, pd.ArrowDtype) else values.astype(str)
         blank = (text.str.strip() == "").to_numpy(dtype=bool, na_value=True)
         missing = values.isna().to_numpy() | blank
-        if missing.any():
-            rows = _rows(missing, offset)
-            raise ValidationError(
-                f"{source}: column {column!r} has empty values at {_show(rows, int(missing.sum()))}",
-                column=column,
-                rows=rows,
-            )
+        _reject_rows(missing, offset, column, f"{source}: column {column!r} has empty values")
         out[column] = text
     if schema.label and schema.label in frame.columns:
         labels = _numeric(frame[schema.label], schema.label, source, offset)
         bad = ~np.isin(labels.to_numpy(), (0.0, 1.0))
-        if bad.any():
-            rows = _rows(bad, offset)
-            raise ValidationError(
-                f"{source}: label column {schema.label!r} must hold 0 or 1; other values at "
-                f"{_show(rows, int(bad.sum()))}",
-                column=schema.label,
-                rows=rows,
-            )
+        message = f"{source}: label column {schema.label!r} must hold 0 or 1; other values"
+        _reject_rows(bad, offset, schema.label, message)
         out[schema.label] = labels.astype(np.int64)
     for column in schema.passthrough:
         if column in frame.columns:
@@ -177,22 +173,11 @@ def _numeric(values: pd.Series, column: str, source: str, offset: int) -> pd.Ser
         not_numeric &= ~lowered.isin(["nan", "inf", "-inf", "+inf", "infinity", "-infinity"]).to_numpy()
     array = converted.to_numpy()
     if not_numeric.any():
-        rows = _rows(not_numeric, offset)
         example = values.iloc[int(np.flatnonzero(not_numeric)[0])]
-        raise ValidationError(
-            f"{source}: column {column!r} has non-numeric values at {_show(rows, int(not_numeric.sum()))} "
-            f"(first: {str(example)[:40]!r})",
-            column=column,
-            rows=rows,
-        )
+        message = f"{source}: column {column!r} has non-numeric values"
+        _reject_rows(not_numeric, offset, column, message, suffix=f" (first: {str(example)[:40]!r})")
     for bad, what in ((np.isnan(array), "missing or NaN values"), (np.isinf(array), "infinite values")):
-        if bad.any():
-            rows = _rows(bad, offset)
-            raise ValidationError(
-                f"{source}: column {column!r} has {what} at {_show(rows, int(bad.sum()))}",
-                column=column,
-                rows=rows,
-            )
+        _reject_rows(bad, offset, column, f"{source}: column {column!r} has {what}")
     return converted
 
 
