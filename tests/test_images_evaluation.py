@@ -108,6 +108,8 @@ def test_the_typicality_score_is_fitted_on_reference_images_only_and_needs_them(
     table = ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)}, reference_images=reference)
     assert set(table) == set(OOD_SCORES)
     assert "typicality" not in ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)})
+    with pytest.raises(ValueError, match="fitted on in-distribution"):
+        ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)}, scores=["typicality"])
 
 
 def test_png_bits_measure_complexity() -> None:

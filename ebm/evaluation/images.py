@@ -216,20 +216,22 @@ def ood_aurocs(
     in_images: Tensor,
     out_sets: Mapping[str, Tensor],
     *,
-    scores: Sequence[str] = OOD_SCORES,
+    scores: Sequence[str] | None = None,
     batch_size: int = 500,
     reference_images: Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{score: {ood_set: AUROC}}`` for every score and OOD set.
 
     ``reference_images`` (held-out in-distribution images, disjoint from ``in_images``) fit the
-    ``typicality`` score; without them it is left out of the table.
+    ``typicality`` score. ``scores`` defaults to every score the arguments allow: all of
+    :data:`OOD_SCORES`, less ``typicality`` without reference images; asking for it without them
+    raises :class:`ValueError`.
     """
     typicality = None
     if reference_images is not None:
         typicality = Typicality(model_statistics(model, reference_images, batch_size=batch_size))
-    elif "typicality" in scores:
-        scores = [score for score in scores if score != "typicality"]
+    if scores is None:
+        scores = [score for score in OOD_SCORES if typicality is not None or score != "typicality"]
     table: dict[str, dict[str, float]] = {}
     for score in scores:
 
