@@ -133,6 +133,34 @@ def model_statistics(model: ClassConditionalEnergy, images: Tensor, *, batch_siz
     return _batched(one_batch, images, batch_size)
 
 
+def scores_from_statistics(
+    statistics: Tensor, images: Tensor, score: str, *, typicality: Typicality | None = None
+) -> Tensor:
+    """One OOD score (higher = more like the training data) from :func:`model_statistics` of ``images``.
+
+    Raises:
+        ValueError: ``score`` is not one of :data:`OOD_SCORES`, or ``typicality`` is missing for it.
+    """
+    _check_score(score, typicality)
+    if score == "energy":
+        return statistics[:, 0]  # −E(x)
+    if score == "grad_norm":
+        return -statistics[:, 1].exp()
+    if score == "max_softmax":
+        return statistics[:, 2]
+    if score == "complexity":
+        return statistics[:, 0] + math.log(2) * png_bits(images)
+    assert typicality is not None  # _check_score
+    return typicality.log_density(statistics).float()
+
+
+def _check_score(score: str, typicality: Typicality | None) -> None:
+    if score not in OOD_SCORES:
+        raise ValueError(f"unknown OOD score {score!r}; choose one of {list(OOD_SCORES)}")
+    if score == "typicality" and typicality is None:
+        raise ValueError("the typicality score needs a Typicality fitted on in-distribution images")
+
+
 def ood_score(
     model: ClassConditionalEnergy,
     images: Tensor,
@@ -149,30 +177,9 @@ def ood_score(
     Raises:
         ValueError: ``score`` is not one of :data:`OOD_SCORES`, or ``typicality`` is missing for it.
     """
-    if score not in OOD_SCORES:
-        raise ValueError(f"unknown OOD score {score!r}; choose one of {list(OOD_SCORES)}")
-    if score == "typicality":
-        if typicality is None:
-            raise ValueError("the typicality score needs a Typicality fitted on in-distribution images")
-        return typicality.log_density(model_statistics(model, images, batch_size=batch_size)).float()
-    device = _device_of(model)
-
-    def one_batch(x: Tensor) -> Tensor:
-        x = x.to(device)
-        if score == "grad_norm":
-            with frozen(model):
-                _, grad = energy_and_grad(model, x)
-            return -grad.flatten(1).norm(dim=1).cpu()
-        with torch.no_grad():
-            logits = model.logits(x).float()
-        if score == "max_softmax":
-            return logits.softmax(dim=1).max(dim=1).values.cpu()
-        return torch.logsumexp(logits, dim=1).cpu()  # −E(x)
-
-    scores = _batched(one_batch, images, batch_size)
-    if score == "complexity":
-        scores = scores + math.log(2) * png_bits(images)
-    return scores
+    _check_score(score, typicality)
+    statistics = model_statistics(model, images, batch_size=batch_size)
+    return scores_from_statistics(statistics, images, score, typicality=typicality)
 
 
 def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
@@ -232,15 +239,17 @@ def ood_aurocs(
         typicality = Typicality(model_statistics(model, reference_images, batch_size=batch_size))
     if scores is None:
         scores = [score for score in OOD_SCORES if typicality is not None or score != "typicality"]
-    table: dict[str, dict[str, float]] = {}
-    for score in scores:
+    for score in scores:  # unknown names and a typicality without reference fail before any work
+        _check_score(score, typicality)
 
-        def scored(images: Tensor, score: str = score) -> Tensor:
-            return ood_score(model, images, score, batch_size=batch_size, typicality=typicality)
+    def every_score(images: Tensor) -> dict[str, Tensor]:
+        # one forward-backward pass per image set; every score is a column or a function of it
+        statistics = model_statistics(model, images, batch_size=batch_size)
+        return {s: scores_from_statistics(statistics, images, s, typicality=typicality) for s in scores}
 
-        in_scores = scored(in_images)
-        table[score] = {name: auroc(in_scores, scored(images)) for name, images in out_sets.items()}
-    return table
+    in_scores = every_score(in_images)
+    out_scores = {name: every_score(images) for name, images in out_sets.items()}
+    return {s: {name: auroc(in_scores[s], out[s]) for name, out in out_scores.items()} for s in scores}
 
 
 # --- sample quality -------------------------------------------------------------------------------
