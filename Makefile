@@ -39,7 +39,7 @@ chromium:
 		|| { echo "could not install Debian's chromium; the MLflow UI test needs it" >&2; exit 1; }
 
 # Two test workers share two cores: OpenMP's default wait policy would spin waiting for a partner thread
-# that is not scheduled (up to 80x slower per sampler step). Everywhere else `import ebm` chooses the
+# that is not scheduled (up to 80x slower per sampler step). Stage processes and the `ebm` command choose the
 # policy from the machine's load (ebm/runtime.py).
 test: export OMP_WAIT_POLICY ?= PASSIVE
 test: $(STAMP) data chromium

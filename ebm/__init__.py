@@ -2,10 +2,6 @@
 
 from typing import TYPE_CHECKING
 
-from ebm.runtime import configure_openmp
-
-configure_openmp()  # before anything loads torch: OpenMP reads its wait policy once (ebm.runtime)
-
 if TYPE_CHECKING:
     from ebm.checkpoint import load_model as load_model
 

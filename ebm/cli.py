@@ -26,7 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
+from ebm.runtime import configure_openmp
+
+configure_openmp()  # the `ebm` command's process, before the imports below load torch (ebm.runtime)
+
+from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset  # noqa: E402
 
 
 def _toy_recipe(args: argparse.Namespace) -> Any:

@@ -8,9 +8,10 @@ those cores: the spinning thread waits a whole scheduler slice for a partner tha
 to 80× slower per step). :func:`choose_omp_wait_policy` looks at how many other tasks are runnable
 right now and picks ``PASSIVE`` only when the machine is busy.
 
-``ebm/__init__.py`` calls it on import, before anything imports torch, so every entry point (the
-``ebm`` CLI, ``python -m ebm.stages.*`` under DVC) gets it. A value set by the user always wins, and
-nothing changes once torch is loaded (it would have no effect).
+The entry points call :func:`configure_openmp` before anything imports torch: ``ebm/stages/__init__.py``
+(every ``python -m ebm.stages.*`` process DVC starts) and ``ebm/cli.py`` (the ``ebm`` command). Plain
+``import ebm`` does nothing of the kind. A value set by the user always wins, and nothing changes once
+torch is loaded (it would have no effect).
 """
 
 from __future__ import annotations
