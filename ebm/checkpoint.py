@@ -43,6 +43,21 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
     return path
 
 
+def torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically, and byte for byte the same for the same ``obj``.
+
+    Given a file name, ``torch.save`` names the zip archive's root folder after it, so saving to a
+    fresh temporary name gave different bytes on every run, and DVC reran every stage downstream of an
+    unchanged output. Written through an open file the root folder is always ``archive``.
+    """
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+
+    return atomic_write(path, write)
+
+
 def assert_finite_state(state_dict: Mapping[str, Any], what: str) -> None:
     """Raise :class:`CheckpointError` if any floating tensor in ``state_dict`` is NaN or infinite."""
     for name, value in state_dict.items():
@@ -53,7 +68,7 @@ def assert_finite_state(state_dict: Mapping[str, Any], what: str) -> None:
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
     """Write a training checkpoint (nested dicts of tensors and plain data) atomically."""
     payload = {"format_version": FORMAT_VERSION, **state}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return torch_save(payload, path)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

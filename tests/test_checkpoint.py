@@ -18,6 +18,7 @@ from ebm.checkpoint import (
     load_model,
     save_checkpoint,
     save_model,
+    torch_save,
 )
 from ebm.energies import MLPEnergy, MLPEnergyConfig
 from ebm.losses import ContrastiveDivergence
@@ -201,6 +202,20 @@ def test_atomic_write_replaces_the_file_and_makes_missing_folders(tmp_path: Path
     assert written == path
     assert path.read_bytes() == b"second"
     assert files_in(path.parent) == ["run.ckpt"]
+
+
+def test_the_same_tensors_saved_twice_give_the_same_bytes(tmp_path: Path) -> None:
+    # DVC compares outputs by hash: a rerun stage that writes the same tensors must not look changed.
+    payload = {"images": torch.arange(12, dtype=torch.uint8).view(3, 4), "labels": torch.tensor([0, 1, 2])}
+    first = torch_save(payload, tmp_path / "train.pt").read_bytes()
+    second = torch_save(payload, tmp_path / "train.pt").read_bytes()
+    save_model(tmp_path / "a.pt", tiny_energy(), kind="mlp_energy", config=tiny_energy().config)
+    model_a = (tmp_path / "a.pt").read_bytes()
+    save_model(tmp_path / "a.pt", tiny_energy(), kind="mlp_energy", config=tiny_energy().config)
+
+    assert first == second
+    assert (tmp_path / "a.pt").read_bytes() == model_a
+    assert torch.equal(torch.load(tmp_path / "train.pt", weights_only=True)["images"], payload["images"])
 
 
 def test_save_checkpoint_round_trips_nested_plain_state(tmp_path: Path) -> None:

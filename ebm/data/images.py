@@ -21,7 +21,6 @@ permutation (the test set stays the test set), and writes ``train.pt``, ``valida
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import json
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 
-from ebm.checkpoint import atomic_write
+from ebm.checkpoint import atomic_write, torch_save
 
 SPLITS = ("train", "validation", "test")
 IDX_FILES = (
@@ -347,7 +346,9 @@ def prepare_image_data(
     files: dict[str, dict[str, Any]] = {}
     for name, split in splits.items():
         path = out_dir / f"{name}.pt"
-        atomic_write(path, functools.partial(_save_split, split))
+        torch_save(
+            {"images": split.images, "labels": split.labels, "source_indices": split.source_indices}, path
+        )
         files[name] = {
             "file": path.name,
             "count": int(split.images.shape[0]),
@@ -375,10 +376,6 @@ def prepare_image_data(
 
     atomic_write(out_dir / "manifest.json", write_manifest)
     return manifest
-
-
-def _save_split(split: ImageSplit, path: str) -> None:
-    torch.save({"images": split.images, "labels": split.labels, "source_indices": split.source_indices}, path)
 
 
 def load_image_split(data_dir: Path, split: str) -> ImageSplit:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ebm.checkpoint import atomic_write, load_model, save_model
+from ebm.checkpoint import atomic_write, load_model, save_model, torch_save
 from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
 from ebm.evaluation.images import (
@@ -184,7 +184,7 @@ def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> di
     states = buffer_states(trainer)
     states = states if states is not None else torch.empty(0, *spec.image_shape)
     quantised = (states.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    atomic_write(paths.models / "buffer.pt", lambda tmp: torch.save({"states": quantised}, tmp))
+    torch_save({"states": quantised}, paths.models / "buffer.pt")
     _write_curves(paths.reports / "curves.csv", result.history)
     checkpoint.unlink(missing_ok=True)
 
@@ -369,7 +369,7 @@ def _fingerprint(recipe: ImageRecipe, data_file: Path) -> str:
 
 def _save_tensors(path: Path, **tensors: torch.Tensor) -> None:
     payload = {name: t.detach().cpu() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    torch_save(payload, path)
 
 
 def _write_json(path: Path, value: Any) -> None:
