@@ -487,18 +487,16 @@ def conv_layer_ms(conv: nn.Conv2d, inp: Tensor, repeats: int, *, seed: int) -> d
     return {name: 1e3 * _median_time(fn, repeats) for name, fn in timed.items()}
 
 
-def anatomy(batch: int, repeats: int, peak: float, bandwidth: float) -> dict[str, Any]:
+def anatomy(batch: int, repeats: int, peak: float, bandwidth: float, step_ms: float) -> dict[str, Any]:
     """Each convolution of CNN28 (real weights and activations) timed alone, on PyTorch's autograd path
     (NCHW, oneDNN backward-data) and on the library's (``ebm.fastconv``), with a roofline bound.
 
     The roofline bound of a layer is ``min(peak, intensity × bandwidth)``, intensity being its FLOPs
-    over the bytes it must move at least (input, output and weight, fp32, once each).
+    over the bytes it must move at least (input, output and weight, fp32, once each). ``step_ms`` is
+    the library's step as the throughput table timed it (interleaved medians), split here into parts.
     """
     model = seeded_model(MODELS["cnn28"])
     x = MODELS["cnn28"].starting_chains(batch, torch.Generator().manual_seed(5))
-    # The step as the bar times it: the library's path with model and chains in channels_last.
-    model_cl, x_cl = channels_last_copy(model), x.contiguous(memory_format=torch.channels_last)
-    step_ms = 1e3 * _median_time(library_run(model_cl, x_cl, 10), max(5, repeats // 2)) / 10
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     inputs: dict[nn.Module, Tensor] = {}
 
@@ -988,51 +986,64 @@ def main(argv: list[str] | None = None) -> int:
         loads.mark("compile")
 
     if "cnn28" in args.models:
-        bandwidth = memory_bandwidth_gbs()
-        results["anatomy"] = anatomy(128, 5 if quick else 15, peak, bandwidth)
-        a = results["anatomy"]
-        print_table(
-            "Anatomy of one CNN28 step (batch 128): each convolution alone, PyTorch's autograd path (NCHW) "
-            "vs the library's (ebm.fastconv); roofline = min(GEMM peak, FLOP/byte × "
-            f"{bandwidth:.0f} GB/s copy)",
-            [
-                "layer",
-                "MFLOP",
-                "FLOP/B",
-                "roofline GFLOP/s",
-                "fwd ms (autograd, library)",
-                "∂x ms (autograd, library)",
-                "library fwd, ∂x GFLOP/s",
-                "∂x route",
-            ],
-            [
-                [
-                    layer["layer"],
-                    layer["mflop"],
-                    layer["flop_per_byte"],
-                    layer["roofline_gflops"],
-                    f"{layer['autograd_forward_ms']:.2f}, {layer['library_forward_ms']:.2f}",
-                    f"{layer['autograd_input_grad_ms']:.2f}, {layer['library_input_grad_ms']:.2f}",
-                    f"{layer['library_forward_gflops']:.0f}, {layer['library_input_grad_gflops']:.0f}",
-                    layer["library_input_grad_route"],
-                ]
-                for layer in a["layers"]
-            ],
+        bar_row = next(
+            (r for r in results["throughput"] if r["model"] == "cnn28" and r["batch"] == 128), None
         )
-        print(
-            f"library convolutions {a['conv_ms_per_step']:.2f} ms of a {a['step_ms']:.2f} ms step; the rest "
-            f"{a['other_ms_per_step']:.2f} ms: SiLU forward and gradient {a['activation_ms_per_step']:.2f}, "
-            f"head {a['head_ms_per_step']:.2f}, update {a['update_ms_per_step']:.2f} (each timed alone), "
-            f"autograd, Python and the allocator {a['overhead_ms_per_step']:.2f}"
-        )
-        a["floor_bound"] = floor_bound(results["throughput"], a["floor_ms_per_step"], peak)
-        if a["floor_bound"] is not None:
-            bound = a["floor_bound"]
+        if bar_row is None:
             print(
-                f"floor (convolutions + SiLU + head + update, no overhead): {a['floor_ms_per_step']:.2f} ms "
-                f"= {bound['speedup']:.2f}× the textbook loop, {100 * bound['peak_fraction']:.0f} % of "
-                "the GEMM peak: the most the eager step can reach with these kernels"
+                "\nAnatomy skipped: it splits the CNN28 batch-128 step of the throughput table "
+                "(--batches 128)"
             )
+        else:
+            bandwidth = memory_bandwidth_gbs()
+            bar_step_ms = min(v["ms_per_step"] for k, v in bar_row["variants"].items() if k != "textbook")
+            results["anatomy"] = anatomy(128, 5 if quick else 15, peak, bandwidth, bar_step_ms)
+            a = results["anatomy"]
+            print_table(
+                "Anatomy of one CNN28 step (batch 128): each convolution alone, PyTorch's autograd path "
+                "(NCHW) vs the library's (ebm.fastconv); roofline = min(GEMM peak, FLOP/byte × "
+                f"{bandwidth:.0f} GB/s copy)",
+                [
+                    "layer",
+                    "MFLOP",
+                    "FLOP/B",
+                    "roofline GFLOP/s",
+                    "fwd ms (autograd, library)",
+                    "∂x ms (autograd, library)",
+                    "library fwd, ∂x GFLOP/s",
+                    "∂x route",
+                ],
+                [
+                    [
+                        layer["layer"],
+                        layer["mflop"],
+                        layer["flop_per_byte"],
+                        layer["roofline_gflops"],
+                        f"{layer['autograd_forward_ms']:.2f}, {layer['library_forward_ms']:.2f}",
+                        f"{layer['autograd_input_grad_ms']:.2f}, {layer['library_input_grad_ms']:.2f}",
+                        f"{layer['library_forward_gflops']:.0f}, {layer['library_input_grad_gflops']:.0f}",
+                        layer["library_input_grad_route"],
+                    ]
+                    for layer in a["layers"]
+                ],
+            )
+            print(
+                f"library convolutions {a['conv_ms_per_step']:.2f} ms of a {a['step_ms']:.2f} ms step; "
+                f"the rest {a['other_ms_per_step']:.2f} ms: SiLU forward and gradient "
+                f"{a['activation_ms_per_step']:.2f}, head {a['head_ms_per_step']:.2f}, "
+                f"update {a['update_ms_per_step']:.2f} (each timed alone), "
+                f"autograd, Python and the allocator {a['overhead_ms_per_step']:.2f}"
+            )
+            a["floor_bound"] = floor_bound(results["throughput"], a["floor_ms_per_step"], peak)
+            if a["floor_bound"] is not None:
+                bound = a["floor_bound"]
+                print(
+                    "floor (convolutions + SiLU + head + update, no overhead): "
+                    f"{a['floor_ms_per_step']:.2f} ms = {bound['speedup']:.2f}× the textbook loop, "
+                    f"{100 * bound['peak_fraction']:.0f} % of "
+                    "the GEMM peak: the most the eager step can reach with these kernels"
+                )
+
         loads.mark("anatomy")
         results["steps"] = steps_rows([1, 5, 20] if quick else [1, 2, 5, 10, 20, 50], 128, budget_s)
         print_table(
