@@ -489,8 +489,8 @@ class GaussianMixtureProposal:
             x[rows] = self.means[k] + z[rows] @ self.scale_trils[k].T
         x.clamp_(self.low, self.high)
         if self.uniform_weight > 0:
-            noise = (
-                torch.rand(x.shape, generator=generator, device=device) * (self.high - self.low) + self.low
+            noise = UniformBox(tuple(x.shape[1:]), self.low, self.high).sample(
+                n, generator=generator, device=device
             )
             from_noise = torch.rand((n, 1), generator=generator, device=device) < self.uniform_weight
             x = torch.where(from_noise, noise, x)
