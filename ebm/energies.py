@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ebm import fastconv
+from ebm import fastconv, fastgrad
 
 EnergyFn = Callable[[Tensor], Tensor]
 
@@ -70,7 +70,10 @@ def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tu
     The gradient is taken with respect to the input only, so the energy's parameters accumulate
     nothing. Both results are detached. In an energy module with 2-D convolutions, those whose weights
     are frozen (inside :func:`frozen`, as in the samplers) run on the CPU through :mod:`ebm.fastconv`: the
-    same values, computed in channels_last with the input gradient only.
+    same values, computed in channels_last with the input gradient only. An energy with a
+    ``frozen_energy_and_grad(x)`` method (:class:`MLPEnergy`, :class:`ClassConditionalEnergy`) whose
+    parameters are all frozen runs on the CPU through it instead: :mod:`ebm.fastgrad`'s hand-written
+    pass, no autograd graph at all; the method returns ``None`` for a network it cannot take.
 
     Args:
         energy: ``(B, *event) → (B,)``.
@@ -83,6 +86,11 @@ def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tu
     """
     if compile:
         return _compiled_energy_and_grad(energy)(x)
+    by_hand = getattr(energy, "frozen_energy_and_grad", None)
+    if by_hand is not None and fastgrad.usable(cast(nn.Module, energy), x):
+        result = by_hand(x)
+        if result is not None:
+            return check_energy_output(result[0], x), result[1]
     with torch.enable_grad(), fastconv.for_energy(energy, x):
         x = x.detach().requires_grad_(True)
         e = check_energy_output(energy(x), x)
@@ -260,6 +268,27 @@ class MLPEnergy(nn.Module):
             x = torch.cat([x, phases.sin(), phases.cos()], dim=1)
         return self.net(x).squeeze(1)
 
+    def frozen_energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(E(x), ∇ₓE(x))`` by :mod:`ebm.fastgrad`'s hand-written pass, for frozen weights; ``None``
+        with Fourier features or a network it cannot take (:func:`energy_and_grad` decides when)."""
+        layers = fastgrad.cached_sequential_layers(self.net)
+        if layers is None or self.config.fourier_features or fastgrad.has_hooks(self):
+            return None
+        fastgrad.count("mlp")
+        energy, grad = fastgrad.value_and_input_grad(layers, x.flatten(1), _identity_head)
+        return energy, grad.view(x.shape)
+
+
+def _identity_head(output: Tensor) -> tuple[Tensor, Tensor]:
+    """A network's ``(B, 1)`` output as the energies, and its gradient (ones)."""
+    return output.squeeze(1), torch.ones_like(output)
+
+
+def _logsumexp_head(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """E = −logsumexp_y logit_y and ∂E/∂logits = −softmax(logits)."""
+    log_normaliser = torch.logsumexp(logits, dim=1)
+    return -log_normaliser, (logits - log_normaliser[:, None]).exp_().neg_()
+
 
 def mlp(in_features: int, widths: Sequence[int], out_features: int, *, spectral_norm: bool) -> nn.Sequential:
     """Linear layers of the given widths with SiLU between them, optionally spectrally normalised."""
@@ -276,21 +305,47 @@ class ClassConditionalEnergy(nn.Module):
 
     ``forward(x)`` is the marginal energy, so the module satisfies the ``(B, *event) → (B,)``
     contract; :meth:`joint` gives E(x, y) and :meth:`logits` the classifier view
-    (JEM, Grathwohl et al. 2019, https://arxiv.org/abs/1912.03263).
+    (JEM, Grathwohl et al. 2019, https://arxiv.org/abs/1912.03263). The network sees
+    ``input_scale · x + input_shift`` (:meth:`network_input`); subclasses set both, and may check x there.
     """
+
+    input_scale: float = 1.0
+    input_shift: float = 0.0
 
     def __init__(self, logits_net: nn.Module) -> None:
         super().__init__()
         self.logits_net = logits_net
 
+    def network_input(self, x: Tensor) -> Tensor:
+        """What the network sees for a batch ``x``."""
+        if self.input_scale == 1.0 and self.input_shift == 0.0:
+            return x
+        return x * self.input_scale + self.input_shift
+
     def logits(self, x: Tensor) -> Tensor:
-        return self.logits_net(x)
+        return self.logits_net(self.network_input(x))
 
     def joint(self, x: Tensor, y: Tensor) -> Tensor:
         return -self.logits(x).gather(1, y.long().view(-1, 1)).squeeze(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return -torch.logsumexp(self.logits(x), dim=1)
+
+    def frozen_energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(E(x), ∇ₓE(x))`` by :mod:`ebm.fastgrad`'s hand-written pass, for frozen weights; ``None`` for
+        a network it cannot take, or a subclass that computes its logits or energy another way."""
+        overridden = (
+            type(self).logits is not ClassConditionalEnergy.logits
+            or type(self).forward is not ClassConditionalEnergy.forward
+        )
+        layers = fastgrad.cached_sequential_layers(self.logits_net)
+        if layers is None or overridden or fastgrad.has_hooks(self):
+            return None
+        fastgrad.count("class-conditional")
+        energy, grad = fastgrad.value_and_input_grad(layers, self.network_input(x), _logsumexp_head)
+        if self.input_scale != 1.0:
+            grad.mul_(self.input_scale)
+        return energy, grad.view(x.shape)
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,8 @@ def _unsupported(arguments: dict[str, Any]) -> str | None:
         return f"dtype {x.dtype} input with {weight.dtype} weight"
     if bias is not None and bias.requires_grad:
         return "bias requires grad while the weight does not"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast (it would hand the backward pass a gradient of another dtype)"
     return None
 
 
@@ -253,9 +255,15 @@ def _has_conv2d(module: nn.Module) -> bool:
     return found
 
 
+def enabled() -> bool:
+    """Whether the fast paths (this module's and :mod:`ebm.fastgrad`'s) are on in this context."""
+    return _ENABLED.get()
+
+
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Run frozen-weight convolutions on PyTorch's ordinary autograd path, for comparisons."""
+    """Run frozen-weight convolutions, and the networks :mod:`ebm.fastgrad` would run by hand, on
+    PyTorch's ordinary autograd path, for comparisons."""
     token = _ENABLED.set(False)
     try:
         yield

@@ -73,6 +73,10 @@ class CNN28(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
 
+    def as_sequential(self) -> nn.Sequential:
+        """The chain ``forward`` runs, exactly (for :mod:`ebm.fastgrad`'s hand-written pass)."""
+        return self.features
+
 
 @dataclass(frozen=True)
 class ResNet32Config:
@@ -142,15 +146,18 @@ class ImageEnergy(ClassConditionalEnergy):
     ``logits(x)`` take the same [0, 1] images. :meth:`classify` returns the predicted labels.
     """
 
+    input_scale = 2.0  # [0, 1] → [−1, 1]
+    input_shift = -1.0
+
     def __init__(self, logits_net: nn.Module, image_shape: Sequence[int]) -> None:
         super().__init__(logits_net)
         self.image_shape = tuple(image_shape)
 
-    def logits(self, x: Tensor) -> Tensor:
+    def network_input(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.image_shape:
             shape = ", ".join(map(str, self.image_shape))
             raise ValueError(f"expected [0, 1] images of shape (B, {shape}), got {tuple(x.shape)}")
-        return self.logits_net(x * 2.0 - 1.0)
+        return super().network_input(x)
 
     def energy(self, x: Tensor) -> Tensor:
         """E(x) for [0, 1] images ``(B, C, H, W)`` → ``(B,)``; lower means more like the training data."""

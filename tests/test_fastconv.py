@@ -19,11 +19,7 @@ from torch import Tensor, nn
 from ebm import fastconv
 from ebm.energies import MLPEnergy, MLPEnergyConfig, energy_and_grad, frozen
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
-from ebm.images import ImageEnergySpec, ImageModelConfig, ImageRecipe, train_image_energy
-from ebm.jem import JEMConfig
-from ebm.losses import CDConfig
 from ebm.samplers import MALA, Langevin
-from ebm.trainer import TrainConfig
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -122,12 +118,16 @@ def test_image_energies_give_autograds_gradient_and_chain_for_the_same_noise(nam
     with frozen(energy):
         expected_e, expected_grad = autograd_energy_and_grad(energy, x0)
         forward_calls = fastconv.route_counts().get("forward", 0)
-        e, grad = energy_and_grad(energy, x0)
+        with fastconv.FrozenConvolutions():
+            e, grad = autograd_energy_and_grad(energy, x0)
         n_convs = sum(isinstance(m, nn.Conv2d) for m in energy.modules())
         assert fastconv.route_counts()["forward"] == forward_calls + n_convs  # every convolution took it
-    torch.testing.assert_close(e, expected_e, rtol=1e-5, atol=1e-5)
+        # the library's own choice (for CNN28, ebm.fastgrad's hand-written pass) gives the same
+        e_library, grad_library = energy_and_grad(energy, x0)
     scale = float(expected_grad.abs().max())  # the gradients of these small networks are ~1e-5
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5 * scale)
+    for energies, gradient in ((e, grad), (e_library, grad_library)):
+        torch.testing.assert_close(energies, expected_e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gradient, expected_grad, rtol=1e-4, atol=1e-5 * scale)
 
     n_steps = 8
     noise = torch.randn((n_steps, *x0.shape), generator=seeded(4))
@@ -183,30 +183,6 @@ def test_channels_last_restrides_one_channel_tensors_that_contiguous_leaves_alon
     assert restrided.stride() == (25, 1, 5, 1) and torch.equal(restrided, x)
     already = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
     assert fastconv.channels_last(already) is already
-
-
-def test_image_training_samples_through_the_path_and_trains_the_same_weights() -> None:
-    generator = seeded(0)
-    images = torch.randint(0, 256, (16, 1, 28, 28), generator=generator, dtype=torch.uint8)
-    labels = torch.randint(0, 10, (16,), generator=generator)
-    spec = ImageEnergySpec(
-        ImageModelConfig(architecture="cnn28", channels=(4, 8, 8, 8), hidden=16), (1, 28, 28), 10
-    )
-    recipe = ImageRecipe(
-        model=spec.model,
-        loss=CDConfig(n_steps=3, alpha=0.1, buffer_size=16),
-        jem=JEMConfig(generative_weight=1.0),
-        train=TrainConfig(steps=3, batch_size=8, log_every=3, ema_decay=0.9, progress=False),
-    )
-    gradients = fastconv.route_counts().get("input grad by GEMM + col2im", 0)
-    trained, _, _ = train_image_energy(images, labels, spec, recipe)
-    # 3 training steps × 3 Langevin steps, each through CNN28's one-channel first convolution
-    assert fastconv.route_counts()["input grad by GEMM + col2im"] >= gradients + 9
-    with fastconv.disabled():
-        reference, _, _ = train_image_energy(images, labels, spec, recipe)
-    reference_state = reference.state_dict()
-    for key, value in trained.state_dict().items():
-        torch.testing.assert_close(value, reference_state[key], rtol=1e-4, atol=1e-6)
 
 
 def test_functional_conv2d_with_one_element_lists_inside_the_mode() -> None:
