@@ -43,12 +43,16 @@ class JEMConfig:
             the batch; the cross-entropy sees the whole batch. Labelled images are cheap and chains are
             not: a forward-backward per image against one per image per sampler step, so a larger
             classification batch costs little (``None``: the whole batch).
+        max_shift: translate each positive by its own random (dy, dx), each uniform in
+            [−max_shift, max_shift] pixels, zero fill (:func:`random_shift`): the classic augmentation
+            against a classifier that memorises its training set; 0 for none.
     """
 
     generative_weight: float = 1.0
     noise_std: float = 0.0
     n_noise_probe: int = 16
     generative_batch: int | None = None
+    max_shift: int = 0
 
     def __post_init__(self) -> None:
         if not (self.generative_weight >= 0 and math.isfinite(self.generative_weight)):
@@ -57,6 +61,8 @@ class JEMConfig:
             raise ValueError("noise_std ≥ 0 and n_noise_probe ≥ 1 are required")
         if self.generative_batch is not None and self.generative_batch < 1:
             raise ValueError(f"generative_batch must be ≥ 1 or null, got {self.generative_batch}")
+        if self.max_shift < 0:
+            raise ValueError(f"max_shift must be a number of pixels ≥ 0, got {self.max_shift}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,25 @@ def dequantise(images: Tensor, *, generator: torch.Generator | None = None) -> T
     return (images.float() + (u - 0.5) / 256.0).clamp_(0.0, 1.0)
 
 
+def random_shift(images: Tensor, max_shift: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Each image of ``images`` ``(B, C, H, W)`` translated by its own (dy, dx), both uniform integers in
+    [−max_shift, max_shift]; pixels shifted in from outside are 0 (the black background of MNIST-like
+    images). Returns a new contiguous tensor.
+    """
+    batch, _, height, width = images.shape
+    if max_shift >= min(height, width):
+        raise ValueError(f"max_shift {max_shift} would move a {height}×{width} image out of its frame")
+    if max_shift == 0:
+        return images.clone()
+    device = images.device
+    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift)).permute(0, 2, 3, 1)  # (B, H+, W+, C)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator, device=device)
+    rows = offsets[0, :, None] + torch.arange(height, device=device)  # (B, H): padded row of each output row
+    cols = offsets[1, :, None] + torch.arange(width, device=device)
+    index = torch.arange(batch, device=device)[:, None, None]
+    return padded[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
 class JEMObjective:
     """Cross-entropy plus ``generative_weight`` × CD on the marginal energy; follows the trainer's protocol.
 
@@ -114,8 +139,10 @@ class JEMObjective:
         self.cd = cd if self.config.generative_weight > 0 else None
 
     def positives(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """Dequantised (and optionally noised) [0, 1] float images from a batch of data."""
+        """Dequantised (and optionally shifted and noised) [0, 1] float images from a batch of data."""
         x = dequantise(images, generator=generator)
+        if self.config.max_shift > 0:
+            x = random_shift(x, self.config.max_shift, generator=generator)
         if self.config.noise_std > 0:
             x = x + self.config.noise_std * torch.randn(x.shape, generator=generator, device=x.device)
         return x

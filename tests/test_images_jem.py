@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ebm.energies import MLPEnergy, MLPEnergyConfig
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy
-from ebm.jem import JEMConfig, JEMObjective, JEMStats, dequantise
+from ebm.jem import JEMConfig, JEMObjective, JEMStats, dequantise, random_shift
 from ebm.losses import ContrastiveDivergence, NonFiniteLossError
 from ebm.samplers import Langevin, ReplayBuffer, UniformBox
 from ebm.trainer import TrainConfig, Trainer
@@ -49,6 +49,42 @@ def test_dequantised_pixels_stay_in_their_bin_and_follow_the_generator() -> None
     assert (jittered - floats).abs().max() <= 0.5 / 256 and jittered.min() >= 0 and jittered.max() <= 1
     with pytest.raises(TypeError, match="uint8"):
         dequantise(torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_random_shift_translates_each_image_within_its_range_and_fills_with_zeros() -> None:
+    images = torch.rand(64, 2, 9, 7, generator=torch.Generator().manual_seed(0)) + 1.0  # no zeros inside
+    shifted = random_shift(images, 2, generator=torch.Generator().manual_seed(1))
+    assert shifted.shape == images.shape and shifted.is_contiguous()
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    seen = set()
+    for image, out in zip(padded, shifted, strict=True):
+        # exactly one crop of the zero-padded image is the output: the shift that image drew
+        matches = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(image[:, dy : dy + 9, dx : dx + 7], out)
+        ]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) > 15  # the 25 shifts are all drawn, image by image (not one per batch)
+    again = random_shift(images, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(shifted, again)
+    assert torch.equal(random_shift(images, 0), images)
+    with pytest.raises(ValueError, match="out of its frame"):
+        random_shift(images, 7)
+    with pytest.raises(ValueError, match="max_shift"):
+        JEMConfig(max_shift=-1)
+
+
+def test_positives_are_shifted_when_asked_and_only_then() -> None:
+    images, _ = tiny_batch()
+    plain = JEMObjective(None, JEMConfig(generative_weight=0.0))
+    shifting = JEMObjective(None, JEMConfig(generative_weight=0.0, max_shift=3))
+    x = plain.positives(images, generator=torch.Generator().manual_seed(0))
+    y = shifting.positives(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, dequantise(images, generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(x, y) and (y == 0).any() and not (x == 0).any()  # moved, zeros shifted in
 
 
 def test_the_loss_is_cross_entropy_plus_weighted_cd_and_every_diagnostic_is_reported() -> None:
