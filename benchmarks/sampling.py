@@ -22,9 +22,10 @@ Every figure comes from this one process, on identical weights and starting chai
 2. **equivalence**: the textbook loop (``benchmarks/textbook.py``) and ``Langevin.run`` fed the same
    pre-drawn noise must produce the same chains within float tolerance.
 3. **throughput**: model × batch. Langevin steps/s and samples/s (= batch × steps/s, chain updates
-   per second) of the textbook loop, the library's default (eager) path (``fast``; for conv energies
-   with ``ebm.fastconv``'s frozen-weight convolutions), the same without them (``autograd``: plain
-   autograd with frozen weights, the library's path before), the default with the model in
+   per second) of the textbook loop, the library's default (eager) path (``fast``: ``ebm.fastgrad``'s
+   hand-written pass for chains of conv/linear/SiLU layers such as the MLPs and CNN28, ``ebm.fastconv``'s
+   frozen-weight convolutions under autograd for other conv energies), the same without either
+   (``autograd``: plain autograd with frozen weights), the default with the model in
    ``channels_last`` (conv energies), and ``torch.compile`` (``--compile``); GFLOP per step from
    ``torch.utils.flop_counter`` (matmuls and convolutions), achieved GFLOP/s and % of GEMM peak.
    Variants are timed interleaved (A B C A B C ...), so a change of load hits all of them alike.
@@ -34,7 +35,8 @@ Every figure comes from this one process, on identical weights and starting chai
    compiled ms/step, and the steps needed to break even.
 6. **anatomy** (CNN28, batch 128): each convolution's forward and input-gradient time and GFLOP/s on
    PyTorch's autograd path and on the library's, its FLOP/byte and roofline bound (GEMM peak and a
-   measured copy bandwidth), and what the rest (activations, autograd, Python) costs.
+   measured copy bandwidth), and what the rest (activations, head, update, and the dispatch, Python and
+   allocator overhead above them) costs.
 7. **scaling**: cost against batch size (from 3), image size (ResNet32 at 16–64 px; its global
    pooling takes any size) and number of steps; ``--plot`` draws the three panels.
 """
@@ -198,17 +200,17 @@ def library_run(
     *,
     compile: bool = False,
     seed: int = 0,
-    fast_conv: bool = True,
+    fast_paths: bool = True,
 ) -> Callable[[], Any]:
-    """The library's Langevin; ``fast_conv=False`` runs convolutions through plain autograd instead of
-    ``ebm.fastconv`` (the library's path before it)."""
+    """The library's Langevin; ``fast_paths=False`` takes ∇ₓE by plain autograd instead of
+    ``ebm.fastgrad``'s hand-written pass or ``ebm.fastconv``'s convolutions."""
     sampler = library_equivalent(TEXTBOOK_STEP_SIZE, x0.shape[0])
     if compile:
         sampler = Langevin(sampler.step_size, sampler.noise_scale, compile=True)
     generator = torch.Generator().manual_seed(seed)
 
     def run() -> Any:
-        with contextlib.nullcontext() if fast_conv else fastconv.disabled():
+        with contextlib.nullcontext() if fast_paths else fastconv.disabled():
             return sampler.run(model, x0, n_steps, generator=generator)
 
     return run
@@ -305,9 +307,10 @@ def throughput_row(
 ) -> dict[str, Any]:
     model = seeded_model(case)
     x0 = case.starting_chains(batch, torch.Generator().manual_seed(2))
-    runs = {"textbook": textbook_run(model, x0, n_steps)}
-    if case.is_conv:
-        runs["autograd"] = library_run(model, x0, n_steps, fast_conv=False)
+    runs = {
+        "textbook": textbook_run(model, x0, n_steps),
+        "autograd": library_run(model, x0, n_steps, fast_paths=False),
+    }
     runs["fast"] = library_run(model, x0, n_steps)
     if case.is_conv:
         runs["fast_cl"] = library_run(
@@ -554,7 +557,8 @@ def non_conv_floor_ms(model: nn.Module, x: Tensor, repeats: int) -> dict[str, fl
       Gaussian noise, clamp).
 
     With the convolutions' own time this is a floor for the eager step: what remains of a measured
-    step above it is autograd's bookkeeping, Python and the allocator.
+    step above it is per-operator dispatch, Python and the allocator (and autograd's bookkeeping on
+    energies the hand-written pass cannot take).
     """
     silus = [m for m in model.modules() if isinstance(m, nn.SiLU)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -1028,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the rest {a['other_ms_per_step']:.2f} ms: SiLU forward and gradient "
                 f"{a['activation_ms_per_step']:.2f}, head {a['head_ms_per_step']:.2f}, "
                 f"update {a['update_ms_per_step']:.2f} (each timed alone), "
-                f"autograd, Python and the allocator {a['overhead_ms_per_step']:.2f}"
+                f"dispatch, Python and the allocator {a['overhead_ms_per_step']:.2f}"
             )
             bound = a["floor_bound"] = floor_bound(bar_row, a["floor_ms_per_step"], peak)
             print(
