@@ -272,7 +272,7 @@ class MLPEnergy(nn.Module):
         """``(E(x), ∇ₓE(x))`` by :mod:`ebm.fastgrad`'s hand-written pass, for frozen weights; ``None``
         with Fourier features or a network it cannot take (:func:`energy_and_grad` decides when)."""
         layers = fastgrad.cached_sequential_layers(self.net)
-        if layers is None or self.config.fourier_features or fastgrad.has_hooks(self):
+        if layers is None or self.config.fourier_features:
             return None
         fastgrad.count("mlp")
         energy, grad = fastgrad.value_and_input_grad(layers, x.flatten(1), _identity_head)
@@ -339,7 +339,7 @@ class ClassConditionalEnergy(nn.Module):
             or type(self).forward is not ClassConditionalEnergy.forward
         )
         layers = fastgrad.cached_sequential_layers(self.logits_net)
-        if layers is None or overridden or fastgrad.has_hooks(self):
+        if layers is None or overridden:
             return None
         fastgrad.count("class-conditional")
         energy, grad = fastgrad.value_and_input_grad(layers, self.network_input(x), _logsumexp_head)

@@ -47,7 +47,8 @@ def pass_counts() -> dict[str, int]:
     return dict(_PASSES)
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has forward or backward hooks, which the hand-written pass would skip."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
@@ -67,15 +68,15 @@ def sequential_layers(net: nn.Module) -> list[nn.Module] | None:
 
     Qualifies: a :class:`~torch.nn.Sequential` (nested ones flattened; or a module whose ``forward`` is
     exactly the ``Sequential`` its ``as_sequential()`` method returns) of ``Conv2d`` (zero padding given
-    as numbers, one group), ``Linear``, ``SiLU`` and ``Flatten``, none with hooks. Spectrally normalised
+    as numbers, one group), ``Linear``, ``SiLU`` and ``Flatten``. Spectrally normalised
     layers qualify: their weight is read through the parametrisation, as their forward reads it.
     """
     if not isinstance(net, nn.Sequential):
         as_sequential = getattr(net, "as_sequential", None)
-        if as_sequential is None or _has_hooks(net):
+        if as_sequential is None:
             return None
         net = as_sequential()
-    if not isinstance(net, nn.Sequential) or _has_hooks(net):
+    if not isinstance(net, nn.Sequential):
         return None
     layers: list[nn.Module] = []
     for layer in net:
@@ -85,7 +86,7 @@ def sequential_layers(net: nn.Module) -> list[nn.Module] | None:
                 return None
             layers += inner
             continue
-        if not _plain_supported(layer) or _has_hooks(layer):
+        if not _plain_supported(layer):
             return None
         if isinstance(layer, nn.Conv2d) and (
             layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str)
@@ -99,26 +100,24 @@ _LAYERS: weakref.WeakKeyDictionary[nn.Module, list[nn.Module] | None] = weakref.
 
 
 def cached_sequential_layers(net: nn.Module) -> list[nn.Module] | None:
-    """:func:`sequential_layers`, looked up once per network object (a layer added later is not seen)."""
+    """:func:`sequential_layers`, looked up once per network object (a layer added later is not seen;
+    hooks are checked on every call, by :func:`usable`)."""
     if net not in _LAYERS:
         _LAYERS[net] = sequential_layers(net)
     return _LAYERS[net]
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` itself has forward or backward hooks, which the hand-written pass would skip."""
-    return _has_hooks(module)
-
-
 def usable(module: nn.Module, x: Tensor) -> bool:
     """Whether the hand-written pass may run ``module`` on ``x``: the CPU without autocast, float32/64,
-    no parameter that requires gradients, and the fast paths not :func:`ebm.fastconv.disabled`."""
+    no parameter that requires gradients, no module with hooks (they would not be called), and the fast
+    paths not :func:`ebm.fastconv.disabled`."""
     return (
         fastconv.enabled()
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
         and not any(p.requires_grad for p in module.parameters())
+        and not any(has_hooks(m) for m in module.modules())
     )
 
 
