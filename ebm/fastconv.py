@@ -115,6 +115,27 @@ def input_grad_by_gemm(
     return F.fold(columns, input_size, weight.shape[-2:], dilation=dilation, padding=padding, stride=stride)
 
 
+def input_grad(
+    grad_out: Tensor,
+    weight_cl: Tensor,
+    x_cl: Tensor | None,
+    input_shape: Sequence[int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """∂x of ``y = conv2d(x, W)`` (channels_last ``weight_cl``) from ∂y by the faster route for its
+    input channels: :func:`input_grad_by_gemm` for at most :data:`GEMM_INPUT_GRAD_MAX_IN_CHANNELS` (``x_cl``
+    may then be ``None``), else oneDNN's backward-data kernel in channels_last on the input ``x_cl``."""
+    if input_shape[1] <= GEMM_INPUT_GRAD_MAX_IN_CHANNELS:
+        size = (input_shape[2], input_shape[3])
+        return input_grad_by_gemm(grad_out, weight_cl, size, stride, padding, dilation)
+    return torch.ops.aten.convolution_backward(
+        channels_last(grad_out), x_cl, weight_cl, None, list(stride), list(padding), list(dilation), False,
+        [0, 0], 1, [True, False, False],
+    )[0]  # fmt: skip
+
+
 class FrozenWeightConv2d(torch.autograd.Function):
     """``conv2d`` for weights that need no gradient: channels_last forward, input gradient only.
 
@@ -148,24 +169,8 @@ class FrozenWeightConv2d(torch.autograd.Function):
         input_shape, stride, padding, dilation, by_gemm = ctx.conv_args
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if by_gemm:
-                _ROUTES["input grad by GEMM + col2im"] += 1
-                grad_x = input_grad_by_gemm(grad_out, weight_cl, input_shape[2:], stride, padding, dilation)
-            else:
-                _ROUTES["input grad by oneDNN"] += 1
-                grad_x = torch.ops.aten.convolution_backward(
-                    channels_last(grad_out),
-                    x_cl,
-                    weight_cl,
-                    None,
-                    list(stride),
-                    list(padding),
-                    list(dilation),
-                    False,
-                    [0, 0],
-                    1,
-                    [True, False, False],
-                )[0]
+            _ROUTES["input grad by GEMM + col2im" if by_gemm else "input grad by oneDNN"] += 1
+            grad_x = input_grad(grad_out, weight_cl, x_cl, input_shape, stride, padding, dilation)
         return grad_x, None, None, None, None, None
 
 

@@ -156,7 +156,10 @@ def value_and_input_grad(layers: Sequence[nn.Module], x: Tensor, head: Head) -> 
         for layer, kept in zip(reversed(layers), reversed(saved), strict=True):
             if isinstance(layer, nn.Conv2d):
                 weight, h = kept
-                grad = _conv_input_grad(layer, fastconv.channels_last(grad), weight, h)
+                # nn.Conv2d keeps all three as pairs (numeric padding: sequential_layers turned strings away)
+                pairs = (layer.stride, layer.padding, layer.dilation)
+                stride, padding, dilation = (cast(tuple[int, int], pair) for pair in pairs)
+                grad = fastconv.input_grad(grad, weight, h, h.shape, stride, padding, dilation)
             elif isinstance(layer, nn.Linear):
                 grad = grad @ kept
             elif isinstance(layer, nn.SiLU):
@@ -168,20 +171,6 @@ def value_and_input_grad(layers: Sequence[nn.Module], x: Tensor, head: Head) -> 
         if grad.stride() != x.stride():  # as autograd returns it: in x's memory format
             grad = torch.empty_like(x).copy_(grad)
         return energy, grad
-
-
-def _conv_input_grad(layer: nn.Conv2d, grad_out: Tensor, weight: Tensor, x: Tensor) -> Tensor:
-    """∂x of ``layer`` (channels_last ``weight`` and input ``x``) from a channels_last ∂y."""
-    # nn.Conv2d stores all three as pairs (numeric padding: sequential_layers turned strings away)
-    pairs = (layer.stride, layer.padding, layer.dilation)
-    stride, padding, dilation = (cast(tuple[int, int], pair) for pair in pairs)
-    if x.shape[1] <= fastconv.GEMM_INPUT_GRAD_MAX_IN_CHANNELS:
-        size = (x.shape[2], x.shape[3])
-        return fastconv.input_grad_by_gemm(grad_out, weight, size, stride, padding, dilation)
-    return torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
-        [True, False, False],
-    )[0]  # fmt: skip
 
 
 def count(kind: str) -> None:
