@@ -255,9 +255,7 @@ def generative_term(
             generator=generator,
             device=x.device,
         )
-    return ContrastiveDivergence(
-        config.sampler.build(), n_steps=config.loss.n_steps, alpha=config.loss.alpha, buffer=buffer
-    )
+    return config.loss.build(config.sampler.build(), buffer=buffer)
 
 
 def seeded_logits(config: MLPClassifierConfig, *, generator: torch.Generator) -> nn.Module:

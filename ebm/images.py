@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from ebm.energies import seed_linear_layers_
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
 from ebm.jem import JEMConfig, JEMObjective
-from ebm.losses import CDConfig, ContrastiveDivergence
+from ebm.losses import CDConfig
 from ebm.samplers import GaussianMixtureProposal, Proposal, ReplayBuffer, Sampler, SamplerConfig, UniformBox
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer, TrainResult, resolve_device
 
@@ -235,10 +235,7 @@ def build_objective(
             generator=generator,
             device=device,
         )
-    cd = ContrastiveDivergence(
-        recipe.sampler.build(), n_steps=recipe.loss.n_steps, alpha=recipe.loss.alpha, buffer=buffer
-    )
-    return JEMObjective(cd, recipe.jem)
+    return JEMObjective(recipe.loss.build(recipe.sampler.build(), buffer=buffer), recipe.jem)
 
 
 def make_energy(spec: ImageEnergySpec, *, device: torch.device, seed: int) -> ImageEnergy:

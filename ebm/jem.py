@@ -83,6 +83,7 @@ class JEMStats:
     energy_noise: Tensor  # mean E of uniform noise on [0, 1]: should stay above E⁺
     regularisation: Tensor
     sampler_grad_norm: Tensor
+    sampler_steps: Tensor  # Langevin steps per chain this step (grows while the chains lag; 0: no chains)
 
     def as_floats(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -177,9 +178,10 @@ class JEMObjective:
             loss = cross_entropy + self.config.generative_weight * generative_loss
             energy_pos, energy_neg = cd_stats.energy_pos, cd_stats.energy_neg
             regularisation, sampler_grad_norm = cd_stats.regularisation, cd_stats.sampler_grad_norm
+            sampler_steps = cd_stats.sampler_steps
         else:
             loss, generative_loss, energy_neg = cross_entropy, zero, energy_noise
-            regularisation, sampler_grad_norm = zero, zero
+            regularisation, sampler_grad_norm, sampler_steps = zero, zero, zero
         if not torch.isfinite(loss):
             raise NonFiniteLossError(step, "JEM loss")
         stats = JEMStats(
@@ -193,6 +195,7 @@ class JEMObjective:
             energy_noise=energy_noise,
             regularisation=regularisation,
             sampler_grad_norm=sampler_grad_norm,
+            sampler_steps=sampler_steps,
         )
         return loss, stats
 

@@ -47,6 +47,7 @@ class CDStats:
     regularisation: Tensor
     sampler_grad_norm: Tensor
     acceptance_rate: Tensor
+    sampler_steps: Tensor  # the chain length of this step's negatives (see ``max_steps``)
 
     def as_floats(self) -> dict[str, float]:
         """All fields as Python floats: a host sync, so call it only when logging."""
@@ -70,6 +71,16 @@ class ContrastiveDivergence:
             [η₀/100, 10 η₀]. As the energy sharpens during training a fixed η stops mixing, stuck
             chains get pushed up without bound and training diverges; the adapted η follows the
             landscape. Each adapted run is still an exact MALA chain. ``None``: fixed η.
+        max_steps: let the chain length grow from ``n_steps`` up to this many steps while the chains
+            lag behind the energy. As training sharpens the energy, a fixed number of sampler steps per
+            visit to a buffer state can stop keeping up: the negatives then sit above the data in energy
+            (E⁺ − E⁻ < 0, where short-run chains that keep up sit a little below it) and every update
+            pushes them further up, the collapse that ends many PCD runs. The loss keeps an exponential
+            average of E⁺ − E⁻ (``lag_decay``); one more step per training step while it is below
+            −``lag_threshold``, one fewer (never below ``n_steps``) while it is above +``lag_threshold``.
+            ``None``: a fixed ``n_steps``.
+        lag_threshold: the dead band of that controller, in energy units.
+        lag_decay: decay of the average of E⁺ − E⁻ per training step.
     """
 
     def __init__(
@@ -81,14 +92,28 @@ class ContrastiveDivergence:
         offset_weight: float = 0.0,
         buffer: ReplayBuffer | None = None,
         target_acceptance: float | None = None,
+        max_steps: int | None = None,
+        lag_threshold: float = 0.05,
+        lag_decay: float = 0.95,
     ) -> None:
         if n_steps < 1:
             raise ValueError(f"n_steps must be ≥ 1, got {n_steps}")
+        if max_steps is not None and max_steps < n_steps:
+            raise ValueError(f"max_steps must be ≥ n_steps ({n_steps}) or None, got {max_steps}")
+        if not (lag_threshold >= 0 and math.isfinite(lag_threshold)):
+            raise ValueError(f"lag_threshold must be a finite number ≥ 0, got {lag_threshold}")
+        if not 0.0 <= lag_decay < 1.0:
+            raise ValueError(f"lag_decay must lie in [0, 1), got {lag_decay}")
         for name, value in (("alpha", alpha), ("offset_weight", offset_weight)):
             if value < 0 or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
         self.sampler = sampler
         self.n_steps = n_steps
+        self.base_steps = n_steps
+        self.max_steps = max_steps
+        self.lag_threshold = lag_threshold
+        self.lag_decay = lag_decay
+        self.gap_average = 0.0
         self.alpha = alpha
         self.offset_weight = offset_weight
         self.buffer = buffer
@@ -129,6 +154,15 @@ class ContrastiveDivergence:
         adapted = self.sampler.step_size * math.exp(0.05 * (acceptance_rate - self.target_acceptance))
         self.sampler = dataclasses.replace(self.sampler, step_size=min(max(adapted, low), high))  # type: ignore[type-var]
 
+    def _adapt_n_steps(self, gap: Tensor) -> None:
+        """The chain-length controller of ``max_steps`` (a host sync: one float per training step)."""
+        assert self.max_steps is not None
+        self.gap_average = self.lag_decay * self.gap_average + (1.0 - self.lag_decay) * float(gap)
+        if self.gap_average < -self.lag_threshold:
+            self.n_steps = min(self.n_steps + 1, self.max_steps)
+        elif self.gap_average > self.lag_threshold:
+            self.n_steps = max(self.n_steps - 1, self.base_steps)
+
     def __call__(
         self,
         energy: EnergyFn,
@@ -137,6 +171,7 @@ class ContrastiveDivergence:
         generator: torch.Generator | None = None,
         step: int | None = None,
     ) -> tuple[Tensor, CDStats]:
+        n_steps = self.n_steps
         x_neg, sampler_stats = self.negatives(energy, x_pos, generator=generator)
         energies = check_energy_output(energy(torch.cat([x_pos, x_neg])), torch.cat([x_pos, x_neg]))
         e_pos, e_neg = energies.split([x_pos.shape[0], x_neg.shape[0]])
@@ -156,7 +191,10 @@ class ContrastiveDivergence:
             regularisation=regularisation.detach(),
             sampler_grad_norm=sampler_stats.grad_norm,
             acceptance_rate=sampler_stats.acceptance_rate,
+            sampler_steps=torch.tensor(float(n_steps)),
         )
+        if self.max_steps is not None:
+            self._adapt_n_steps(stats.gap)
         return loss, stats
 
     def with_step_size(self, factor: float) -> None:
@@ -164,13 +202,19 @@ class ContrastiveDivergence:
         self.sampler = dataclasses.replace(self.sampler, step_size=self.sampler.step_size * factor)  # type: ignore[type-var]
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"step_size": float(self.sampler.step_size)}
+        state: dict[str, Any] = {
+            "step_size": float(self.sampler.step_size),
+            "n_steps": self.n_steps,
+            "gap_average": self.gap_average,
+        }
         if self.buffer is not None:
             state["buffer"] = self.buffer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler = dataclasses.replace(self.sampler, step_size=state["step_size"])  # type: ignore[type-var]
+        self.n_steps = int(state.get("n_steps", self.base_steps))
+        self.gap_average = float(state.get("gap_average", 0.0))
         if self.buffer is not None:
             self.buffer.load_state_dict(state["buffer"])
 
@@ -187,6 +231,9 @@ class CDConfig:
         persistent: negatives from a replay buffer (PCD) instead of chains started at the data (CD-k).
         buffer_size: replay-buffer capacity.
         reinit_prob: fraction of buffer draws replaced by fresh uniform noise.
+        max_steps: let the chain length grow up to this while the chains lag (see
+            :class:`ContrastiveDivergence`); ``None``: fixed ``n_steps``.
+        lag_threshold: dead band of that controller on the average E⁺ − E⁻, in energy units.
     """
 
     n_steps: int = 10
@@ -196,3 +243,18 @@ class CDConfig:
     persistent: bool = True
     buffer_size: int = 10000
     reinit_prob: float = 0.05
+    max_steps: int | None = None
+    lag_threshold: float = 0.05
+
+    def build(self, sampler: Sampler, *, buffer: ReplayBuffer | None = None) -> ContrastiveDivergence:
+        """The loss these settings describe, negatives from ``sampler`` and ``buffer`` (``None``: CD-k)."""
+        return ContrastiveDivergence(
+            sampler,
+            n_steps=self.n_steps,
+            alpha=self.alpha,
+            offset_weight=self.offset_weight,
+            buffer=buffer,
+            target_acceptance=self.target_acceptance,
+            max_steps=self.max_steps,
+            lag_threshold=self.lag_threshold,
+        )

@@ -73,14 +73,7 @@ def build_objective(
             generator=generator,
             device=device,
         )
-    return ContrastiveDivergence(
-        build_sampler(config, bounds, x_train=x_train.to(device)),
-        n_steps=config.loss.n_steps,
-        alpha=config.loss.alpha,
-        offset_weight=config.loss.offset_weight,
-        buffer=buffer,
-        target_acceptance=config.loss.target_acceptance,
-    )
+    return config.loss.build(build_sampler(config, bounds, x_train=x_train.to(device)), buffer=buffer)
 
 
 def build_sampler(config: Toy2DConfig, bounds: tuple[float, float], *, x_train: Tensor) -> Sampler:

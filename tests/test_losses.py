@@ -300,3 +300,69 @@ def test_step_size_adapts_towards_the_target_acceptance_within_bounds(
 def test_target_acceptance_must_be_a_rate() -> None:
     with pytest.raises(ValueError, match="target_acceptance"):
         ContrastiveDivergence(Langevin(0.1), n_steps=1, target_acceptance=1.5)
+
+
+@dataclass
+class ShiftSampler:
+    """Negatives at a fixed offset from where the chains start; records the chain length it was asked for."""
+
+    offset: float
+    step_size: float = 0.1
+    lengths: list[int] = dataclasses.field(default_factory=list)
+
+    def run(
+        self, energy: EnergyFn, x0: Tensor, n_steps: int, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, SamplerStats]:
+        self.lengths.append(n_steps)
+        zero = torch.zeros(())
+        return x0 + self.offset, SamplerStats(grad_norm=zero, acceptance_rate=zero, final_energy=zero)
+
+
+def test_chain_length_grows_while_the_chains_lag_and_shrinks_back_once_they_keep_up() -> None:
+    from ebm.energies import GaussianEnergy
+
+    energy = GaussianEnergy(torch.zeros(2), torch.eye(2))  # E = ½|x|² (+ const): far from 0 is high
+    x_pos = torch.zeros(64, 2)
+    lagging = ShiftSampler(offset=3.0)  # negatives at (3, 3), 9 above the data in energy
+    cd = ContrastiveDivergence(lagging, n_steps=4, max_steps=9, lag_threshold=0.5, lag_decay=0.5)
+    for _ in range(12):
+        _, stats = cd(energy, x_pos)
+    # average E⁺ − E⁻ −4.5, −6.75, …: past the dead band from the first step, +1 per step, capped at 9
+    assert lagging.lengths == [4, 5, 6, 7, 8, 9, 9, 9, 9, 9, 9, 9]
+    assert float(stats.sampler_steps) == 9 and cd.n_steps == 9
+
+    restored = ContrastiveDivergence(
+        ShiftSampler(0.0), n_steps=4, max_steps=9, lag_threshold=0.5, lag_decay=0.5
+    )
+    restored.load_state_dict(cd.state_dict())  # a resumed run continues with the grown chain length
+    assert (restored.n_steps, restored.gap_average) == (9, cd.gap_average)
+
+    keeping_up = ShiftSampler(offset=0.0)  # E⁺ − E⁻ = 0: the average decays into the band, the length holds
+    restored.sampler = keeping_up  # type: ignore[assignment]
+    for _ in range(8):
+        restored(energy, x_pos)
+    assert keeping_up.lengths == [9] * 8 and abs(restored.gap_average) < 0.5
+
+    ahead = ShiftSampler(offset=-2.0)  # negatives at 0 below data at 2: E⁺ − E⁻ = +4, shrink to n_steps
+    restored.sampler = ahead  # type: ignore[assignment]
+    for _ in range(8):
+        restored(energy, torch.full((64, 2), 2.0))
+    assert ahead.lengths == [9, 8, 7, 6, 5, 4, 4, 4]
+
+    fixed = ContrastiveDivergence(ShiftSampler(offset=3.0), n_steps=4)  # max_steps None: never adapts
+    for _ in range(5):
+        fixed(energy, x_pos)
+    assert fixed.sampler.lengths == [4] * 5  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"max_steps": 3}, "max_steps"),
+        ({"lag_threshold": -1.0}, "lag_threshold"),
+        ({"lag_decay": 1.0}, "lag_decay"),
+    ],
+)
+def test_chain_length_controller_rejects_bad_settings(arguments: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ContrastiveDivergence(Langevin(), n_steps=4, **arguments)

@@ -286,6 +286,7 @@ DOCUMENTED_METRICS = {
     "gap",
     "sampler_grad_norm",
     "acceptance_rate",
+    "sampler_steps",
     "lr",
     "param_grad_norm",
     "step",

@@ -383,6 +383,7 @@ CURVE_COLUMNS = (
     "gap",
     "energy_noise",
     "sampler_grad_norm",
+    "sampler_steps",
     "cross_entropy",
     "accuracy",
     "lr",

@@ -205,7 +205,16 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _write_curves(path: Path, history: Sequence[Mapping[str, float]]) -> None:
-    columns = ["step", "energy_pos", "energy_neg", "gap", "sampler_grad_norm", "acceptance_rate", "lr"]
+    columns = [
+        "step",
+        "energy_pos",
+        "energy_neg",
+        "gap",
+        "sampler_grad_norm",
+        "acceptance_rate",
+        "sampler_steps",
+        "lr",
+    ]
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
