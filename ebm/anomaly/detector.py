@@ -46,7 +46,7 @@ from ebm.anomaly.validation import TableSchema, validate_frame
 from ebm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ebm.config import from_dict, to_dict
 from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
-from ebm.losses import CDConfig, ContrastiveDivergence
+from ebm.losses import CDConfig
 from ebm.samplers import ReplayBuffer, SamplerConfig
 from ebm.trainer import TrainConfig, Trainer
 
@@ -210,12 +210,8 @@ class EnergyAnomalyDetector:
                 reinit_prob=config.loss.reinit_prob,
                 generator=init,
             )
-        objective = ContrastiveDivergence(
-            SamplerConfig(name=config.sampler, step_size=step).build(),
-            n_steps=config.loss.n_steps,
-            alpha=config.loss.alpha,
-            buffer=buffer,
-        )
+        sampler = SamplerConfig(name=config.sampler, step_size=step).build()
+        objective = config.loss.build(sampler, buffer=buffer)
         train = dataclasses.replace(
             config.train, seed=seed, batch_size=min(config.train.batch_size, x.shape[0]), device="cpu"
         )
