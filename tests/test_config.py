@@ -192,3 +192,15 @@ def test_section_errors_name_the_missing_key(dotted: str, missing: str) -> None:
     with pytest.raises(ConfigError, match="params has no key") as raised:
         section(params, dotted)
     assert missing in str(raised.value)
+
+
+def test_the_library_default_2d_recipe_is_the_one_params_yaml_ships() -> None:
+    """`ebm train` without --params and `benchmarks/toy_density.py` use `Toy2DConfig()`; the pipeline
+    reads params.yaml. Both must train the same recipe, or the benchmark measures a different model."""
+    from ebm.toy import Toy2DConfig
+
+    toy = dict(section(load_params(Path(__file__).parents[1] / "params.yaml"), "toy"))
+    for key in ("datasets", "n_train", "n_test"):
+        toy.pop(key)
+    shipped = from_dict(Toy2DConfig, toy, "toy")
+    assert to_dict(Toy2DConfig()) == to_dict(shipped)
