@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -155,8 +156,16 @@ class ContrastiveDivergence:
         self.sampler = dataclasses.replace(self.sampler, step_size=min(max(adapted, low), high))  # type: ignore[type-var]
 
     def _adapt_n_steps(self, gap: Tensor) -> None:
-        """The chain-length controller of ``max_steps`` (a host sync: one float per training step)."""
+        """The chain-length controller of ``max_steps`` (a host sync: one float per training step).
+
+        In a data-parallel run every rank averages the ranks' gaps (one all-reduce of one number), so
+        all ranks keep the same average and run chains of the same length, as one process would.
+        """
         assert self.max_steps is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gap = gap.detach().clone()
+            dist.all_reduce(gap)
+            gap /= dist.get_world_size()
         self.gap_average = self.lag_decay * self.gap_average + (1.0 - self.lag_decay) * float(gap)
         if self.gap_average < -self.lag_threshold:
             self.n_steps = min(self.n_steps + 1, self.max_steps)

@@ -74,6 +74,10 @@ class TrainingDivergedError(RuntimeError):
     """Training kept diverging after every allowed rollback; no diverged weights were written."""
 
 
+class ChainsLagError(RuntimeError):
+    """The lag guard fired (:attr:`TrainConfig.max_lag`): the sampler's chains lost the energy."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` picks cuda, then mps, then cpu; any other name is used as given."""
     if name != "auto":
@@ -102,6 +106,14 @@ class TrainConfig:
         log_every: record metrics (a host sync) every this many steps.
         seed: seed of the generator that draws positives and negatives; rank r of a DDP run uses seed + r.
         max_abs_energy: divergence guard; |E| above this on data or negatives counts as divergence.
+        max_lag: lag guard (``None``: off). Short-run chains that keep up with the energy sit a little
+            below the data in energy (E⁺ − E⁻ ≳ 0); when training sharpens the energy faster than the
+            chains can follow, their states climb above the data, every update pushes them further up,
+            and the replay buffer turns to texture (PCD's usual collapse). When an exponential average
+            of E⁺ − E⁻ (decay ``lag_decay``) falls below −``max_lag`` the trainer rolls back to the last
+            good state like a divergence, but multiplies only the learning rate by
+            ``recovery_factor``: a smaller sampler step would make the chains lag more.
+        lag_decay: decay per step of the lag guard's average.
         max_recoveries: rollbacks allowed before :class:`TrainingDivergedError`.
         recovery_factor: after a rollback, sampler step size and learning rate are multiplied by this.
     """
@@ -120,6 +132,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_abs_energy: float = 1e3
+    max_lag: float | None = None
+    lag_decay: float = 0.98
     max_recoveries: int = 3
     recovery_factor: float = 0.5
     progress: bool = True
@@ -132,6 +146,10 @@ class TrainConfig:
             )
         if not (self.lr > 0 and 0 < self.final_lr_fraction <= 1 and 0 < self.recovery_factor < 1):
             raise ValueError("lr > 0, 0 < final_lr_fraction ≤ 1 and 0 < recovery_factor < 1 are required")
+        if self.max_lag is not None and not (self.max_lag > 0 and math.isfinite(self.max_lag)):
+            raise ValueError(f"max_lag must be a positive finite energy or null, got {self.max_lag}")
+        if not 0.0 <= self.lag_decay < 1.0:
+            raise ValueError(f"lag_decay must lie in [0, 1), got {self.lag_decay}")
 
 
 MetricsCallback = Callable[["Trainer", int, dict[str, float]], None]
@@ -207,6 +225,7 @@ class Trainer:
         )
         self.step = 0
         self.recoveries = 0
+        self.lag_average = 0.0  # the lag guard's average of E⁺ − E⁻
         self.history: list[dict[str, float]] = []
         self._last_good = self.state_dict()
         if self.checkpoint_path is not None and self.checkpoint_path.exists():
@@ -262,11 +281,12 @@ class Trainer:
         while self.step < config.steps:
             try:
                 stats, grad_norm = self.train_step()
+                self._watch_lag(stats)
                 checkpoint_due = config.checkpoint_every and (self.step + 1) % config.checkpoint_every == 0
                 if checkpoint_due or self.step + 1 == config.steps:
                     self._check_weights()
-            except NonFiniteLossError as err:
-                self._recover(str(err))
+            except (NonFiniteLossError, ChainsLagError) as err:
+                self._recover(str(err), shrink_sampler=not isinstance(err, ChainsLagError))
                 bar.n = self.step
                 bar.refresh()
                 continue
@@ -320,13 +340,25 @@ class Trainer:
         if not worst <= self.config.max_abs_energy:
             raise NonFiniteLossError(self.step, f"or exploding energies (|E| = {worst:.3g})")
 
+    def _watch_lag(self, stats: ObjectiveStats) -> None:
+        """The lag guard of :attr:`TrainConfig.max_lag` (one float per step; under DDP one vote)."""
+        if self.config.max_lag is None:
+            return
+        decay, gap = self.config.lag_decay, float(stats.energy_pos - stats.energy_neg)
+        self.lag_average = decay * self.lag_average + (1.0 - decay) * gap
+        if self.context.any(self.lag_average < -self.config.max_lag):
+            raise ChainsLagError(
+                f"chains lagging the energy at step {self.step} (average E⁺ − E⁻ {self.lag_average:.3g} "
+                f"below −max_lag = {-self.config.max_lag:g} on this or another rank)"
+            )
+
     def _check_weights(self) -> None:
         """Before weights are kept (checkpoint, end of training): a NaN model is never written."""
         finite = all(torch.isfinite(p).all() for p in self.energy.parameters())
         if self.context.any(not finite):
             raise NonFiniteLossError(self.step, "weights after the optimiser step")
 
-    def _recover(self, reason: str) -> None:
+    def _recover(self, reason: str, *, shrink_sampler: bool = True) -> None:
         self.recoveries += 1
         if self.recoveries > self.config.max_recoveries:
             raise TrainingDivergedError(
@@ -339,7 +371,8 @@ class Trainer:
         self.load_state_dict(copy.deepcopy(self._last_good))
         self.recoveries = recoveries
         shrink = self.config.recovery_factor
-        self.objective.with_step_size(shrink)
+        if shrink_sampler:
+            self.objective.with_step_size(shrink)
         for group in self.optimizer.param_groups:
             group["lr"] *= shrink
         self.scheduler.base_lrs = [base * shrink for base in self.scheduler.base_lrs]
@@ -347,7 +380,8 @@ class Trainer:
         # once more whether or not a checkpoint was written in between.
         self._last_good = self.state_dict()
         if self.context.is_main:
-            tqdm.write(f"rolled back to step {self.step} after {reason}; sampler step and lr × {shrink:g}")
+            shrunk = "sampler step and lr" if shrink_sampler else "lr"
+            tqdm.write(f"rolled back to step {self.step} after {reason}; {shrunk} × {shrink:g}")
 
     def save_checkpoint(self) -> None:
         """Write the whole training state atomically; diverged weights are never written.
@@ -386,6 +420,7 @@ class Trainer:
             "step": self.step,
             "world_size": self.context.world_size,
             "recoveries": self.recoveries,
+            "lag_average": self.lag_average,
             "config": asdict(self.config),
             "energy": self.energy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -416,6 +451,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
         self.recoveries = int(state["recoveries"])
+        self.lag_average = float(state.get("lag_average", 0.0))  # older checkpoints have none
         self.history = list(state["history"])
 
 

@@ -1,9 +1,10 @@
 """Data parallelism: two gloo processes on CPU train like one process with the same global batch.
 
 One fixture spawns two ranks on a free loopback port, as ``torchrun`` would describe them in the
-environment, and runs four short jobs in them: the 2D recipe on moons (for the comparison with one
-process), an interrupted and resumed run, a run whose loss diverges on one rank only, and the train
-stage's entry point with MLflow. Each rank saves what it saw; the tests compare.
+environment, and runs five short jobs in them: the 2D recipe on moons (for the comparison with one
+process), an interrupted and resumed run, a run whose loss diverges on one rank only, a chain-length
+controller fed a different gap on each rank, and the train stage's entry point with MLflow. Each rank
+saves what it saw; the tests compare.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ebm.distributed import DistributedContext, init_from_env
 from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
 from ebm.evaluation.density2d import grid_log_partition, nll
 from ebm.losses import CDConfig, CDStats, ContrastiveDivergence, NonFiniteLossError
-from ebm.samplers import MALA, ReplayBuffer, SamplerConfig, UniformBox
+from ebm.samplers import MALA, ReplayBuffer, SamplerConfig, SamplerStats, UniformBox
 from ebm.stages.toy import ToyParams, ToyPaths
 from ebm.toy import Toy2DConfig, train_energy
 from ebm.trainer import Objective, TrainConfig, Trainer
@@ -200,6 +201,33 @@ def run_train_stage(rank: int, params_file: Path, root: Path, writers: Path) -> 
     ebm.stages.toy.main(["train", "--params", str(params_file), "--root", str(root)])
 
 
+class ShiftedNegatives:
+    """A sampler whose negatives sit ``offset`` from where they start; notes each chain length asked."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset, self.step_size, self.lengths = offset, 0.1, []
+
+    def run(
+        self, energy: Any, x0: Tensor, n_steps: int, *, generator: Any = None
+    ) -> tuple[Tensor, SamplerStats]:
+        self.lengths.append(n_steps)
+        zero = torch.zeros(())
+        return x0 + self.offset, SamplerStats(grad_norm=zero, acceptance_rate=zero, final_energy=zero)
+
+
+def controller_lengths(rank: int) -> list[int]:
+    """Chain lengths of a ``max_steps`` controller whose negatives lag on rank 0 only (E⁺ − E⁻ = −9
+    there, 0 on rank 1): one process seeing both halves of the batch would grow its chains."""
+    from ebm.energies import GaussianEnergy
+
+    sampler = ShiftedNegatives(offset=3.0 if rank == 0 else 0.0)
+    cd = ContrastiveDivergence(sampler, n_steps=4, max_steps=9, lag_threshold=0.5, lag_decay=0.5)  # type: ignore[arg-type]
+    energy = GaussianEnergy(torch.zeros(2), torch.eye(2))
+    for _ in range(8):
+        cd(energy, torch.zeros(32, 2))
+    return sampler.lengths
+
+
 def rank_worker(rank: int, port: int, folder: str, tracking_uri: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -217,6 +245,7 @@ def rank_worker(rank: int, port: int, folder: str, tracking_uri: str) -> None:
         "moons": train_recipe_on_moons(),
         "resume": interrupt_and_resume(rank, out),
         "divergence": diverge_on_one_rank(rank),
+        "controller": controller_lengths(rank),
     }
     run_train_stage(rank, out / "params.yaml", out / "project", out / "writers")  # leaves the group
     torch.save(results, out / f"rank{rank}.pt")
@@ -308,6 +337,13 @@ def test_ranks_keep_identical_weights(ranks: Path) -> None:
     assert_same(first["resume"]["full"]["energy"], second["resume"]["full"]["energy"], "energy")
     assert_same(first["resume"]["full"]["ema"], second["resume"]["full"]["ema"], "EMA")
     assert_same(first["resume"]["full"]["optimizer"], second["resume"]["full"]["optimizer"], "optimizer")
+
+
+@pytest.mark.slow
+def test_every_rank_runs_the_chain_length_of_the_ranks_average_gap(ranks: Path) -> None:
+    first, second = rank_results(ranks)
+    # mean gap −4.5 on both ranks: past the dead band from the first step, +1 per step up to 9
+    assert first["controller"] == second["controller"] == [4, 5, 6, 7, 8, 9, 9, 9]
 
 
 @pytest.mark.slow

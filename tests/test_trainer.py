@@ -504,3 +504,77 @@ def test_a_sampler_step_far_too_big_ends_in_training_diverged_error(
     assert objective.sampler.step_size == pytest.approx(1e12 * 0.5**3)
     assert written_checkpoints == []
     assert not checkpoint.exists()
+
+
+# --- the lag guard ---------------------------------------------------------------------------------
+
+
+class LagsObjective(BlowsUpObjective):
+    """Contrastive divergence whose reported negatives sit ``lag`` above their true energy (E⁺ − E⁻
+    lower by ``lag``) on the steps ``lags(step)`` picks: chains that lost the energy, loss untouched."""
+
+    def __init__(self, inner: ContrastiveDivergence, lags: Callable[[int], bool], lag: float):
+        super().__init__(inner, lambda step, eta: False, 0.0)
+        self.lags, self.lag = lags, lag
+        self.lagged_at: list[int] = []
+
+    def __call__(
+        self,
+        energy: nn.Module,
+        x_pos: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> tuple[Tensor, CDStats]:
+        loss, stats = self.inner(energy, x_pos, generator=generator, step=step)
+        assert step is not None
+        if self.lags(step):
+            self.lagged_at.append(step)
+            stats = dataclasses.replace(stats, energy_neg=stats.energy_neg + self.lag)
+        return loss, stats
+
+
+def test_lagging_chains_roll_back_and_shrink_only_the_learning_rate(tmp_path: Path) -> None:
+    # The negatives lag by 5 at step 6 of the first pass: with decay 0.5 the average E⁺ − E⁻ falls
+    # below −1 there; one rollback to step 4 halves the lr and keeps the sampler step.
+    pending = {6}
+
+    def lags_once(step: int) -> bool:
+        if step in pending:
+            pending.discard(step)
+            return True
+        return False
+
+    objective = LagsObjective(pcd_objective(0.1), lags_once, lag=5.0)
+    config = small_config(steps=12, lr=1e-2, checkpoint_every=4, max_lag=1.0, lag_decay=0.5)
+    trainer = small_trainer(config, objective, checkpoint_path=tmp_path / "run.ckpt")
+
+    result = trainer.fit()
+
+    assert objective.lagged_at == [6]
+    assert result.steps == 12 and result.recoveries == 1
+    assert objective.step_size == pytest.approx(0.1)  # shorter steps would only lag more
+    assert trainer.scheduler.base_lrs == pytest.approx([5e-3])
+    assert [entry["step"] for entry in result.history] == list(range(1, 13))
+    saved = load_checkpoint(tmp_path / "run.ckpt")
+    assert saved["recoveries"] == 1 and abs(saved["lag_average"]) < 1.0
+
+    unguarded = LagsObjective(pcd_objective(0.1), lambda step: step == 6, lag=5.0)
+    quiet = small_trainer(small_config(steps=12, lr=1e-2, checkpoint_every=4), unguarded)
+    assert quiet.fit().recoveries == 0  # max_lag None: the same lag passes unnoticed
+
+
+def test_lagging_chains_that_never_catch_up_end_in_training_diverged_error() -> None:
+    objective = LagsObjective(pcd_objective(0.1), lambda step: step >= 3, lag=5.0)
+    config = small_config(steps=12, checkpoint_every=2, max_lag=1.0, lag_decay=0.5, max_recoveries=2)
+    with pytest.raises(TrainingDivergedError, match="chains lagging the energy"):
+        small_trainer(config, objective).fit()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [({"max_lag": 0.0}, "max_lag"), ({"max_lag": math.inf}, "max_lag"), ({"lag_decay": 1.0}, "lag_decay")],
+)
+def test_lag_guard_rejects_bad_settings(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**overrides)
