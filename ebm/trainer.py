@@ -112,7 +112,8 @@ class TrainConfig:
             and the replay buffer turns to texture (PCD's usual collapse). When an exponential average
             of E⁺ − E⁻ (decay ``lag_decay``) falls below −``max_lag`` the trainer rolls back to the last
             good state like a divergence, but multiplies only the learning rate by
-            ``recovery_factor``: a smaller sampler step would make the chains lag more.
+            ``recovery_factor``: a smaller sampler step would make the chains lag more. With the guard
+            on, a checkpoint is a rollback point only while that average is ≥ 0.
         lag_decay: decay per step of the lag guard's average.
         max_recoveries: rollbacks allowed before :class:`TrainingDivergedError`.
         recovery_factor: after a rollback, sampler step size and learning rate are multiplied by this.
@@ -352,6 +353,12 @@ class Trainer:
                 f"below −max_lag = {-self.config.max_lag:g} on this or another rank)"
             )
 
+    def _lag_healthy(self) -> bool:
+        """Whether this state may be a rollback point: the lag guard is off, or the chains keep up (the
+        average E⁺ − E⁻ is ≥ 0). A lag builds up over some hundred steps before it crosses −max_lag, and
+        a rollback to a state already on the way there collapses again whatever the lr."""
+        return self.config.max_lag is None or self.lag_average >= 0.0
+
     def _check_weights(self) -> None:
         """Before weights are kept (checkpoint, end of training): a NaN model is never written."""
         finite = all(torch.isfinite(p).all() for p in self.energy.parameters())
@@ -391,7 +398,8 @@ class Trainer:
         """
         state = self.state_dict()
         assert_finite_state(state["energy"], "a checkpoint")
-        self._last_good = state
+        if self._lag_healthy():
+            self._last_good = state
         if self.checkpoint_path is None:
             return
         if self.context.is_distributed:

@@ -510,12 +510,12 @@ def test_a_sampler_step_far_too_big_ends_in_training_diverged_error(
 
 
 class LagsObjective(BlowsUpObjective):
-    """Contrastive divergence whose reported negatives sit ``lag`` above their true energy (E⁺ − E⁻
-    lower by ``lag``) on the steps ``lags(step)`` picks: chains that lost the energy, loss untouched."""
+    """Contrastive divergence whose reported negatives sit ``lag(step)`` above their true energy: E⁺ − E⁻
+    is +1 (chains that keep up) where the lag is 0, and lower by the lag elsewhere; the loss is untouched."""
 
-    def __init__(self, inner: ContrastiveDivergence, lags: Callable[[int], bool], lag: float):
+    def __init__(self, inner: ContrastiveDivergence, lag: Callable[[int], float]):
         super().__init__(inner, lambda step, eta: False, 0.0)
-        self.lags, self.lag = lags, lag
+        self.lag = lag
         self.lagged_at: list[int] = []
 
     def __call__(
@@ -528,24 +528,30 @@ class LagsObjective(BlowsUpObjective):
     ) -> tuple[Tensor, CDStats]:
         loss, stats = self.inner(energy, x_pos, generator=generator, step=step)
         assert step is not None
-        if self.lags(step):
+        lag = self.lag(step)
+        if lag:
             self.lagged_at.append(step)
-            stats = dataclasses.replace(stats, energy_neg=stats.energy_neg + self.lag)
-        return loss, stats
+        energy_neg = stats.energy_pos - 1.0 + lag
+        return loss, dataclasses.replace(stats, energy_neg=energy_neg, gap=stats.energy_pos - energy_neg)
+
+
+def once(steps: set[int], lag: float) -> Callable[[int], float]:
+    """A lag at each of ``steps`` the first time training gets there, none on the way back."""
+    pending = set(steps)
+
+    def lag_at(step: int) -> float:
+        if step in pending:
+            pending.discard(step)
+            return lag
+        return 0.0
+
+    return lag_at
 
 
 def test_lagging_chains_roll_back_and_shrink_only_the_learning_rate(tmp_path: Path) -> None:
-    # The negatives lag by 5 at step 6 of the first pass: with decay 0.5 the average E⁺ − E⁻ falls
-    # below −1 there; one rollback to step 4 halves the lr and keeps the sampler step.
-    pending = {6}
-
-    def lags_once(step: int) -> bool:
-        if step in pending:
-            pending.discard(step)
-            return True
-        return False
-
-    objective = LagsObjective(pcd_objective(0.1), lags_once, lag=5.0)
+    # E⁺ − E⁻ = −4 at step 6 of the first pass: with decay 0.5 the average falls to about −1.5 < −1;
+    # one rollback to step 4 halves the lr and keeps the sampler step.
+    objective = LagsObjective(pcd_objective(0.1), once({6}, 5.0))
     config = small_config(steps=12, lr=1e-2, checkpoint_every=4, max_lag=1.0, lag_decay=0.5)
     trainer = small_trainer(config, objective, checkpoint_path=tmp_path / "run.ckpt")
 
@@ -556,16 +562,31 @@ def test_lagging_chains_roll_back_and_shrink_only_the_learning_rate(tmp_path: Pa
     assert objective.step_size == pytest.approx(0.1)  # shorter steps would only lag more
     assert trainer.scheduler.base_lrs == pytest.approx([5e-3])
     assert [entry["step"] for entry in result.history] == list(range(1, 13))
+    assert result.history[5]["lr"] == pytest.approx(5e-3)  # step 6 again, after the rollback
     saved = load_checkpoint(tmp_path / "run.ckpt")
-    assert saved["recoveries"] == 1 and abs(saved["lag_average"]) < 1.0
+    assert saved["recoveries"] == 1 and saved["lag_average"] == pytest.approx(1.0, abs=1e-3)
 
-    unguarded = LagsObjective(pcd_objective(0.1), lambda step: step == 6, lag=5.0)
+    unguarded = LagsObjective(pcd_objective(0.1), lambda step: 5.0 if step == 6 else 0.0)
     quiet = small_trainer(small_config(steps=12, lr=1e-2, checkpoint_every=4), unguarded)
     assert quiet.fit().recoveries == 0  # max_lag None: the same lag passes unnoticed
 
 
+def test_a_state_already_lagging_is_never_the_rollback_point() -> None:
+    # A slow lag (E⁺ − E⁻ = −0.5 from step 5) keeps the average between −1 and 0 when the checkpoint at
+    # step 8 is taken; the jump at step 10 fires the guard, and training rolls back to step 4.
+    def slow_then_sudden(step: int) -> float:
+        return 0.0 if step < 5 else 1.5 if step < 10 else 20.0
+
+    objective = LagsObjective(pcd_objective(0.1), slow_then_sudden)
+    config = small_config(steps=12, checkpoint_every=4, max_lag=1.0, lag_decay=0.5, max_recoveries=1)
+    trainer = small_trainer(config, objective)
+    with pytest.raises(TrainingDivergedError, match="last good state is step 4"):
+        trainer.fit()
+    assert objective.lagged_at[:6] == [5, 6, 7, 8, 9, 10] and objective.lagged_at[6] == 5  # back to 4
+
+
 def test_lagging_chains_that_never_catch_up_end_in_training_diverged_error() -> None:
-    objective = LagsObjective(pcd_objective(0.1), lambda step: step >= 3, lag=5.0)
+    objective = LagsObjective(pcd_objective(0.1), lambda step: 5.0 if step >= 3 else 0.0)
     config = small_config(steps=12, checkpoint_every=2, max_lag=1.0, lag_decay=0.5, max_recoveries=2)
     with pytest.raises(TrainingDivergedError, match="chains lagging the energy"):
         small_trainer(config, objective).fit()
