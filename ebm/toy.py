@@ -47,7 +47,13 @@ class Toy2DConfig:
     loss: CDConfig = field(default_factory=lambda: CDConfig(offset_weight=1.0))
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=8000, batch_size=256, lr=4e-3, warmup_steps=100, final_lr_fraction=0.05, ema_decay=0.999
+            steps=8000,
+            batch_size=256,
+            lr=4e-3,
+            betas=(0.9, 0.999),
+            warmup_steps=100,
+            final_lr_fraction=0.05,
+            ema_decay=0.999,
         )
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
