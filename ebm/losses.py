@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ebm.distributed import process_group_context
 from ebm.energies import EnergyFn, check_energy_output
 from ebm.samplers import ReplayBuffer, Sampler, SamplerStats
 
@@ -162,11 +162,8 @@ class ContrastiveDivergence:
         all ranks keep the same average and run chains of the same length, as one process would.
         """
         assert self.max_steps is not None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gap = gap.detach().clone()
-            dist.all_reduce(gap)
-            gap /= dist.get_world_size()
-        self.gap_average = self.lag_decay * self.gap_average + (1.0 - self.lag_decay) * float(gap)
+        mean_gap = process_group_context().mean({"gap": float(gap)})["gap"]
+        self.gap_average = self.lag_decay * self.gap_average + (1.0 - self.lag_decay) * mean_gap
         if self.gap_average < -self.lag_threshold:
             self.n_steps = min(self.n_steps + 1, self.max_steps)
         elif self.gap_average > self.lag_threshold:

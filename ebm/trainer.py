@@ -368,11 +368,17 @@ class Trainer:
     def _recover(self, reason: str, *, shrink_sampler: bool = True) -> None:
         self.recoveries += 1
         if self.recoveries > self.config.max_recoveries:
+            smaller = "steps" if shrink_sampler else "learning rates"
+            advice = (
+                "a smaller lr or sampler step size, or a larger alpha"
+                if shrink_sampler
+                else "a smaller lr, or longer chains (loss n_steps, max_steps) that keep up with the energy"
+            )
             raise TrainingDivergedError(
-                f"training diverged ({reason}) and {self.config.max_recoveries} rollbacks with smaller steps "
-                f"did not help; last good state is step {self._last_good['step']}"
+                f"training diverged ({reason}) and {self.config.max_recoveries} rollbacks with smaller "
+                f"{smaller} did not help; last good state is step {self._last_good['step']}"
                 + (f", saved at {self.checkpoint_path}" if self.checkpoint_path else "")
-                + ". Try a smaller lr or sampler step size, or a larger alpha."
+                + f". Try {advice}."
             )
         recoveries = self.recoveries
         self.load_state_dict(copy.deepcopy(self._last_good))

@@ -43,7 +43,6 @@ HYBRID = dataclasses.replace(
 )
 
 
-
 def labelled(name: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
     return make_labelled_2d(name, n, generator=torch.Generator().manual_seed(seed))
 

@@ -473,7 +473,7 @@ def test_persistent_divergence_raises_after_max_recoveries_and_never_writes_nan(
 
     message = str(raised.value)
     assert "non-finite" in message and "at step 6" in message
-    assert "2 rollbacks" in message
+    assert "2 rollbacks with smaller steps" in message and "sampler step size" in message
     assert "last good state is step 4" in message
     assert str(checkpoint) in message
     assert objective.blown_up_at == [6, 6, 6]  # the first try and one per rollback
@@ -588,8 +588,11 @@ def test_a_state_already_lagging_is_never_the_rollback_point() -> None:
 def test_lagging_chains_that_never_catch_up_end_in_training_diverged_error() -> None:
     objective = LagsObjective(pcd_objective(0.1), lambda step: 5.0 if step >= 3 else 0.0)
     config = small_config(steps=12, checkpoint_every=2, max_lag=1.0, lag_decay=0.5, max_recoveries=2)
-    with pytest.raises(TrainingDivergedError, match="chains lagging the energy"):
+    with pytest.raises(TrainingDivergedError, match="chains lagging the energy") as raised:
         small_trainer(config, objective).fit()
+    message = str(raised.value)  # the lag guard only shrank the lr: its advice is not "a smaller step"
+    assert "2 rollbacks with smaller learning rates" in message and "longer chains" in message
+    assert "sampler step size" not in message
 
 
 @pytest.mark.parametrize(
