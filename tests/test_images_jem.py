@@ -87,6 +87,25 @@ def test_positives_are_shifted_when_asked_and_only_then() -> None:
     assert not torch.equal(x, y) and (y == 0).any() and not (x == 0).any()  # moved, zeros shifted in
 
 
+def test_label_smoothing_scores_against_the_smoothed_targets() -> None:
+    images, labels = tiny_batch()
+    energy = tiny_energy()
+    with torch.no_grad():  # margins big enough that smoothing changes the loss
+        energy.logits_net.features[-1].weight.mul_(50.0)  # type: ignore[index, union-attr, operator]
+    loss = {}
+    for epsilon in (0.0, 0.2):
+        objective = JEMObjective(None, JEMConfig(generative_weight=0.0, label_smoothing=epsilon))
+        loss[epsilon], _ = objective(energy, (images, labels), generator=torch.Generator().manual_seed(0))
+    x = dequantise(images, generator=torch.Generator().manual_seed(0))
+    log_p = torch.log_softmax(energy.logits(x), dim=1)
+    targets = torch.full_like(log_p, 0.2 / 3).scatter_(1, labels[:, None], 1 - 0.2 + 0.2 / 3)
+    assert loss[0.2].item() == pytest.approx(-(targets * log_p).sum(1).mean().item(), rel=1e-5)
+    assert loss[0.0].item() == pytest.approx(-log_p.gather(1, labels[:, None]).mean().item(), rel=1e-5)
+    assert abs(loss[0.2].item() - loss[0.0].item()) > 1e-3
+    with pytest.raises(ValueError, match="label_smoothing"):
+        JEMConfig(label_smoothing=1.0)
+
+
 def test_the_loss_is_cross_entropy_plus_weighted_cd_and_every_diagnostic_is_reported() -> None:
     objective = JEMObjective(tiny_cd(), JEMConfig(generative_weight=0.5))
     energy = tiny_energy()
