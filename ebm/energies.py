@@ -230,6 +230,9 @@ class MLPEnergyConfig:
             towards smooth functions and rounds sharp edges and thin structures off; 0 turns it off.
         fourier_scale: s, the frequencies' standard deviation in cycles per unit of x.
         fourier_seed: seeds B, so a config always builds the same features.
+        activation: ``"silu"`` (Swish: a smooth energy) or ``"relu"`` (a piecewise-linear energy, whose
+            kinks let exp(−E) drop from a plateau to nothing within no width at all; a SiLU network
+            rounds every such edge off over ~1/‖w‖ of its first layer's weights).
     """
 
     in_features: int = 2
@@ -238,8 +241,11 @@ class MLPEnergyConfig:
     fourier_features: int = 0
     fourier_scale: float = 1.0
     fourier_seed: int = 0
+    activation: str = "silu"
 
     def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.fourier_features < 0:
             raise ValueError(f"fourier_features must be ≥ 0, got {self.fourier_features}")
         if not self.fourier_scale > 0 or not math.isfinite(self.fourier_scale):
@@ -247,8 +253,8 @@ class MLPEnergyConfig:
 
 
 class MLPEnergy(nn.Module):
-    """E(x) = MLP(x) with SiLU (Swish) activations and a scalar output per row (optionally over Fourier
-    features of x as well, see :class:`MLPEnergyConfig`)."""
+    """E(x) = MLP(x) with SiLU (Swish) or ReLU activations and a scalar output per row (optionally over
+    Fourier features of x as well, see :class:`MLPEnergyConfig`)."""
 
     frequencies: Tensor
 
@@ -259,7 +265,13 @@ class MLPEnergy(nn.Module):
         generator = torch.Generator().manual_seed(config.fourier_seed)
         frequencies = config.fourier_scale * torch.randn(config.in_features, m, generator=generator)
         self.register_buffer("frequencies", 2 * math.pi * frequencies)
-        self.net = mlp(config.in_features + 2 * m, config.widths, 1, spectral_norm=config.spectral_norm)
+        self.net = mlp(
+            config.in_features + 2 * m,
+            config.widths,
+            1,
+            spectral_norm=config.spectral_norm,
+            activation=config.activation,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
@@ -290,13 +302,27 @@ def _logsumexp_head(logits: Tensor) -> tuple[Tensor, Tensor]:
     return -log_normaliser, (logits - log_normaliser[:, None]).exp_().neg_()
 
 
-def mlp(in_features: int, widths: Sequence[int], out_features: int, *, spectral_norm: bool) -> nn.Sequential:
-    """Linear layers of the given widths with SiLU between them, optionally spectrally normalised."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU}
+
+
+def mlp(
+    in_features: int,
+    widths: Sequence[int],
+    out_features: int,
+    *,
+    spectral_norm: bool,
+    activation: str = "silu",
+) -> nn.Sequential:
+    """Linear layers of the given widths with ``activation`` (a key of :data:`ACTIVATIONS`) between
+    them, optionally spectrally normalised."""
     sizes = [in_features, *widths, out_features]
     layers: list[nn.Module] = []
     for width_in, width_out in itertools.pairwise(sizes):
         linear = nn.Linear(width_in, width_out)
-        layers += [nn.utils.parametrizations.spectral_norm(linear) if spectral_norm else linear, nn.SiLU()]
+        layers += [
+            nn.utils.parametrizations.spectral_norm(linear) if spectral_norm else linear,
+            ACTIVATIONS[activation](),
+        ]
     return nn.Sequential(*layers[:-1])
 
 

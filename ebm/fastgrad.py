@@ -8,9 +8,10 @@ dispatches each backward node through its engine, and (with :mod:`ebm.fastconv`)
 top of the arithmetic.
 
 For a network that is a plain chain of :class:`~torch.nn.Conv2d`, :class:`~torch.nn.Linear`,
-:class:`~torch.nn.SiLU` and :class:`~torch.nn.Flatten` (nested :class:`~torch.nn.Sequential` included),
-:func:`value_and_input_grad` runs the chain forward keeping only what the input gradient needs (each
-convolution's input, each SiLU's input), and then the chain rule by hand in reverse: ``silu_backward``,
+:class:`~torch.nn.SiLU`, :class:`~torch.nn.ReLU` and :class:`~torch.nn.Flatten` (nested
+:class:`~torch.nn.Sequential` included), :func:`value_and_input_grad` runs the chain forward keeping only
+what the input gradient needs (each convolution's input, each SiLU's input, each ReLU's output), and then
+the chain rule by hand in reverse: ``silu_backward`` (``threshold_backward`` for a ReLU),
 ``∂y Wᵀ`` for a linear layer, and a convolution's input gradient by GEMM + col2im for few input channels
 or oneDNN's backward-data kernel otherwise, all in channels_last (see :mod:`ebm.fastconv`). No autograd
 graph is built; nothing touches the parameters' ``.grad``.
@@ -38,7 +39,7 @@ from ebm import fastconv
 # (output of the network) → (energies (B,), ∂E/∂output)
 Head = Callable[[Tensor], tuple[Tensor, Tensor]]
 
-_SUPPORTED = (nn.Conv2d, nn.Linear, nn.SiLU, nn.Flatten)
+_SUPPORTED = (nn.Conv2d, nn.Linear, nn.SiLU, nn.ReLU, nn.Flatten)
 _PASSES: collections.Counter[str] = collections.Counter()
 
 
@@ -68,7 +69,7 @@ def sequential_layers(net: nn.Module) -> list[nn.Module] | None:
 
     Qualifies: a :class:`~torch.nn.Sequential` (nested ones flattened; or a module whose ``forward`` is
     exactly the ``Sequential`` its ``as_sequential()`` method returns) of ``Conv2d`` (zero padding given
-    as numbers, one group), ``Linear``, ``SiLU`` and ``Flatten``. Spectrally normalised
+    as numbers, one group), ``Linear``, ``SiLU``, ``ReLU`` and ``Flatten``. Spectrally normalised
     layers qualify: their weight is read through the parametrisation, as their forward reads it.
     """
     if not isinstance(net, nn.Sequential):
@@ -149,6 +150,9 @@ def value_and_input_grad(layers: Sequence[nn.Module], x: Tensor, head: Head) -> 
             elif isinstance(layer, nn.SiLU):
                 saved.append(h)
                 h = F.silu(h)
+            elif isinstance(layer, nn.ReLU):
+                h = F.relu(h)
+                saved.append(h)  # the output: its zeros are where the gradient stops
             else:  # Flatten
                 saved.append(h.shape)
                 h = layer(h)
@@ -166,6 +170,10 @@ def value_and_input_grad(layers: Sequence[nn.Module], x: Tensor, head: Head) -> 
                 if kept.ndim == 4:  # the convolutions' channels_last, so silu_backward reads one format
                     grad = fastconv.channels_last(grad)
                 grad = torch.ops.aten.silu_backward(grad, kept)
+            elif isinstance(layer, nn.ReLU):
+                if kept.ndim == 4:
+                    grad = fastconv.channels_last(grad)
+                grad = torch.ops.aten.threshold_backward(grad, kept, 0)
             else:
                 grad = grad.reshape(kept)
         if grad.stride() != x.stride():  # as autograd returns it: in x's memory format

@@ -123,19 +123,34 @@ def test_mlp_energy_and_mlp_classifier_match_autograd() -> None:
     assert_same(fast, reference)
 
 
+def test_relu_mlp_matches_autograd_on_both_sides_of_every_kink() -> None:
+    torch.manual_seed(0)
+    relu = MLPEnergy(MLPEnergyConfig(widths=(32, 32), activation="relu"))
+    assert fastgrad.sequential_layers(relu.net) is not None
+    x = 3 * torch.randn(256, 2, generator=seeded(6))
+    with torch.no_grad():
+        pre = relu.net[0](x)
+    assert (pre > 0).any(dim=0).all() and (pre < 0).any(dim=0).all()  # every unit is on and off somewhere
+    fast, reference, ran = both_ways(relu, x)
+    assert ran == 1
+    assert_same(fast, reference)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MLPEnergyConfig(activation="tanh")
+
+
 def test_networks_it_cannot_take_run_on_autograd_with_the_same_values() -> None:
     torch.manual_seed(0)
     fourier = MLPEnergy(MLPEnergyConfig(widths=(16,), fourier_features=4))
-    relu = ClassConditionalEnergy(nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3)))
+    tanh = ClassConditionalEnergy(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)))
     resnet = ImageEnergy(ResNet32(ResNet32Config(width=8, blocks_per_stage=1)), (3, 32, 32))
     mixed = MixedPrecisionImageEnergy(CNN28(CNN28Config()), (1, 28, 28))  # its own logits(): autocast
     cases = [
         (fourier, torch.randn(8, 2)),
-        (relu, torch.randn(8, 2)),
+        (tanh, torch.randn(8, 2)),
         (resnet, torch.rand(2, 3, 32, 32)),
         (mixed, torch.rand(2, 1, 28, 28)),
     ]
-    assert fastgrad.sequential_layers(relu.logits_net) is None
+    assert fastgrad.sequential_layers(tanh.logits_net) is None
     assert fastgrad.sequential_layers(resnet.logits_net) is None
     for energy, x in cases:
         fast, reference, ran = both_ways(energy, x)
