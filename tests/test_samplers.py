@@ -469,6 +469,26 @@ def test_kernel_proposal_log_prob_is_a_normalised_density() -> None:
     assert mass == pytest.approx(1.0, abs=2e-3)
 
 
+def test_kernel_proposal_log_prob_is_the_mixture_formula_to_float32_precision() -> None:
+    """The GEMM form of the kernel sum against the mixture written out term by term, in float64, on
+    the 2D sets' scale (±4.5, a narrow bandwidth), near the centres and far from them."""
+    generator = torch.Generator().manual_seed(3)
+    centres = 8 * torch.rand(2048, 2, generator=generator) - 4
+    proposal = KernelProposal(centres, bandwidth=0.08, box=(-4.5, 4.5), uniform_weight=0.1)
+    x = torch.cat(
+        [
+            centres[:100] + 0.05 * torch.randn(100, 2, generator=generator),
+            9 * torch.rand(100, 2, generator=generator) - 4.5,
+        ]
+    )
+    c, x64, h = centres.double(), x.double(), 0.08
+    sq = (x64[:, None, :] - c[None, :, :]).square().sum(-1)
+    kernel = torch.exp(-sq / (2 * h**2)).mean(1) / (2 * math.pi * h**2)
+    expected = torch.log(0.9 * kernel + 0.1 / 9**2)
+    torch.testing.assert_close(proposal.log_prob(x).double(), expected, rtol=0, atol=2e-3)
+    torch.testing.assert_close(proposal.log_prob(x64), expected, rtol=0, atol=1e-9)
+
+
 def test_kernel_proposal_samples_follow_its_log_prob() -> None:
     """The fraction of draws in a region matches ∫ q over it (the uniform and kernel parts alike)."""
     generator = torch.Generator().manual_seed(0)
