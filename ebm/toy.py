@@ -39,7 +39,7 @@ class Toy2DConfig:
     """Everything that defines a 2D run; ``params.yaml``'s ``toy`` section maps onto it."""
 
     model: MLPEnergyConfig = field(
-        default_factory=lambda: MLPEnergyConfig(in_features=2, widths=(128, 128, 128))
+        default_factory=lambda: MLPEnergyConfig(in_features=2, widths=(128, 128, 128), activation="relu")
     )
     sampler: SamplerConfig = field(
         default_factory=lambda: SamplerConfig(name="mala", step_size=0.05, jump_every=5)
