@@ -89,6 +89,7 @@ def test_model_file_loads_code_free_and_holds_only_tensors_and_plain_data(tmp_pa
         "fourier_features": 0,
         "fourier_scale": 1.0,
         "fourier_seed": 0,
+        "activation": "silu",
     }
     for where, value in leaves(payload):
         assert isinstance(value, PLAIN_LEAVES), f"{where} holds a {type(value).__name__}"
@@ -250,6 +251,20 @@ def test_save_model_load_model_round_trip_gives_identical_energies_in_eval_mode(
     with torch.no_grad():
         assert torch.equal(loaded(x), energy(x))
     assert load_checkpoint(path)["metadata"] == {"steps": 10, "betas": [0.0, 0.9], "data": "two_moons"}
+
+
+def test_a_relu_energy_reloads_as_relu_and_an_older_file_without_the_key_as_silu(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    relu = MLPEnergy(MLPEnergyConfig(widths=(16, 16), activation="relu")).eval()
+    loaded = load_model(save_model(tmp_path / "relu.pt", relu, kind="mlp_energy", config=relu.config))
+    assert isinstance(loaded, MLPEnergy) and isinstance(loaded.net[1], torch.nn.ReLU)
+    x = 3 * torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), relu(x))
+    older = {"in_features": 2, "widths": (16, 16), "spectral_norm": False}  # written before the key existed
+    silu = MLPEnergy(MLPEnergyConfig(widths=(16, 16))).eval()
+    loaded = load_model(save_model(tmp_path / "old.pt", silu, kind="mlp_energy", config=older))
+    assert isinstance(loaded, MLPEnergy) and isinstance(loaded.net[1], torch.nn.SiLU)
 
 
 def test_save_model_accepts_a_config_mapping(tmp_path: Path) -> None:
