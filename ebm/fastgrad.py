@@ -166,14 +166,13 @@ def value_and_input_grad(layers: Sequence[nn.Module], x: Tensor, head: Head) -> 
                 grad = fastconv.input_grad(grad, weight, h, h.shape, stride, padding, dilation)
             elif isinstance(layer, nn.Linear):
                 grad = grad @ kept
-            elif isinstance(layer, nn.SiLU):
-                if kept.ndim == 4:  # the convolutions' channels_last, so silu_backward reads one format
+            elif isinstance(layer, (nn.SiLU, nn.ReLU)):
+                if kept.ndim == 4:  # the convolutions' channels_last, so the backward reads one format
                     grad = fastconv.channels_last(grad)
-                grad = torch.ops.aten.silu_backward(grad, kept)
-            elif isinstance(layer, nn.ReLU):
-                if kept.ndim == 4:
-                    grad = fastconv.channels_last(grad)
-                grad = torch.ops.aten.threshold_backward(grad, kept, 0)
+                if isinstance(layer, nn.SiLU):
+                    grad = torch.ops.aten.silu_backward(grad, kept)
+                else:
+                    grad = torch.ops.aten.threshold_backward(grad, kept, 0)
             else:
                 grad = grad.reshape(kept)
         if grad.stride() != x.stride():  # as autograd returns it: in x's memory format

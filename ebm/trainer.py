@@ -368,12 +368,13 @@ class Trainer:
     def _recover(self, reason: str, *, shrink_sampler: bool = True) -> None:
         self.recoveries += 1
         if self.recoveries > self.config.max_recoveries:
-            smaller = "steps" if shrink_sampler else "learning rates"
-            advice = (
-                "a smaller lr or sampler step size, or a larger alpha"
-                if shrink_sampler
-                else "a smaller lr, or longer chains (loss n_steps, max_steps) that keep up with the energy"
-            )
+            if shrink_sampler:
+                smaller, advice = "steps", "a smaller lr or sampler step size, or a larger alpha"
+            else:  # the lag guard: only the lr was shrunk, and a shorter sampler step would lag more
+                smaller = "learning rates"
+                advice = (
+                    "a smaller lr, or longer chains (loss n_steps, max_steps) that keep up with the energy"
+                )
             raise TrainingDivergedError(
                 f"training diverged ({reason}) and {self.config.max_recoveries} rollbacks with smaller "
                 f"{smaller} did not help; last good state is step {self._last_good['step']}"
