@@ -10,8 +10,10 @@ of a params file in a work folder, then prints every figure beside its bar::
 Bars (Fashion-MNIST, default params, 2 CPU cores): test accuracy ≥ 90 %; OOD AUROC ≥ 0.999 vs uniform
 noise, ≥ 0.99 vs inverted images, ≥ 0.95 vs another digit-like set (scikit-learn's digits); training
 ≤ 45 min. The Fréchet distance of samples is reported next to the floor of held-out real images, and the
-AUROC of every OOD score (energy, max-softmax, gradient norm, input complexity) is printed so the
-"simpler images get lower energy" trap is visible rather than averaged away.
+AUROC of every OOD score (energy, max-softmax, gradient norm, input complexity, typicality and its
+class-conditional form) against every OOD set (including patches of natural photographs, a real set the
+bars do not name) is printed so the "simpler images get lower energy" trap is visible rather than
+averaged away.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def figures(metrics: dict[str, Any], train_metrics: dict[str, float]) -> list[tu
         ),
         row(f"AUROC vs horizontal flip ({metrics['ood_score']})", auroc["hflip"], None),
         row(f"AUROC vs vertical flip ({metrics['ood_score']})", auroc["vflip"], None),
+        row(f"AUROC vs photo patches ({metrics['ood_score']})", auroc["photo_patches"], None),
         row(
             f"FD, {metrics['n_buffer_samples']} buffer samples", metrics["fd_buffer_samples"], None, "{:.3f}"
         ),
@@ -193,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{width}}  {value:>22}  {bar:>10}  {verdict}")
     print("\nOOD AUROC by score (rows) and OOD set (columns):")
     sets = list(next(iter(metrics["ood_auroc_by_score"].values())))
-    print(f"{'score':<12}" + "".join(f"{s:>16}" for s in sets))
+    print(f"{'score':<18}" + "".join(f"{s:>16}" for s in sets))
     for score, row in metrics["ood_auroc_by_score"].items():
-        print(f"{score:<12}" + "".join(f"{row[s]:>16.4f}" for s in sets))
+        print(f"{score:<18}" + "".join(f"{row[s]:>16.4f}" for s in sets))
     trap = metrics["energy_trap"]
     lower = "digits LOWER than test data" if trap["digits_lower_than_test"] else "digits higher"
     print(

@@ -12,8 +12,10 @@ from torch import Tensor, nn
 
 from ebm.energies import energy_and_grad
 from ebm.evaluation.images import (
+    N_STATISTICS,
     OOD_SCORES,
     AISConfig,
+    ReferenceStatistics,
     TemperedLogitEnergy,
     Typicality,
     accuracy,
@@ -21,12 +23,14 @@ from ebm.evaluation.images import (
     auroc,
     bits_per_dim,
     digits_images,
+    fit_reference,
     frechet_distance,
     model_statistics,
     ood_aurocs,
     ood_score,
     ood_sets,
     penultimate_features,
+    photo_patches,
     png_bits,
     sigmoid_schedule,
 )
@@ -91,25 +95,58 @@ def test_typicality_scores_atypical_statistics_on_either_side_as_out_of_distribu
         Typicality(torch.tensor([[0.0], [float("nan")]]))
 
 
-def test_the_typicality_score_is_fitted_on_reference_images_only_and_needs_them() -> None:
+def test_the_fitted_scores_are_fitted_on_reference_images_only_and_need_them() -> None:
     energy = tiny_energy()
-    reference, images = torch.rand(12, *SHAPE), torch.rand(6, *SHAPE)
+    reference_images, images = torch.rand(40, *SHAPE), torch.rand(6, *SHAPE)
     statistics = model_statistics(energy, images, batch_size=4)
     _, grad = energy_and_grad(energy, images)
+    assert statistics.shape == (6, N_STATISTICS + 1)
     assert torch.allclose(statistics[:, 0], -energy(images).detach())
     assert torch.allclose(statistics[:, 1], grad.flatten(1).norm(dim=1).log(), atol=1e-5)
-    typicality = Typicality(model_statistics(energy, reference))
+    assert torch.equal(statistics[:, 3].long(), energy.classify(images))
+    with pytest.warns(UserWarning, match="fewer than 2"):  # a random net need not use all 3 classes
+        reference = fit_reference(energy, reference_images)
+    pooled = Typicality(model_statistics(energy, reference_images)[:, :N_STATISTICS])
     assert torch.allclose(
-        ood_score(energy, images, "typicality", typicality=typicality),
-        typicality.log_density(statistics).float(),
+        ood_score(energy, images, "typicality", reference=reference),
+        pooled.log_density(statistics[:, :N_STATISTICS]).float(),
     )
-    with pytest.raises(ValueError, match="fitted on in-distribution"):
-        ood_score(energy, images, "typicality")
-    table = ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)}, reference_images=reference)
-    assert set(table) == set(OOD_SCORES)
-    assert "typicality" not in ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)})
-    with pytest.raises(ValueError, match="fitted on in-distribution"):
-        ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)}, scores=["typicality"])
+    assert torch.allclose(
+        ood_score(energy, images, "class_typicality", reference=reference),
+        reference.class_typicality(statistics).float(),
+    )
+    for score in ("typicality", "class_typicality"):
+        with pytest.raises(ValueError, match=f"the {score} score needs ReferenceStatistics"):
+            ood_score(energy, images, score)
+        with pytest.raises(ValueError, match="fitted on in-distribution"):
+            ood_aurocs(energy, images, {"noise": torch.rand(4, *SHAPE)}, scores=[score])
+    noise = {"noise": torch.rand(4, *SHAPE)}
+    with pytest.warns(UserWarning, match="fewer than 2"):
+        assert set(ood_aurocs(energy, images, noise, reference_images=reference_images)) == set(OOD_SCORES)
+    assert set(ood_aurocs(energy, images, noise)) == set(OOD_SCORES) - {"typicality", "class_typicality"}
+
+
+def test_class_typicality_scores_an_image_under_the_class_the_model_assigns_it() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # class 0's images have −E ≈ 0, class 1's −E ≈ 10; the other two statistics are shared
+    values = torch.randn(400, N_STATISTICS, generator=generator)
+    classes = torch.arange(400) % 2
+    values[:, 0] += 10.0 * classes
+    reference = ReferenceStatistics(torch.cat([values, classes[:, None].float()], dim=1), n_classes=2)
+    assert reference.pooled_classes == []
+    probe = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # the same statistics, either class
+    per_class = reference.class_typicality(probe)
+    assert per_class[0] > per_class[1] + 20  # an energy typical of class 0 is 10 σ off for class 1
+    pooled = reference.typicality(probe)
+    assert pooled[0] == pooled[1]  # the pooled score cannot tell them apart
+    # a class the model never assigns to a reference image is scored against the pool, and said so
+    with pytest.warns(UserWarning, match=r"classes \[2\]"):
+        sparse = ReferenceStatistics(torch.cat([values, classes[:, None].float()], dim=1), n_classes=3)
+    assert sparse.class_typicality(torch.tensor([[0.0, 0.0, 0.0, 2.0]])) == pooled[0]
+    with pytest.raises(ValueError, match=r"predicted classes must lie in \[0, 2\)"):
+        ReferenceStatistics(torch.tensor([[0.0, 0.0, 0.0, 5.0], [1.0, 1.0, 1.0, 0.0]]), n_classes=2)
+    with pytest.raises(ValueError, match="predicted class last"):
+        reference.class_typicality(values)
 
 
 def test_png_bits_measure_complexity() -> None:
@@ -121,7 +158,7 @@ def test_png_bits_measure_complexity() -> None:
 def test_ood_sets_are_transformations_of_the_test_images_and_real_digits() -> None:
     images = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     sets = ood_sets(images, generator=torch.Generator().manual_seed(1))
-    assert set(sets) == {"uniform_noise", "hflip", "vflip", "inverted", "sklearn_digits"}
+    assert set(sets) == {"uniform_noise", "hflip", "vflip", "inverted", "sklearn_digits", "photo_patches"}
     assert torch.equal(sets["inverted"], 1 - images) and torch.equal(sets["hflip"][..., 0], images[..., -1])
     assert torch.equal(sets["vflip"][..., 0, :], images[..., -1, :])
     digits = sets["sklearn_digits"]
@@ -131,6 +168,19 @@ def test_ood_sets_are_transformations_of_the_test_images_and_real_digits() -> No
     assert grey[:, :, :4, :].mean() < grey[:, :, 10:18, 10:18].mean()  # ink in the middle, dark border
 
 
+def test_photo_patches_are_natural_image_crops_grey_or_colour() -> None:
+    colour = photo_patches((3, 32, 32), 7, generator=torch.Generator().manual_seed(0))
+    grey = photo_patches((1, 32, 32), 7, generator=torch.Generator().manual_seed(0))
+    assert colour.shape == (7, 3, 32, 32) and grey.shape == (7, 1, 32, 32)
+    assert torch.allclose(grey, colour.mean(dim=1, keepdim=True), atol=1e-6)  # same crops, grey = RGB mean
+    assert colour.min() >= 0 and colour.max() <= 1
+    assert (colour.flatten(1).std(dim=1) > 0.02).all()  # texture and edges, not flat colour
+    assert not torch.equal(colour[0], colour[1]) and not torch.equal(colour[0], colour[4])
+    with pytest.raises(ValueError, match="grey or RGB"):
+        photo_patches((2, 28, 28), 2, generator=torch.Generator())
+
+
+@pytest.mark.filterwarnings("ignore:class_typicality")  # the random net assigns most images to one class
 def test_ood_aurocs_tables_every_score_and_set() -> None:
     energy = tiny_energy()
     images = torch.rand(8, *SHAPE)

@@ -22,6 +22,10 @@ digits) lower energy than their own data:
   of −E(x), log ‖∇ₓE(x)‖ and max_y p(y | x), fitted on held-out in-distribution images (the validation
   split; never on OOD data), and the sum of their log densities. A value can be atypical on either
   side, so an image with *too low* an energy (the trap above) scores as out of distribution too.
+- ``class_typicality``: the same three KDEs fitted per class, on the reference images the model assigns
+  to that class, and evaluated for x under the class it is assigned to: how typical x's statistics are
+  *of the class JEM calls it*. A digit "1" the model calls a trouser has the energy of no trouser
+  (JEM's class-conditional structure, Grathwohl et al. 2019, put to the density-of-states test).
 
 AIS (Neal 2001) anneals from the uniform density on the box [0, 1]^D (log Z₀ = 0) to
 p(x) ∝ exp(−E(x)) on the box through p_β ∝ exp(−β E(x)), with MALA transitions run in logit space
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +52,9 @@ from torch import Tensor, nn
 from ebm.energies import ClassConditionalEnergy, energy_and_grad, frozen
 from ebm.samplers import MALA
 
-OOD_SCORES = ("energy", "max_softmax", "grad_norm", "complexity", "typicality")
+OOD_SCORES = ("energy", "max_softmax", "grad_norm", "complexity", "typicality", "class_typicality")
+_FITTED_SCORES = ("typicality", "class_typicality")  # need in-distribution reference images
+N_STATISTICS = 3  # the columns of model_statistics() that describe x; the last one is its predicted class
 
 
 def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
@@ -115,8 +122,65 @@ class Typicality:
         return total
 
 
+class ReferenceStatistics:
+    """The in-distribution side of the ``typicality`` and ``class_typicality`` scores.
+
+    Args:
+        statistics: :func:`model_statistics` of held-out in-distribution images (never of OOD data):
+            :data:`N_STATISTICS` columns, then the predicted class.
+        n_classes: the classifier's number of classes.
+
+    ``typicality`` uses one :class:`Typicality` of all reference images; ``class_typicality`` one per
+    class, fitted on the reference images the model assigns to it. A class assigned fewer than two
+    reference images has no spread to fit: its images are scored against all reference images, with a
+    warning that names the class (only an untrained or degenerate model gets there).
+    """
+
+    def __init__(self, statistics: Tensor, n_classes: int) -> None:
+        values, predicted = _split_statistics(statistics)
+        if predicted.numel() and not 0 <= int(predicted.min()) <= int(predicted.max()) < n_classes:
+            raise ValueError(
+                f"predicted classes must lie in [0, {n_classes}), got {predicted.unique().tolist()}"
+            )
+        self.pooled = Typicality(values)
+        counts = torch.bincount(predicted, minlength=n_classes)
+        self.per_class = {c: Typicality(values[predicted == c]) for c in range(n_classes) if counts[c] >= 2}
+        self.pooled_classes = [c for c in range(n_classes) if counts[c] < 2]
+        if self.pooled_classes:
+            warnings.warn(
+                f"class_typicality: the model assigns classes {self.pooled_classes} to fewer than 2 "
+                "reference images; images it assigns to them are scored against all reference images",
+                stacklevel=2,
+            )
+
+    def typicality(self, statistics: Tensor) -> Tensor:
+        """The pooled score, Σ_s log KDE_s(statistics[:, s]), shape ``(M,)``: higher = more typical."""
+        return self.pooled.log_density(_split_statistics(statistics)[0])
+
+    def class_typicality(self, statistics: Tensor) -> Tensor:
+        """Σ_s log KDE_{s, ŷ}(statistics[:, s]) under each row's predicted class ŷ, shape ``(M,)``."""
+        values, predicted = _split_statistics(statistics)
+        total = torch.empty(values.shape[0], dtype=torch.float64)
+        for c in predicted.unique().tolist():
+            rows = predicted == c
+            total[rows] = self.per_class.get(c, self.pooled).log_density(values[rows])
+        return total
+
+
+def _split_statistics(statistics: Tensor) -> tuple[Tensor, Tensor]:
+    if statistics.ndim != 2 or statistics.shape[1] != N_STATISTICS + 1:
+        raise ValueError(
+            f"model statistics must be (N, {N_STATISTICS + 1}), the predicted class last; "
+            f"got {tuple(statistics.shape)}"
+        )
+    return statistics[:, :N_STATISTICS], statistics[:, N_STATISTICS].round().long()
+
+
 def model_statistics(model: ClassConditionalEnergy, images: Tensor, *, batch_size: int = 500) -> Tensor:
-    """``(N, 3)``: −E(x), log ‖∇ₓE(x)‖ and max_y p(y | x) of [0, 1] ``images``."""
+    """``(N, 4)``: −E(x), log ‖∇ₓE(x)‖, max_y p(y | x) and argmax_y p(y | x) of [0, 1] ``images``.
+
+    The first :data:`N_STATISTICS` columns describe x; the last is its predicted class (as a float).
+    """
     device = _device_of(model)
 
     def one_batch(x: Tensor) -> Tensor:
@@ -126,22 +190,32 @@ def model_statistics(model: ClassConditionalEnergy, images: Tensor, *, batch_siz
         with torch.no_grad():
             logits = model.logits(x).float()
         log_grad = grad.flatten(1).float().norm(dim=1).clamp_min(1e-30).log()
+        confidence, predicted = logits.softmax(dim=1).max(dim=1)
         return torch.stack(
-            [torch.logsumexp(logits, dim=1), log_grad, logits.softmax(dim=1).max(dim=1).values], dim=1
+            [torch.logsumexp(logits, dim=1), log_grad, confidence, predicted.float()], dim=1
         ).cpu()
 
     return _batched(one_batch, images, batch_size)
 
 
+def fit_reference(
+    model: ClassConditionalEnergy, images: Tensor, *, batch_size: int = 500
+) -> ReferenceStatistics:
+    """:class:`ReferenceStatistics` of held-out in-distribution [0, 1] ``images`` under ``model``."""
+    with torch.no_grad():
+        n_classes = model.logits(images[:1].to(_device_of(model))).shape[1]
+    return ReferenceStatistics(model_statistics(model, images, batch_size=batch_size), n_classes)
+
+
 def scores_from_statistics(
-    statistics: Tensor, images: Tensor, score: str, *, typicality: Typicality | None = None
+    statistics: Tensor, images: Tensor, score: str, *, reference: ReferenceStatistics | None = None
 ) -> Tensor:
     """One OOD score (higher = more like the training data) from :func:`model_statistics` of ``images``.
 
     Raises:
-        ValueError: ``score`` is not one of :data:`OOD_SCORES`, or ``typicality`` is missing for it.
+        ValueError: ``score`` is not one of :data:`OOD_SCORES`, or ``reference`` is missing for it.
     """
-    _check_score(score, typicality)
+    _check_score(score, reference)
     if score == "energy":
         return statistics[:, 0]  # −E(x)
     if score == "grad_norm":
@@ -150,15 +224,17 @@ def scores_from_statistics(
         return statistics[:, 2]
     if score == "complexity":
         return statistics[:, 0] + math.log(2) * png_bits(images)
-    assert typicality is not None  # _check_score
-    return typicality.log_density(statistics).float()
+    assert reference is not None  # _check_score
+    if score == "typicality":
+        return reference.typicality(statistics).float()
+    return reference.class_typicality(statistics).float()
 
 
-def _check_score(score: str, typicality: Typicality | None) -> None:
+def _check_score(score: str, reference: ReferenceStatistics | None) -> None:
     if score not in OOD_SCORES:
         raise ValueError(f"unknown OOD score {score!r}; choose one of {list(OOD_SCORES)}")
-    if score == "typicality" and typicality is None:
-        raise ValueError("the typicality score needs a Typicality fitted on in-distribution images")
+    if score in _FITTED_SCORES and reference is None:
+        raise ValueError(f"the {score} score needs ReferenceStatistics fitted on in-distribution images")
 
 
 def ood_score(
@@ -167,19 +243,19 @@ def ood_score(
     score: str,
     *,
     batch_size: int = 500,
-    typicality: Typicality | None = None,
+    reference: ReferenceStatistics | None = None,
 ) -> Tensor:
     """Per-image in-distribution score (higher = more like the training data), shape ``(N,)``.
 
-    ``typicality`` (fitted on in-distribution statistics, :func:`model_statistics`) is needed for the
-    ``typicality`` score only.
+    ``reference`` (:func:`fit_reference` on held-out in-distribution images) is needed for the
+    ``typicality`` and ``class_typicality`` scores only.
 
     Raises:
-        ValueError: ``score`` is not one of :data:`OOD_SCORES`, or ``typicality`` is missing for it.
+        ValueError: ``score`` is not one of :data:`OOD_SCORES`, or ``reference`` is missing for it.
     """
-    _check_score(score, typicality)
+    _check_score(score, reference)
     statistics = model_statistics(model, images, batch_size=batch_size)
-    return scores_from_statistics(statistics, images, score, typicality=typicality)
+    return scores_from_statistics(statistics, images, score, reference=reference)
 
 
 def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
@@ -203,11 +279,38 @@ def digits_images(image_shape: Sequence[int]) -> Tensor:
     return upscaled.clamp_(0.0, 1.0).expand(-1, channels, -1, -1).contiguous()
 
 
-def ood_sets(images: Tensor, *, generator: torch.Generator) -> dict[str, Tensor]:
+def photo_patches(image_shape: Sequence[int], n: int, *, generator: torch.Generator) -> Tensor:
+    """``n`` patches of scikit-learn's two bundled photographs (a temple, a flower) in [0, 1].
+
+    Each patch is a random square of three times the image's side, area-downscaled to ``image_shape``
+    ``(C, H, W)``: natural-image texture and edges at the scale of the images; grey (the mean of the
+    RGB channels) for one channel. Half the patches come from each photograph.
+    """
+    from sklearn.datasets import load_sample_images
+
+    channels, height, width = image_shape
+    if channels not in (1, 3):
+        raise ValueError(f"photo patches are grey or RGB images, not {channels} channels")
+    side = 3 * max(height, width)
+    patches = []
+    for k, photo in enumerate(load_sample_images().images):  # (H, W, 3) uint8
+        pixels = torch.tensor(photo, dtype=torch.float32).div_(255.0).permute(2, 0, 1)
+        if channels == 1:
+            pixels = pixels.mean(dim=0, keepdim=True)
+        count = n // 2 + (n % 2 if k == 0 else 0)
+        tops = torch.randint(0, pixels.shape[1] - side + 1, (count,), generator=generator).tolist()
+        lefts = torch.randint(0, pixels.shape[2] - side + 1, (count,), generator=generator).tolist()
+        crops = torch.stack([pixels[:, t : t + side, u : u + side] for t, u in zip(tops, lefts, strict=True)])
+        patches.append(F.interpolate(crops, size=(height, width), mode="area"))
+    return torch.cat(patches).clamp_(0.0, 1.0)
+
+
+def ood_sets(images: Tensor, *, generator: torch.Generator, n_photo_patches: int = 2000) -> dict[str, Tensor]:
     """Out-of-distribution sets made from [0, 1] test ``images`` ``(N, C, H, W)`` and bundled data.
 
-    ``uniform_noise`` (N images), ``hflip``, ``vflip`` and ``inverted`` (1 − x) of the test images, and
-    ``sklearn_digits`` (real handwriting from another source).
+    ``uniform_noise`` (N images), ``hflip``, ``vflip`` and ``inverted`` (1 − x) of the test images,
+    ``sklearn_digits`` (real handwriting from another source) and ``photo_patches`` (natural images,
+    :func:`photo_patches`).
     """
     return {
         "uniform_noise": torch.rand(images.shape, generator=generator),
@@ -215,6 +318,7 @@ def ood_sets(images: Tensor, *, generator: torch.Generator) -> dict[str, Tensor]
         "vflip": images.flip(-2),
         "inverted": 1.0 - images,
         "sklearn_digits": digits_images(images.shape[1:]),
+        "photo_patches": photo_patches(images.shape[1:], n_photo_patches, generator=generator),
     }
 
 
@@ -230,22 +334,22 @@ def ood_aurocs(
     """``{score: {ood_set: AUROC}}`` for every score and OOD set.
 
     ``reference_images`` (held-out in-distribution images, disjoint from ``in_images``) fit the
-    ``typicality`` score. ``scores`` defaults to every score the arguments allow: all of
-    :data:`OOD_SCORES`, less ``typicality`` without reference images; asking for it without them
-    raises :class:`ValueError`.
+    ``typicality`` and ``class_typicality`` scores. ``scores`` defaults to every score the arguments
+    allow: all of :data:`OOD_SCORES`, less those two without reference images; asking for them without
+    reference images raises :class:`ValueError`.
     """
-    typicality = None
+    reference = None
     if reference_images is not None:
-        typicality = Typicality(model_statistics(model, reference_images, batch_size=batch_size))
+        reference = fit_reference(model, reference_images, batch_size=batch_size)
     if scores is None:
-        scores = [score for score in OOD_SCORES if typicality is not None or score != "typicality"]
-    for score in scores:  # unknown names and a typicality without reference fail before any work
-        _check_score(score, typicality)
+        scores = [score for score in OOD_SCORES if reference is not None or score not in _FITTED_SCORES]
+    for score in scores:  # unknown names and a fitted score without reference fail before any work
+        _check_score(score, reference)
 
     def every_score(images: Tensor) -> dict[str, Tensor]:
-        # one forward-backward pass per image set; every score is a column or a function of it
+        # one forward-backward pass per image set; every score is a column or a function of them
         statistics = model_statistics(model, images, batch_size=batch_size)
-        return {s: scores_from_statistics(statistics, images, s, typicality=typicality) for s in scores}
+        return {s: scores_from_statistics(statistics, images, s, reference=reference) for s in scores}
 
     in_scores = every_score(in_images)
     out_scores = {name: every_score(images) for name, images in out_sets.items()}

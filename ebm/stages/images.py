@@ -42,6 +42,7 @@ from ebm.evaluation.images import (
     accuracy,
     ais_log_partition,
     bits_per_dim,
+    digits_images,
     frechet_distance,
     ood_aurocs,
     ood_sets,
@@ -231,7 +232,7 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
     aurocs = ood_aurocs(
         energy, x_test, ood_sets(x_test, generator=generator), reference_images=validation.unit()
     )
-    digits = ood_sets(x_test[:1], generator=generator)["sklearn_digits"]
+    digits = digits_images(x_test.shape[1:])
 
     with torch.no_grad():
         mean_test_energy = float(torch.cat([energy(c.to(device)).cpu() for c in x_test.split(500)]).mean())
