@@ -24,8 +24,9 @@ digits) lower energy than their own data:
   side, so an image with *too low* an energy (the trap above) scores as out of distribution too.
 - ``class_typicality``: the same three KDEs fitted per class, on the reference images the model assigns
   to that class, and evaluated for x under the class it is assigned to: how typical x's statistics are
-  *of the class JEM calls it*. A digit "1" the model calls a trouser has the energy of no trouser
-  (JEM's class-conditional structure, Grathwohl et al. 2019, put to the density-of-states test).
+  *of the class JEM calls it*: a digit the model calls a trouser must have the energy, the gradient and
+  the confidence of a trouser to pass (JEM's class-conditional structure, Grathwohl et al. 2019, put to
+  the density-of-states test).
 
 AIS (Neal 2001) anneals from the uniform density on the box [0, 1]^D (log Z₀ = 0) to
 p(x) ∝ exp(−E(x)) on the box through p_β ∝ exp(−β E(x)), with MALA transitions run in logit space

@@ -42,7 +42,6 @@ from ebm.evaluation.images import (
     accuracy,
     ais_log_partition,
     bits_per_dim,
-    digits_images,
     frechet_distance,
     ood_aurocs,
     ood_sets,
@@ -229,10 +228,9 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
     sampling = params.recipe.sampling
     sampler = params.recipe.sampler.build()
 
-    aurocs = ood_aurocs(
-        energy, x_test, ood_sets(x_test, generator=generator), reference_images=validation.unit()
-    )
-    digits = digits_images(x_test.shape[1:])
+    out_sets = ood_sets(x_test, generator=generator)
+    aurocs = ood_aurocs(energy, x_test, out_sets, reference_images=validation.unit())
+    digits = out_sets["sklearn_digits"]
 
     with torch.no_grad():
         mean_test_energy = float(torch.cat([energy(c.to(device)).cpu() for c in x_test.split(500)]).mean())
