@@ -10,9 +10,10 @@ things are much faster for the small convolutions of image EBMs:
   A one-channel weight such as ``(32, 1, 5, 5)`` counts as channels_last whatever its strides, so it is
   restrided explicitly (otherwise the output comes back NCHW on the slow path).
 * **the input gradient of a convolution with few input channels as one GEMM plus col2im**:
-  ``∂x = fold(Wᵀ · ∂y)`` with ``W`` the ``(C_out, C_in·kh·kw)`` weight matrix. oneDNN's backward-data
-  kernel for one input channel runs at a few GFLOP/s (it cannot fill a vector register along
-  ``C_in``); the GEMM has ``K = C_out`` and runs several times faster, col2im included.
+  ``∂x = col2im(∂y · W)`` with ``W`` the ``(C_out, C_in·kh·kw)`` weight matrix, and col2im a
+  ``scatter_add_`` that both threads share. oneDNN's backward-data kernel for one input channel runs at
+  a few GFLOP/s (it cannot fill a vector register along ``C_in``); the GEMM has ``K = C_out`` and runs
+  several times faster, col2im included.
 
 :class:`FrozenConvolutions` is a :class:`~torch.overrides.TorchFunctionMode` that routes every
 ``conv2d`` whose weight and bias do not require gradients (as inside :func:`ebm.energies.frozen`)
@@ -28,21 +29,23 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
 # Input gradients of convolutions with at most this many input channels go through GEMM + col2im; above
-# it oneDNN's backward-data kernel wins. Measured (batch 128, 2 threads, ms): C_in = 1, 5×5 stride 2 on
-# 28 px: 6.9 oneDNN vs 1.6; C_in = 3, 3×3 on 32 px: 8.8 vs 6.7; C_in = 8: equal; C_in = 16: 2.2 vs 3.5.
+# it oneDNN's backward-data kernel wins. Measured (batch 128, 2 threads, ms, oneDNN vs GEMM + col2im):
+# C_in = 1, 5×5 stride 2 on 28 px: 3.80 vs 1.11; C_in = 3, 3×3 on 32 px: 13.6 vs 10.2 (stride 1), 3.73 vs
+# 1.86 (stride 2); C_in = 8 on 16 px: 3.76 vs 5.48 (stride 1), 1.06 vs 0.67 (stride 2); C_in = 16: 1.09 vs
+# 2.01 (stride 2); each a median of 40 calls on random channels_last tensors, 2026-12-03.
 GEMM_INPUT_GRAD_MAX_IN_CHANNELS = 4
 
 # Calls per route in this process: "forward", "input grad by GEMM + col2im", "input grad by oneDNN", and
@@ -91,6 +94,27 @@ def channels_last(tensor: Tensor) -> Tensor:
     return storage.as_strided(tensor.shape, strides).copy_(tensor)
 
 
+@functools.lru_cache(maxsize=64)
+def _scatter_index(
+    in_channels: int,
+    kernel: tuple[int, int],
+    out_size: tuple[int, int],
+    padded_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    device: torch.device,
+) -> Tensor:
+    """Where each column entry of :func:`input_grad_by_gemm` lands in the zero-padded input, flattened:
+    entry ``(oh, ow, c, i, j)`` goes to ``(c, oh·sh + i·dh, ow·sw + j·dw)``. Shape ``(1, Ho·Wo·C·kh·kw)``."""
+    (kh, kw), (ho, wo), (hp, wp) = kernel, out_size, padded_size
+    oh = torch.arange(ho).view(ho, 1, 1, 1, 1) * stride[0]
+    ow = torch.arange(wo).view(1, wo, 1, 1, 1) * stride[1]
+    c = torch.arange(in_channels).view(1, 1, in_channels, 1, 1)
+    i = torch.arange(kh).view(1, 1, 1, kh, 1) * dilation[0]
+    j = torch.arange(kw).view(1, 1, 1, 1, kw) * dilation[1]
+    return (c * (hp * wp) + (oh + i) * wp + (ow + j)).reshape(1, -1).to(device)
+
+
 def input_grad_by_gemm(
     grad_out: Tensor,
     weight: Tensor,
@@ -99,7 +123,12 @@ def input_grad_by_gemm(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> Tensor:
-    """∂x of ``y = conv2d(x, W)`` from ∂y: ``fold(Wᵀ · ∂y)``, a GEMM and a col2im scatter-add.
+    """∂x of ``y = conv2d(x, W)`` from ∂y: one GEMM ``∂y · W`` into columns, then a scatter-add of the
+    columns into the zero-padded input (col2im), cropped.
+
+    PyTorch's own col2im (``F.fold``) walks the batch one image at a time on one thread (1.2 ms of CNN28's
+    ~14 ms step at batch 128); ``scatter_add_`` along each image's row splits the batch between the
+    threads. The GEMM reads ∂y as a ``(B·H'·W', C_out)`` matrix, free in channels_last.
 
     Args:
         grad_out: ∂y, ``(B, C_out, H', W')``, any memory format.
@@ -109,10 +138,16 @@ def input_grad_by_gemm(
     Returns:
         ∂x, ``(B, C_in, H, W)``, contiguous.
     """
-    batch, out_channels = grad_out.shape[:2]
-    weight_matrix = weight.reshape(out_channels, -1)  # (C_out, C_in·kh·kw)
-    columns = weight_matrix.T @ grad_out.reshape(batch, out_channels, -1)  # (B, C_in·kh·kw, H'·W')
-    return F.fold(columns, input_size, weight.shape[-2:], dilation=dilation, padding=padding, stride=stride)
+    batch, out_channels, out_h, out_w = grad_out.shape
+    in_channels, kh, kw = weight.shape[1:]
+    height, width = input_size
+    padded = (height + 2 * padding[0], width + 2 * padding[1])
+    columns = grad_out.permute(0, 2, 3, 1).reshape(-1, out_channels) @ weight.reshape(out_channels, -1)
+    index = _scatter_index(in_channels, (kh, kw), (out_h, out_w), padded, stride, dilation, grad_out.device)
+    grad_padded = grad_out.new_zeros(batch, in_channels * padded[0] * padded[1])
+    grad_padded.scatter_add_(1, index.expand(batch, -1), columns.view(batch, -1))
+    grad_padded = grad_padded.view(batch, in_channels, *padded)
+    return grad_padded[:, :, padding[0] : padding[0] + height, padding[1] : padding[1] + width].contiguous()
 
 
 def input_grad(

@@ -176,6 +176,25 @@ def test_a_convolution_the_path_cannot_take_runs_unchanged_and_its_reason_is_rec
     torch.testing.assert_close(result, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gemm_input_gradient_equals_autograds_in_both_layouts_and_repeats_exactly(dtype: torch.dtype) -> None:
+    # col2im as a scatter-add into the padded input: every tap lands where autograd puts it (stride,
+    # padding and dilation differ per axis), NCHW and channels_last ∂y alike, and the sum is the same
+    # bits on every call (each image's row is added up by one thread, in one order)
+    weight = torch.randn(7, 2, 3, 4, generator=seeded(11), dtype=dtype)
+    x = torch.randn(6, 2, 15, 14, generator=seeded(12), dtype=dtype, requires_grad=True)
+    stride, padding, dilation = (2, 1), (1, 3), (2, 1)
+    y = F.conv2d(x, weight, None, stride, padding, dilation)
+    grad_out = torch.randn(y.shape, generator=seeded(13), dtype=dtype)
+    (expected,) = torch.autograd.grad(y, x, grad_out)
+    for layout in (grad_out, grad_out.contiguous(memory_format=torch.channels_last)):
+        grad = fastconv.input_grad_by_gemm(layout, weight, (15, 14), stride, padding, dilation)
+        assert grad.shape == x.shape and grad.is_contiguous() and grad.dtype == dtype
+        torch.testing.assert_close(grad, expected)
+        again = fastconv.input_grad_by_gemm(layout, weight, (15, 14), stride, padding, dilation)
+        assert torch.equal(again, grad)
+
+
 def test_channels_last_restrides_one_channel_tensors_that_contiguous_leaves_alone() -> None:
     x = torch.randn(2, 1, 5, 5)
     assert x.contiguous(memory_format=torch.channels_last).stride() == x.stride()  # PyTorch's no-op
