@@ -4,10 +4,13 @@
     python benchmarks/sampling.py --quick          # a few minutes: fewer batches, steps, repeats
     python benchmarks/sampling.py --threads 1      # on a shared machine: see the threads table
 
-Run it in the Makefile's environment (OpenMP's passive wait policy, glibc keeping activations in the
-heap), e.g. ``make -s -f Makefile --eval 'bench: ; $(BIN)/python benchmarks/sampling.py' bench``, or
-set ``OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456
-MALLOC_TOP_PAD_=67108864`` by hand; the run prints and records both.
+Run it in the Makefile's environment (glibc keeping activations in the heap), e.g. ``make -s -f
+Makefile --eval 'bench: ; $(BIN)/python benchmarks/sampling.py' bench``, or set
+``MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_TOP_PAD_=67108864`` by hand.
+OpenMP's wait policy is picked as the library's entry points pick it (:mod:`ebm.runtime`: OpenMP's
+default, spinning, on an idle machine; ``PASSIVE`` when other work would leave a thread without a core),
+so the figures are those of the ``ebm`` command and the stage processes; ``OMP_WAIT_POLICY`` set by hand
+wins. The run prints and records both.
 
 Wall-clock figures are the measurement; every row also records CPU time, which on a busy machine (at
 one thread) still says what a step costs while it runs. The tables print at the end.
@@ -41,6 +44,8 @@ Every figure comes from this one process, on identical weights and starting chai
    pooling takes any size) and number of steps; ``--plot`` draws the three panels.
 """
 
+# torch is imported after the OpenMP wait policy is chosen (below)
+# ruff: noqa: E402
 from __future__ import annotations
 
 import argparse
@@ -57,6 +62,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+
+# The wait policy must be in the environment before torch loads OpenMP. The threads table's fresh
+# processes (--probe) take theirs from the parent, which sets each cell's policy itself.
+OMP_WAIT_POLICY_SET_BY_USER = "OMP_WAIT_POLICY" in os.environ
+if "--probe" not in sys.argv:
+    from ebm.runtime import configure_openmp
+
+    configure_openmp()
 
 import torch
 import torch.nn.functional as F
@@ -892,7 +905,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{threads} intra-op thread(s); load average at start {loads.start[0]:.2f} {loads.start[1]:.2f} "
         f"{loads.start[2]:.2f}"
     )
-    print("OpenMP: " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in omp_env.items()))
+    policy_source = "set by hand" if OMP_WAIT_POLICY_SET_BY_USER else "picked by ebm.runtime from the load"
+    print(
+        "OpenMP: "
+        + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in omp_env.items())
+        + f" (wait policy {policy_source})"
+    )
     print("malloc: " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in malloc_env.items()))
     for note in loads.warnings():
         print(f"WARNING: {note}; figures are preliminary", file=sys.stderr)
@@ -1079,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         "gemm_peak_gflops_1_thread": peak_1t,
         "gemm_peak_gflop_per_cpu_s_per_thread": peak_cpu,
         "openmp_env": omp_env,
+        "openmp_wait_policy_set_by_user": OMP_WAIT_POLICY_SET_BY_USER,
         "malloc_env": malloc_env,
         "load_average_start": loads.start,
         "load_average_samples": loads.samples,
