@@ -25,6 +25,9 @@ Every run is tagged so the MLflow UI says where it came from:
 - ``prefect_flow_run_id``: when a Prefect flow started the stage. ``flows/pipeline.py`` passes
   :data:`FLOW_RUN_ID_ENV` to the stage command through DVC's ``run_env``; a deployment's process has
   ``PREFECT__FLOW_RUN_ID`` as well, used as a fallback.
+- ``omp_wait_policy``: the OpenMP wait policy the stage process runs under (:mod:`ebm.runtime` picks it
+  from the load when the process starts; ``"default"``: OpenMP's own). A training that ran slower than
+  usual under ``PASSIVE`` says so here.
 
 Each run, when it ends, records its UI link in ``reports/mlflow_runs.json`` (stage address → link) so the
 flow's summary can point at it.
@@ -56,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from ebm.offline import apply_offline_env
+from ebm.runtime import wait_policy_in_force
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -361,7 +365,7 @@ def start_run(
     """
     root = Path(project_root).resolve()
     dvc_stage = os.environ.get("DVC_STAGE") or stage
-    tags = {"git_commit": git_commit(root), "dvc_stage": dvc_stage}
+    tags = {"git_commit": git_commit(root), "dvc_stage": dvc_stage, "omp_wait_policy": wait_policy_in_force()}
     flow_run_id = prefect_flow_run_id()
     if flow_run_id:
         tags["prefect_flow_run_id"] = flow_run_id

@@ -60,6 +60,7 @@ def test_stage_run_logs_params_metrics_artifacts_and_provenance_tags(
     import mlflow
 
     monkeypatch.setenv(FLOW_RUN_ID_ENV, "flow-run-123")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     (tiny_pipeline / "prepared.txt").write_text("prepared\n")
     params = {"train": {"lr": 0.01, "sampler": {"name": "langevin"}}}
 
@@ -82,6 +83,7 @@ def test_stage_run_logs_params_metrics_artifacts_and_provenance_tags(
     assert tags["git_commit"] == _head(tiny_pipeline)
     assert tags["dvc_stage"] == "train"
     assert tags["prefect_flow_run_id"] == "flow-run-123"
+    assert tags["omp_wait_policy"] == "PASSIVE"
     assert tags["family"] == "toy"
     # The hashes DVC will record in dvc.lock for this run: md5 of each file dep's bytes.
     assert json.loads(tags["dvc_deps"]) == {
@@ -119,6 +121,7 @@ def test_outside_git_and_dvc_the_default_store_lives_in_the_project(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv(FLOW_RUN_ID_ENV, raising=False)
     monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     shutil.copyfile(mlflow_template_db, tmp_path / "mlflow.db")
 
     with start_run(project_root=tmp_path, experiment="mnist", stage="evaluate", params={"k": 1}) as run:
@@ -127,6 +130,7 @@ def test_outside_git_and_dvc_the_default_store_lives_in_the_project(
     logged = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.run_id)
     assert logged.data.tags["git_commit"] == "unknown"
     assert logged.data.tags["dvc_deps"] == "{}"
+    assert logged.data.tags["omp_wait_policy"] == "default"
     assert "prefect_flow_run_id" not in logged.data.tags
     assert logged.data.metrics == {"fid": 3.0}
     assert (tmp_path / RUN_LINKS_FILE).exists()
