@@ -38,8 +38,11 @@ Every figure comes from this one process, on identical weights and starting chai
    compiled ms/step, and the steps needed to break even.
 6. **anatomy** (CNN28, batch 128): each convolution's forward and input-gradient time and GFLOP/s on
    PyTorch's autograd path and on the library's, its FLOP/byte and roofline bound (GEMM peak and a
-   measured copy bandwidth), and what the rest (activations, head, update, and the dispatch, Python and
-   allocator overhead above them) costs.
+   measured copy bandwidth), the same FLOPs as one GEMM of the layer's own shape (what MKL makes of
+   it), and what the rest (activations, head, update, and the dispatch, Python and allocator overhead
+   above them) costs. Then the **ceiling**: rounds that time the textbook step, the library's and the
+   floor (every part of the library's step alone, summed) back to back; textbook ÷ floor is the most
+   a step with no overhead at all could gain with these kernels, in ratios a load change cannot skew.
 7. **scaling**: cost against batch size (from 3), image size (ResNet32 at 16–64 px; its global
    pooling takes any size) and number of steps; ``--plot`` draws the three panels.
 """
@@ -469,9 +472,14 @@ def model_output_size(conv: nn.Conv2d, inp: Tensor) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
-def conv_layer_ms(conv: nn.Conv2d, inp: Tensor, repeats: int, *, seed: int) -> dict[str, float]:
+def conv_layer_ms(
+    conv: nn.Conv2d, inp: Tensor, repeats: int, *, seed: int, library_only: bool = False
+) -> dict[str, float]:
     """Median ms of ``conv``'s forward and input gradient: PyTorch's autograd path (NCHW tensors,
-    oneDNN backward-data) and the library's (channels_last, ``ebm.fastconv``'s route)."""
+    oneDNN backward-data), the library's (channels_last, ``ebm.fastconv``'s route), and the same FLOPs
+    as one GEMM of the convolution's own shape (im2col's: ``(B·H'·W', C_in·kh·kw) × (C_in·kh·kw, C_out)``
+    forward, ``(B·H'·W', C_out) × (C_out, C_in·kh·kw)`` for the input gradient, without the im2col and
+    col2im around it). ``library_only``: the library's two alone."""
     weight = conv.weight.detach()
     bias = conv.bias.detach() if conv.bias is not None else None
     stride, padding = cast(tuple[int, int], conv.stride), cast(tuple[int, int], conv.padding)
@@ -495,12 +503,85 @@ def conv_layer_ms(conv: nn.Conv2d, inp: Tensor, repeats: int, *, seed: int) -> d
         return onednn_input_grad(grad_out_cl, inp_cl, weight_cl)
 
     timed = {
-        "autograd_forward": lambda: F.conv2d(inp, weight, bias, stride, padding),
-        "autograd_input_grad": lambda: onednn_input_grad(grad_out, inp, weight),
         "library_forward": lambda: F.conv2d(inp_cl, weight_cl, bias, stride, padding),
         "library_input_grad": library_input_grad,
     }
+    if not library_only:
+        rows = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
+        columns = torch.randn((rows, weight[0].numel()), generator=torch.Generator().manual_seed(seed))
+        dy = grad_out.permute(0, 2, 3, 1).reshape(rows, -1)  # a copy: the GEMM reads it row-major
+        w = weight.reshape(weight.shape[0], -1)
+        timed |= {
+            "autograd_forward": lambda: F.conv2d(inp, weight, bias, stride, padding),
+            "autograd_input_grad": lambda: onednn_input_grad(grad_out, inp, weight),
+            "gemm_forward": lambda: columns @ w.T,
+            "gemm_input_grad": lambda: dy @ w,
+        }
     return {name: 1e3 * _median_time(fn, repeats) for name, fn in timed.items()}
+
+
+def conv_inputs(model: nn.Module, x: Tensor) -> dict[nn.Conv2d, Tensor]:
+    """Each convolution of ``model`` and what it convolves when ``model`` runs on ``x`` (contiguous)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    inputs: dict[nn.Conv2d, Tensor] = {}
+
+    def keep_input(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        inputs[cast(nn.Conv2d, module)] = args[0].detach().contiguous()
+
+    hooks = [conv.register_forward_hook(keep_input) for conv in convs]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return {conv: inputs[conv] for conv in convs}
+
+
+def ceiling(batch: int, n_steps: int, rounds: int, repeats: int) -> dict[str, Any]:
+    """The most these kernels let the CNN28 step gain on the textbook loop, timed beside it.
+
+    Each round times, back to back on one model and one batch: the textbook loop's step and the
+    library's (``n_steps`` each), then the floor, every part of the library's step timed alone and summed
+    (the convolutions by the library's routes, :func:`conv_layer_ms`, and :func:`non_conv_floor_ms`).
+    Load changes between rounds hit a round's three alike, so a round's ratios hold where its times do
+    not. ``ceiling`` (textbook ÷ floor, median over rounds) is the speed-up of a step with no overhead at
+    all: no dispatch, Python or allocator, and no cache misses between kernels.
+    """
+    case = MODELS["cnn28"]
+    model = seeded_model(case)
+    x = case.starting_chains(batch, torch.Generator().manual_seed(5))
+    inputs = conv_inputs(model, x)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    runs = {
+        "textbook": textbook_run(model, x, n_steps),
+        "library": library_run(channels_last_copy(model), x_cl, n_steps),
+    }
+    for run in runs.values():
+        run()
+    rows = []
+    for _ in range(rounds):
+        row = {}
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            row[f"{name}_ms"] = 1e3 * (time.perf_counter() - start) / n_steps
+        row["conv_ms"] = sum(
+            sum(conv_layer_ms(conv, inp, repeats, seed=index, library_only=True).values())
+            for index, (conv, inp) in enumerate(inputs.items())
+        )
+        row["floor_ms"] = row["conv_ms"] + sum(non_conv_floor_ms(model, x, repeats).values())
+        rows.append(row)
+
+    def median_ratio(part: str) -> float:
+        return statistics.median(r["textbook_ms"] / r[part] for r in rows)
+
+    return {
+        "batch": batch,
+        "steps": n_steps,
+        "rounds": rows,
+        "speedup": median_ratio("library_ms"),
+        "ceiling": median_ratio("floor_ms"),
+        "convolutions_only_ceiling": median_ratio("conv_ms"),
+    }
 
 
 def anatomy(batch: int, repeats: int, peak: float, bandwidth: float, step_ms: float) -> dict[str, Any]:
@@ -513,25 +594,14 @@ def anatomy(batch: int, repeats: int, peak: float, bandwidth: float, step_ms: fl
     """
     model = seeded_model(MODELS["cnn28"])
     x = MODELS["cnn28"].starting_chains(batch, torch.Generator().manual_seed(5))
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    inputs: dict[nn.Module, Tensor] = {}
-
-    def keep_input(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        inputs[module] = args[0].detach()
-
-    hooks = [conv.register_forward_hook(keep_input) for conv in convs]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-    layers, conv_ms = [], 0.0
-    for index, conv in enumerate(convs):
-        inp = inputs[conv].contiguous()
+    layers, conv_ms, gemm_ms = [], 0.0, 0.0
+    for index, (conv, inp) in enumerate(conv_inputs(model, x).items()):
         out_numel = batch * conv.out_channels * math.prod(model_output_size(conv, inp))
         flops = 2 * out_numel * conv.in_channels * math.prod(conv.kernel_size)
         n_bytes = 4 * (inp.numel() + out_numel + conv.weight.numel())
         ms = conv_layer_ms(conv, inp, repeats, seed=index)
         conv_ms += ms["library_forward"] + ms["library_input_grad"]
+        gemm_ms += ms["gemm_forward"] + ms["gemm_input_grad"]
         by_gemm = conv.in_channels <= fastconv.GEMM_INPUT_GRAD_MAX_IN_CHANNELS
         layers.append(
             {
@@ -551,6 +621,7 @@ def anatomy(batch: int, repeats: int, peak: float, bandwidth: float, step_ms: fl
         "batch": batch,
         "layers": layers,
         "conv_ms_per_step": conv_ms,
+        "same_shape_gemm_ms_per_step": gemm_ms,
         "step_ms": step_ms,
         "other_ms_per_step": step_ms - conv_ms,
         **{f"{name}_ms_per_step": value for name, value in rest.items()},
@@ -770,15 +841,6 @@ def bar_verdict(throughput: list[dict[str, Any]], peak: float, peak_cpu: float) 
         # The rate the library's useful FLOPs would need for the speed-up bar against this textbook time.
         "speedup_bar_needs_gflops": BAR_SPEEDUP * row["gflop_per_step"] / (textbook_ms / 1e3),
         "textbook_gflops_with_weight_grads": row["textbook_gflop_per_step"] / (textbook_ms / 1e3),
-    }
-
-
-def floor_bound(row: dict[str, Any], floor_ms: float, peak: float) -> dict[str, float]:
-    """Speed-up over the textbook loop and fraction of the GEMM peak of the step of throughput ``row``
-    had it taken only ``floor_ms``."""
-    return {
-        "speedup": row["variants"]["textbook"]["ms_per_step"] / floor_ms,
-        "peak_fraction": row["gflop_per_step"] / (floor_ms / 1e3) / peak,
     }
 
 
@@ -1028,6 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
                     "roofline GFLOP/s",
                     "fwd ms (autograd, library)",
                     "∂x ms (autograd, library)",
+                    "same-shape GEMM fwd, ∂x ms",
                     "library fwd, ∂x GFLOP/s",
                     "∂x route",
                 ],
@@ -1039,6 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
                         layer["roofline_gflops"],
                         f"{layer['autograd_forward_ms']:.2f}, {layer['library_forward_ms']:.2f}",
                         f"{layer['autograd_input_grad_ms']:.2f}, {layer['library_input_grad_ms']:.2f}",
+                        f"{layer['gemm_forward_ms']:.2f}, {layer['gemm_input_grad_ms']:.2f}",
                         f"{layer['library_forward_gflops']:.0f}, {layer['library_input_grad_gflops']:.0f}",
                         layer["library_input_grad_route"],
                     ]
@@ -1046,18 +1110,36 @@ def main(argv: list[str] | None = None) -> int:
                 ],
             )
             print(
-                f"library convolutions {a['conv_ms_per_step']:.2f} ms of a {a['step_ms']:.2f} ms step; "
+                f"library convolutions {a['conv_ms_per_step']:.2f} ms (their FLOPs as GEMMs of their "
+                f"shapes: {a['same_shape_gemm_ms_per_step']:.2f}) of a {a['step_ms']:.2f} ms step; "
                 f"the rest {a['other_ms_per_step']:.2f} ms: SiLU forward and gradient "
                 f"{a['activation_ms_per_step']:.2f}, head {a['head_ms_per_step']:.2f}, "
                 f"update {a['update_ms_per_step']:.2f} (each timed alone), "
                 f"dispatch, Python and the allocator {a['overhead_ms_per_step']:.2f}"
             )
-            bound = a["floor_bound"] = floor_bound(bar_row, a["floor_ms_per_step"], peak)
+            rounds = 3 if quick else 7
+            c = results["ceiling"] = ceiling(128, n_steps, rounds, 5 if quick else 10)
+            print_table(
+                f"Ceiling (CNN28 batch 128, {rounds} rounds, each timing back to back the textbook step, the "
+                "library's, and the floor: every part of the library's step timed alone, summed)",
+                ["round", "textbook ms", "library ms", "floor ms", "convolutions ms", "library ×", "floor ×"],
+                [
+                    [
+                        i + 1,
+                        r["textbook_ms"],
+                        r["library_ms"],
+                        r["floor_ms"],
+                        r["conv_ms"],
+                        r["textbook_ms"] / r["library_ms"],
+                        r["textbook_ms"] / r["floor_ms"],
+                    ]
+                    for i, r in enumerate(c["rounds"])
+                ],
+            )
             print(
-                "floor (convolutions + SiLU + head + update, no overhead): "
-                f"{a['floor_ms_per_step']:.2f} ms = {bound['speedup']:.2f}× the textbook loop, "
-                f"{100 * bound['peak_fraction']:.0f} % of the GEMM peak: the most the eager step can "
-                "reach with these kernels"
+                f"median: the library {c['speedup']:.2f}× the textbook loop; a step with no overhead at "
+                f"all (the floor) {c['ceiling']:.2f}×; its convolutions alone "
+                f"{c['convolutions_only_ceiling']:.2f}×"
             )
 
         loads.mark("anatomy")
@@ -1122,6 +1204,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{verdict['speedup_bar_needs_gflops']:.1f} GFLOP/s = "
             f"{100 * verdict['speedup_bar_needs_gflops'] / peak:.0f}% of peak"
         )
+        if "ceiling" in results:
+            c = results["ceiling"]
+            verdict["ceiling"] = c["ceiling"]
+            print(
+                f"  ceiling, timed beside the textbook loop: a step with no overhead at all would be "
+                f"{c['ceiling']:.2f}× it ("
+                + (
+                    f"{BAR_SPEEDUP:g}× needs kernels faster than these"
+                    if c["ceiling"] < BAR_SPEEDUP
+                    else f"{BAR_SPEEDUP:g}× is within these kernels' reach: the rest is overhead"
+                )
+                + ")"
+            )
         print(
             f"  by CPU time (the seconds it actually ran; load-robust at 1 thread, inflated by spinning "
             f"threads above): {verdict['cpu_variant']} {verdict['cpu_speedup']:.2f}× the textbook, "
