@@ -1,18 +1,28 @@
-"""Training speed: optimiser iterations per second of the 2D recipe and of an image step.
+"""Training speed: iterations per second of the 2D, image and anomaly recipes, and the time each takes
+to reach its quality bar.
 
     python benchmarks/training.py --json reports/bench/training.json
-    python benchmarks/training.py --quick      # fewer iterations
+    python benchmarks/training.py --quick      # fewer iterations; no time-to-bar runs
 
 * **2D**: :func:`ebm.toy.train_energy` with the default :class:`~ebm.toy.Toy2DConfig` (MLP energy,
-  PCD with MALA negatives, EMA) on 20,000 points of one toy dataset, timed over a few hundred
-  iterations; the projection to the recipe's full run divides its step count by that rate.
-* **image**: one JEM training iteration (:mod:`ebm.jem`: cross-entropy plus PCD with K Langevin
-  steps) of the 28×28 CNN at batch 64 on random uint8 images, ``Trainer.train_step`` timed alone,
-  with the energy contiguous and in ``channels_last``. Without :mod:`ebm.jem` it is a plain PCD
-  step of :class:`~ebm.image_energies.ImageEnergy`. The sampler settings are the image recipe's
-  (η = 1, σ = 0.01, per-chain gradient clip 0.1, chains clamped to [0, 1], K = 10).
-* both at 1 intra-op thread and at all of the machine's, since small models on a shared two-core
-  machine can run faster on one thread.
+  PCD with MALA negatives, EMA) on 20,000 points of one toy dataset (``--dataset``, the training and
+  test seeds of ``benchmarks/toy_density.py``), timed over a few hundred iterations. **Time to bar**:
+  the whole recipe, the EMA model's exact-grid test NLL gap to the entropy floor measured every
+  ``--every`` steps (outside the clock), and the training seconds at which it first falls within
+  0.02 nats (issue 2's bar).
+* **image**: the default JEM recipe of ``params.yaml`` (``images``: CNN28, cross-entropy plus PCD,
+  its sampler, batch and generative batch) on the real Fashion-MNIST training split, read from the
+  local copy of the original files the params name (``make data`` installs Debian's).
+  ``Trainer.train_step`` is timed alone; the recipe's full run is that rate times its steps, and its
+  end is where ``benchmarks/images.py`` measures the image bars (accuracy ≥ 90 % and the rest).
+* **anomaly**: the default :class:`~ebm.anomaly.detector.EnergyAnomalyDetector` on the synthetic
+  card transactions (``TransactionsConfig()``, split in time as ``benchmarks/anomaly.py`` does).
+  **Time to bar**: the marginal model alone, then the whole detector fitted with 5, 25, 100 and 200
+  (the default) steps per member; the first whose test AUROC and AUPRC reach the best baseline's
+  (IsolationForest, ECOD, LOF: issue 4's bar). Also the default detector's scoring rows/s on the test
+  period's rows.
+* iterations/s at 1 intra-op thread and at all of the machine's, since small models on a shared
+  two-core machine can run faster on one thread; time-to-bar runs at all of them.
 
 The load average is printed before and after; above ``BUSY_LOAD`` per core the figures are flagged as
 preliminary.
@@ -22,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import importlib.util
 import json
 import os
 import sys
@@ -34,27 +42,44 @@ from typing import Any
 
 import torch
 
-from ebm.data.toy2d import make_toy_dataset
-from ebm.image_energies import CNN28, CNN28Config, ImageEnergy
-from ebm.losses import ContrastiveDivergence
-from ebm.samplers import Langevin, ReplayBuffer, UniformBox
+from ebm.config import load_params
+from ebm.data.images import load_original, split_original
+from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
+from ebm.evaluation.density2d import converged_log_partition, nll
+from ebm.images import buffer_proposal, build_objective, make_energy
+from ebm.stages.images import ImagesParams
 from ebm.toy import Toy2DConfig, train_energy
-from ebm.trainer import TrainConfig, Trainer
+from ebm.trainer import Trainer
 
 BUSY_LOAD = 0.25  # per core
+TOY_BAR_NATS = 0.02  # issue 2: exact-grid test NLL within 0.02 nats of the entropy floor
+ANOMALY_STEPS = (0, 5, 25, 100, 200)  # steps per member; 0: the marginal model alone (no members)
 
 
 def machine_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def toy_iterations_per_s(steps: int, dataset: str) -> dict[str, Any]:
-    config = Toy2DConfig()
-    config = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, steps=steps, progress=False, checkpoint_every=0)
-    )
+def toy_split(dataset: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The dataset and its training and test points, seeded as ``benchmarks/toy_density.py`` seeds them."""
+    index = list(TOY_DATASETS).index(dataset)
     data = make_toy_dataset(dataset)
-    x_train = data.sample(20_000, generator=torch.Generator().manual_seed(0))
+    x_train = data.sample(20_000, generator=torch.Generator().manual_seed(index))
+    x_test = data.sample(20_000, generator=torch.Generator().manual_seed(500 + index))
+    return data, x_train, x_test
+
+
+def toy_config(steps: int | None = None) -> Toy2DConfig:
+    config = Toy2DConfig()
+    train = dataclasses.replace(
+        config.train, steps=steps or config.train.steps, progress=False, checkpoint_every=0
+    )
+    return dataclasses.replace(config, train=train)
+
+
+def toy_iterations_per_s(steps: int, dataset: str) -> dict[str, Any]:
+    config = toy_config(steps)
+    data, x_train, _ = toy_split(dataset)
     cpu = time.process_time()
     _, result = train_energy(x_train, config, bounds=data.bounds)
     cpu_seconds = time.process_time() - cpu  # includes the setup around fit(): an upper bound
@@ -72,71 +97,173 @@ def toy_iterations_per_s(steps: int, dataset: str) -> dict[str, Any]:
     }
 
 
-def image_objective(energy: ImageEnergy, generator: torch.Generator) -> tuple[Any, str]:
-    sampler = Langevin(step_size=1.0, noise_scale=0.01, grad_clip=0.1, clamp=(0.0, 1.0))
-    buffer = ReplayBuffer(10_000, UniformBox(energy.image_shape, 0.0, 1.0), generator=generator)
-    cd = ContrastiveDivergence(sampler, n_steps=10, alpha=0.1, buffer=buffer)
-    if importlib.util.find_spec("ebm.jem") is None:
-        return cd, "PCD"
-    from ebm.jem import JEMObjective
+def toy_time_to_bar(dataset: str, every: int) -> dict[str, Any]:
+    """The default 2D recipe on ``dataset``, its EMA model's exact test NLL gap every ``every`` steps.
 
-    return JEMObjective(cd), "JEM (CE + PCD)"
+    The gap is measured inside a trainer callback; the time it takes is taken off the training clock.
+    """
+    config = toy_config()
+    data, x_train, x_test = toy_split(dataset)
+    floor = -float(data.log_prob(x_test).mean())
+    curve: list[dict[str, float]] = []
+    evaluating = 0.0
+    start = time.perf_counter()
+
+    def gap_of(energy: torch.nn.Module) -> float:
+        with torch.no_grad():
+            log_z = converged_log_partition(energy, data.bounds).log_z
+            return nll(energy, x_test, log_z) - floor
+
+    def measure(trainer: Trainer, step: int, _metrics: dict[str, float]) -> None:
+        nonlocal evaluating
+        # called at log steps: ``step`` steps done, the last counted from 0 a multiple of log_every
+        if step == 1 or (step - 1) % every:
+            return
+        clock = time.perf_counter()
+        curve.append(
+            {"step": step, "train_seconds": clock - start - evaluating, "gap": gap_of(trainer.model)}
+        )
+        evaluating += time.perf_counter() - clock
+
+    energy, result = train_energy(x_train, config, bounds=data.bounds, callbacks=[measure])
+    train_seconds = time.perf_counter() - start - evaluating
+    if not curve or curve[-1]["step"] != result.steps:
+        curve.append({"step": result.steps, "train_seconds": train_seconds, "gap": gap_of(energy)})
+    reached = next((point for point in curve if point["gap"] <= TOY_BAR_NATS), None)
+    return {
+        "dataset": dataset,
+        "recipe_steps": result.steps,
+        "recipe_seconds": train_seconds,
+        "bar_nats": TOY_BAR_NATS,
+        "final_gap": curve[-1]["gap"],
+        "steps_to_bar": None if reached is None else reached["step"],
+        "seconds_to_bar": None if reached is None else reached["train_seconds"],
+        "curve": curve,
+    }
 
 
-def image_iterations_per_s(steps: int, batch: int, *, channels_last: bool) -> dict[str, Any]:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        energy = ImageEnergy(CNN28(CNN28Config()), (1, 28, 28))
-    if channels_last:
-        energy = energy.to(memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(1)
-    objective, kind = image_objective(energy, generator)
-    images = torch.randint(0, 256, (2048, 1, 28, 28), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (2048,), generator=generator)
-    data: Any = (images, labels) if kind.startswith("JEM") else images.float() / 255
-    config = TrainConfig(
-        steps=steps, batch_size=batch, lr=3e-4, ema_decay=0.999, checkpoint_every=0, progress=False
+def image_iterations_per_s(steps: int, params_path: Path) -> dict[str, Any]:
+    """``Trainer.train_step`` of the params' JEM recipe on the real training split, on the CPU."""
+    params = ImagesParams.from_params(load_params(params_path))
+    original = load_original(params.data)  # ImageDataUnavailableError names what is missing and where
+    split = split_original(original, params.data, seed=params.seed)["train"]
+    spec, recipe = params.spec(), params.recipe
+    device = torch.device("cpu")
+    energy = make_energy(spec, device=device, seed=recipe.train.seed)
+    objective = build_objective(
+        recipe,
+        spec.image_shape,
+        device=device,
+        generator=torch.Generator().manual_seed(recipe.train.seed + 1),
+        proposal=buffer_proposal(recipe, spec.image_shape, split.images, split.labels),
     )
-    trainer = Trainer(energy, objective, data, config)
+    config = dataclasses.replace(recipe.train, device="cpu", checkpoint_every=0, progress=False)
+    trainer = Trainer(energy, objective, (split.images, split.labels), config)
     trainer.train_step()  # warm-up: oneDNN primitives, the allocator
     cpu, start = time.process_time(), time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu
+    rate = steps / seconds
     return {
-        "what": f"CNN28 {kind} train_step, batch {batch}, Langevin K=10"
-        + (", channels_last" if channels_last else ""),
+        "what": f"{params.data.dataset} JEM {recipe.model.architecture} train_step, batch "
+        f"{config.batch_size} (generative {recipe.jem.generative_batch}), {recipe.sampler.name} "
+        f"K={recipe.loss.n_steps}",
         "iterations": steps,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "iterations_per_s": steps / seconds,
+        "iterations_per_s": rate,
+        "recipe_steps": recipe.train.steps,
+        "projected_recipe_seconds": recipe.train.steps / rate,
     }
 
 
-def anomaly_scoring_rows_per_s(rows: int) -> dict[str, Any] | None:
-    """Rows/s of the anomaly detector's ``decision_function`` (preprocessing included), if it exists.
+def anomaly_data() -> tuple[Any, Any, Any]:
+    """Training and test features and test labels of the synthetic transactions, split in time."""
+    from ebm.anomaly.transactions import (
+        CATEGORICAL_FEATURES,
+        LABEL,
+        NUMERIC_FEATURES,
+        TransactionsConfig,
+        generate_transactions,
+        split_by_time,
+    )
 
-    The detector is the default :class:`~ebm.anomaly.detector.DetectorConfig` with each member trained
-    for only a few steps: scoring costs the same whatever the weights.
-    """
-    try:
-        from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
-    except ImportError:
-        return None
-    import numpy as np
+    features = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
+    train, test = split_by_time(generate_transactions(TransactionsConfig()))
+    return train[features], test[features], test[LABEL].to_numpy()
 
-    generator = np.random.default_rng(0)
-    x_train = generator.standard_normal((5000, 30))
-    x_score = generator.standard_normal((rows, 30))
-    detector = EnergyAnomalyDetector(train=dataclasses.replace(DetectorConfig().train, steps=5))
-    detector.fit(x_train)
-    detector.decision_function(x_score[:1000])  # warm-up
+
+def anomaly_time_to_bar(step_counts: tuple[int, ...]) -> dict[str, Any]:
+    """The detector fitted with each of ``step_counts`` steps per member (0: no members, the marginal model
+    alone), against the best baseline."""
+    from ebm.anomaly.baselines import BASELINES, fit_score
+    from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
+    from ebm.anomaly.metrics import detection_metrics
+
+    train, test, labels = anomaly_data()
+    baselines = {}
+    for name in BASELINES:
+        start = time.perf_counter()
+        metrics = detection_metrics(labels, fit_score(name, train, test, seed=0))
+        baselines[name] = {
+            "auroc": metrics.auroc,
+            "auprc": metrics.auprc,
+            "seconds": time.perf_counter() - start,
+        }
+    best = {m: max(b[m] for b in baselines.values()) for m in ("auroc", "auprc")}
+    rows = []
+    for steps in step_counts:
+        config = DetectorConfig()
+        if steps == 0:
+            config = dataclasses.replace(config, n_members=0)
+        else:
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
+        detector = EnergyAnomalyDetector(config, seed=0)
+        start = time.perf_counter()
+        detector.fit(train)
+        seconds = time.perf_counter() - start
+        metrics = detection_metrics(labels, detector.decision_function(test))
+        rows.append(
+            {
+                "steps": steps,
+                "fit_seconds": seconds,
+                "members": detector.config.n_members,
+                "member_iterations_per_s": steps * detector.config.n_members / seconds,
+                "auroc": metrics.auroc,
+                "auprc": metrics.auprc,
+                "meets_bar": metrics.auroc >= best["auroc"] and metrics.auprc >= best["auprc"],
+            }
+        )
+    reached = next((row for row in rows if row["meets_bar"]), None)
+    return {
+        "rows_train": len(train),
+        "rows_test": len(test),
+        "baselines": baselines,
+        "best_baseline": best,
+        "fits": rows,
+        "steps_to_bar": None if reached is None else reached["steps"],
+        "seconds_to_bar": None if reached is None else reached["fit_seconds"],
+    }
+
+
+def anomaly_scoring_rows_per_s(rows: int) -> dict[str, Any]:
+    """Rows/s of the default detector's ``decision_function`` (preprocessing included), fitted on the
+    synthetic transactions and scoring their test period, repeated to ``rows`` rows."""
+    import pandas as pd
+
+    from ebm.anomaly.detector import EnergyAnomalyDetector
+
+    train, test, _ = anomaly_data()
+    detector = EnergyAnomalyDetector(seed=0).fit(train)
+    score = pd.concat([test] * -(-rows // len(test)), ignore_index=True).iloc[:rows]
+    detector.decision_function(score.iloc[:1000])  # warm-up
     start = time.perf_counter()
-    detector.decision_function(x_score)
+    detector.decision_function(score)
     seconds = time.perf_counter() - start
     return {
-        "what": f"EnergyAnomalyDetector.decision_function, 30 numeric features, "
+        "what": f"EnergyAnomalyDetector.decision_function on transactions ({train.shape[1]} columns), "
         f"{detector.config.n_members} members {tuple(detector.config.widths)}",
         "rows": rows,
         "rows_per_s": rows / seconds,
@@ -158,11 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--dataset", default="moons")
+    parser.add_argument("--dataset", default="moons", choices=list(TOY_DATASETS))
+    parser.add_argument("--every", type=int, default=500, help="2D time to bar: steps between gaps")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="its images section")
     parser.add_argument(
         "--threads", nargs="+", type=int, default=None, help="intra-op thread counts (default: 1 and all)"
     )
     args = parser.parse_args(argv)
+    if args.every < 1:
+        parser.error(f"--every must be a positive number of steps, got {args.every}")
     threads = machine_threads()
     cores = os.cpu_count() or 1
     load_start = os.getloadavg()
@@ -174,16 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     if busy:
         print(f"WARNING: machine busy (load {load_start[0]:.2f}); figures are preliminary", file=sys.stderr)
     thread_counts = sorted(set(args.threads or (1, threads)))
-    toy_steps, image_steps = (60, 6) if args.quick else (300, 30)
+    toy_steps, image_steps = (60, 4) if args.quick else (300, 20)
     rows: list[dict[str, Any]] = []
     for n in thread_counts:
         rows.append(with_threads(n, lambda: toy_iterations_per_s(toy_steps, args.dataset)))
-        for channels_last in (False, True):
-            rows.append(
-                with_threads(
-                    n, functools.partial(image_iterations_per_s, image_steps, 64, channels_last=channels_last)
-                )
-            )
+        rows.append(with_threads(n, lambda: image_iterations_per_s(image_steps, args.params)))
     print(f"\n{'threads':>7}  {'iterations/s':>12}  {'seconds':>8}  {'cpu share':>9}  what")
     for row in rows:
         share = row["cpu_seconds"] / (row["seconds"] * row["threads"])
@@ -191,25 +317,66 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['threads']:>7}  {row['iterations_per_s']:>12.2f}  {row['seconds']:>8.2f}  {share:>9.2f}  "
             f"{row['what']}"
         )
-        if "projected_recipe_seconds" in row:
-            print(
-                f"{'':>7}  {'':>12}  {'':>8}  {'':>9}  → the recipe's {row['recipe_steps']} steps: "
-                f"~{row['projected_recipe_seconds']:.0f} s"
-            )
-    anomaly: list[dict[str, Any]] = []
-    for n in thread_counts:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            scored = anomaly_scoring_rows_per_s(100_000)
-        finally:
-            torch.set_num_threads(previous)
-        if scored is None:
-            print("\nanomaly detector scoring: ebm.anomaly.detector is not available in this checkout")
-            break
-        anomaly.append({"threads": n, **scored})
         print(
-            f"\nanomaly detector scoring, {n} thread(s): {scored['rows_per_s']:.3g} rows/s ({scored['what']})"
+            f"{'':>7}  {'':>12}  {'':>8}  {'':>9}  → the recipe's {row['recipe_steps']} steps: "
+            f"~{row['projected_recipe_seconds']:.0f} s"
+        )
+    results: dict[str, Any] = {"rows": rows}
+    if not args.quick:
+        toy = results["toy_time_to_bar"] = toy_time_to_bar(args.dataset, args.every)
+        print(
+            f"\n2D time to bar ({args.dataset}, default recipe, {threads} thread(s)): "
+            "gap to the floor by step"
+        )
+        print(f"{'step':>6}  {'train s':>8}  {'gap (nats)':>10}")
+        for point in toy["curve"]:
+            print(f"{point['step']:>6}  {point['train_seconds']:>8.1f}  {point['gap']:>10.4f}")
+        print(
+            f"within {TOY_BAR_NATS} nats "
+            + (
+                f"at step {toy['steps_to_bar']}, {toy['seconds_to_bar']:.0f} s"
+                if toy["steps_to_bar"] is not None
+                else "at no measured step"
+            )
+            + f"; the recipe's {toy['recipe_steps']} steps took {toy['recipe_seconds']:.0f} s "
+            f"(gap {toy['final_gap']:.4f})"
+        )
+        anomaly = results["anomaly_time_to_bar"] = anomaly_time_to_bar(ANOMALY_STEPS)
+        print(
+            f"\nanomaly detector time to bar (synthetic transactions, {anomaly['rows_train']} training rows, "
+            f"{threads} thread(s)); baselines: "
+            + ", ".join(
+                f"{name} AUROC {b['auroc']:.4f} AUPRC {b['auprc']:.3f} ({b['seconds']:.1f} s)"
+                for name, b in anomaly["baselines"].items()
+            )
+        )
+        print(
+            f"{'steps per member':>16}  {'fit s':>6}  {'member it/s':>11}  {'AUROC':>7}  {'AUPRC':>6}  "
+            "≥ best baseline  (member it/s: members × steps over the whole fit, marginals included)"
+        )
+        for fit in anomaly["fits"]:
+            steps = f"{fit['steps']} × {fit['members']}" if fit["members"] else "marginals only"
+            rate = f"{fit['member_iterations_per_s']:.1f}" if fit["members"] else "-"
+            print(
+                f"{steps:>16}  {fit['fit_seconds']:>6.1f}  {rate:>11}  "
+                f"{fit['auroc']:>7.4f}  {fit['auprc']:>6.3f}  {fit['meets_bar']}"
+            )
+        print(
+            "bar reached "
+            + (
+                f"at {anomaly['steps_to_bar']} steps per member (0: the marginals alone), "
+                f"{anomaly['seconds_to_bar']:.1f} s"
+                if anomaly["steps_to_bar"] is not None
+                else "by none of these"
+            )
+        )
+    scoring = results["anomaly_scoring"] = [
+        with_threads(n, lambda: anomaly_scoring_rows_per_s(100_000)) for n in thread_counts
+    ]
+    for scored in scoring:
+        print(
+            f"\nanomaly detector scoring, {scored['threads']} thread(s): {scored['rows_per_s']:.3g} rows/s "
+            f"({scored['what']})"
         )
     load_end = os.getloadavg()
     print(f"load average at end {' '.join(f'{v:.2f}' for v in load_end)}")
@@ -222,18 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: {note}; figures are preliminary, rerun on a quiet machine", file=sys.stderr)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "load_average_start": load_start,
-                    "load_average_end": load_end,
-                    "warnings": warnings,
-                    "rows": rows,
-                    "anomaly_scoring": anomaly,
-                },
-                indent=2,
-            )
-        )
+        payload = {"load_average_start": load_start, "load_average_end": load_end, "warnings": warnings}
+        args.json.write_text(json.dumps({**payload, **results}, indent=2))
     return 0
 
 
