@@ -181,18 +181,12 @@ def image_iterations_per_s(steps: int, params_path: Path) -> dict[str, Any]:
 
 def anomaly_data() -> tuple[Any, Any, Any]:
     """Training and test features and test labels of the synthetic transactions, split in time."""
-    from ebm.anomaly.transactions import (
-        CATEGORICAL_FEATURES,
-        LABEL,
-        NUMERIC_FEATURES,
-        TransactionsConfig,
-        generate_transactions,
-        split_by_time,
-    )
+    from ebm.anomaly import transactions
 
-    features = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
-    train, test = split_by_time(generate_transactions(TransactionsConfig()))
-    return train[features], test[features], test[LABEL].to_numpy()
+    features = [*transactions.NUMERIC_FEATURES, *transactions.CATEGORICAL_FEATURES]
+    table = transactions.generate_transactions(transactions.TransactionsConfig())
+    train, test = transactions.split_by_time(table)
+    return train[features], test[features], test[transactions.LABEL].to_numpy()
 
 
 def anomaly_time_to_bar(step_counts: tuple[int, ...]) -> dict[str, Any]:
