@@ -422,7 +422,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         "(default: the built-in 2D recipe, the same as params.yaml ships)",
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: the recipe's, 5000)"
+        "--steps", type=int, default=None, help="training steps (default: the recipe's, 8000)"
     )
     parser.add_argument(
         "--sampler",
