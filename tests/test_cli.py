@@ -32,6 +32,19 @@ def test_every_option_of_every_command_has_help_text() -> None:
     assert seen > 20
 
 
+
+def test_toy_train_help_states_the_recipe_s_own_defaults() -> None:
+    from ebm.toy import Toy2DConfig
+
+    recipe = Toy2DConfig()
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a.choices, dict)]
+    (toy_commands,) = [a for a in commands.choices["toy"]._actions if isinstance(a.choices, dict)]
+    helps = {a.dest: a.help for a in toy_commands.choices["train"]._actions}
+    assert f"the recipe's, {recipe.train.steps})" in helps["steps"]
+    assert f"the recipe's, {recipe.sampler.name})" in helps["sampler"]
+    assert f"the recipe's, {recipe.sampler.step_size})" in helps["step_size"]
+
 def test_console_script_help_lists_the_commands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ebm.cli", "toy", "--help"], capture_output=True, text=True
