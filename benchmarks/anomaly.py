@@ -48,10 +48,9 @@ from ebm.anomaly.detector import BATCH_ROWS, EnergyAnomalyDetector
 from ebm.anomaly.metrics import detection_metrics
 from ebm.anomaly.public import ANOMALY_TYPES, PUBLIC_SETS, TYPE_SOURCES, make_public_split, make_typed_split
 from ebm.anomaly.transactions import (
-    CATEGORICAL_FEATURES,
+    FEATURES,
     FRAUD_TYPES,
     LABEL,
-    NUMERIC_FEATURES,
     TransactionsConfig,
     generate_transactions,
     load_creditcard,
@@ -60,7 +59,6 @@ from ebm.anomaly.transactions import (
 )
 from ebm.config import to_dict
 
-FEATURES = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
 METHODS = ("ebm", *BASELINES)
 PARTS = ("synthetic", "public", "typed", "creditcard", "throughput", "serving")
 

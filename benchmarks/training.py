@@ -186,10 +186,9 @@ def anomaly_data() -> tuple[Any, Any, Any]:
     once per process: the time-to-bar fits and the scoring share them)."""
     from ebm.anomaly import transactions
 
-    features = [*transactions.NUMERIC_FEATURES, *transactions.CATEGORICAL_FEATURES]
     table = transactions.generate_transactions(transactions.TransactionsConfig())
     train, test = transactions.split_by_time(table)
-    return train[features], test[features], test[transactions.LABEL].to_numpy()
+    return train[transactions.FEATURES], test[transactions.FEATURES], test[transactions.LABEL].to_numpy()
 
 
 def anomaly_time_to_bar(step_counts: tuple[int, ...]) -> dict[str, Any]:

@@ -14,16 +14,13 @@ from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
 from ebm.anomaly.explain import attribute, plot_score_histogram, score_and_attribute, to_raw_columns
 from ebm.anomaly.scoring import score_file
 from ebm.anomaly.transactions import (
-    CATEGORICAL_FEATURES,
-    NUMERIC_FEATURES,
+    FEATURES,
     TransactionsConfig,
     generate_transactions,
     write_table,
 )
 from ebm.anomaly.validation import ValidationError
 from ebm.cli import main as ebm_main
-
-FEATURES = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ebm.anomaly.transactions import CATEGORICAL_FEATURES, NUMERIC_FEATURES
-
-FEATURES = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
+from ebm.anomaly.transactions import FEATURES, NUMERIC_FEATURES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,6 +86,8 @@ NUMERIC_FEATURES = (
     "hour_deviation",
 )
 CATEGORICAL_FEATURES = ("category",)
+# The detector's input columns, a list because pandas reads a tuple as a single (multi-level) key.
+FEATURES = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
 ID_COLUMNS = ("transaction_id", "customer_id", "merchant_id", "timestamp")
 LABEL = "is_fraud"
 
@@ -380,7 +382,7 @@ def generate_transactions(config: TransactionsConfig | None = None) -> pd.DataFr
     table[LABEL] = (table.fraud_type != "").astype(np.int64)
     for column in NUMERIC_FEATURES:
         table[column] = table[column].astype(np.float64).round(4)
-    return table[[*ID_COLUMNS, *NUMERIC_FEATURES, *CATEGORICAL_FEATURES, LABEL, "fraud_type"]]
+    return table[[*ID_COLUMNS, *FEATURES, LABEL, "fraud_type"]]
 
 
 def split_by_time(table: pd.DataFrame, train_fraction: float = 0.6) -> tuple[pd.DataFrame, pd.DataFrame]:

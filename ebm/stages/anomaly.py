@@ -34,9 +34,8 @@ import pandas as pd
 
 from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
 from ebm.anomaly.transactions import (
-    CATEGORICAL_FEATURES,
+    FEATURES,
     LABEL,
-    NUMERIC_FEATURES,
     TransactionsConfig,
     generate_transactions,
     split_by_time,
@@ -47,7 +46,6 @@ from ebm.config import from_dict, load_params, section
 from ebm.stages.common import StagePaths, stage_arguments
 
 EXPERIMENT = "anomaly"
-FEATURES = [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
 
 
 @dataclass(frozen=True)
