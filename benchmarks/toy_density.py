@@ -19,14 +19,23 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ebm.config import to_dict
-from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
+from ebm.data.toy2d import TOY_DATASETS, ToyDataset, make_toy_dataset
 from ebm.evaluation.density2d import converged_log_partition, nll
 from ebm.plots import DensityPanel, plot_density_grid, save_figure
 from ebm.toy import Toy2DConfig, evaluate_energy, train_energy, train_energy_exact
 
 GAP_GOAL = 0.02
+
+
+def draw(name: str, index: int, n_train: int, n_test: int, seed: int) -> tuple[ToyDataset, Tensor, Tensor]:
+    """Dataset ``name`` and its training and test points, seeded by its row ``index`` and ``seed``."""
+    dataset = make_toy_dataset(name)
+    x_train = dataset.sample(n_train, generator=torch.Generator().manual_seed(seed * 1000 + index))
+    x_test = dataset.sample(n_test, generator=torch.Generator().manual_seed(seed * 1000 + 500 + index))
+    return dataset, x_train, x_test
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'dataset':<13}" + "".join(f"{c:>10}" for c in columns) + f"{'MMD²':>10}{'train s':>9}")
     for index, name in enumerate(args.datasets):
-        dataset = make_toy_dataset(name)
-        x_train = dataset.sample(
-            args.n_train, generator=torch.Generator().manual_seed(args.seed * 1000 + index)
-        )
-        x_test = dataset.sample(
-            args.n_test, generator=torch.Generator().manual_seed(args.seed * 1000 + 500 + index)
-        )
+        dataset, x_train, x_test = draw(name, index, args.n_train, args.n_test, args.seed)
         start = time.perf_counter()
         energy, result = train_energy(x_train, config, bounds=dataset.bounds)
         train_seconds = time.perf_counter() - start

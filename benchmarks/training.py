@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import toy_density
 
 from ebm.config import load_params
 from ebm.data.images import load_original, split_original
-from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
+from ebm.data.toy2d import TOY_DATASETS
 from ebm.evaluation.density2d import converged_log_partition, nll
 from ebm.images import buffer_proposal, build_objective, make_energy
 from ebm.stages.images import ImagesParams
@@ -62,12 +63,9 @@ def machine_threads() -> int:
 
 
 def toy_split(dataset: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """The dataset and its training and test points, seeded as ``benchmarks/toy_density.py`` seeds them."""
-    index = list(TOY_DATASETS).index(dataset)
-    data = make_toy_dataset(dataset)
-    x_train = data.sample(20_000, generator=torch.Generator().manual_seed(index))
-    x_test = data.sample(20_000, generator=torch.Generator().manual_seed(500 + index))
-    return data, x_train, x_test
+    """The dataset and its training and test points, as ``benchmarks/toy_density.py``'s default run
+    draws them."""
+    return toy_density.draw(dataset, list(TOY_DATASETS).index(dataset), 20_000, 20_000, seed=0)
 
 
 def toy_config(steps: int | None = None) -> Toy2DConfig:
