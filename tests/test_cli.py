@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ebm.cli import build_parser, main
+from ebm.toy import Toy2DConfig
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = str(REPO / "configs" / "quick.yaml")
@@ -32,10 +33,7 @@ def test_every_option_of_every_command_has_help_text() -> None:
     assert seen > 20
 
 
-
 def test_toy_train_help_states_the_recipe_s_own_defaults() -> None:
-    from ebm.toy import Toy2DConfig
-
     recipe = Toy2DConfig()
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a.choices, dict)]
@@ -44,6 +42,7 @@ def test_toy_train_help_states_the_recipe_s_own_defaults() -> None:
     assert f"the recipe's, {recipe.train.steps})" in helps["steps"]
     assert f"the recipe's, {recipe.sampler.name})" in helps["sampler"]
     assert f"the recipe's, {recipe.sampler.step_size})" in helps["step_size"]
+
 
 def test_console_script_help_lists_the_commands() -> None:
     result = subprocess.run(
