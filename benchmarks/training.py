@@ -65,7 +65,7 @@ def machine_threads() -> int:
 def toy_split(dataset: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The dataset and its training and test points, as ``benchmarks/toy_density.py``'s default run
     draws them."""
-    return toy_density.draw(dataset, list(TOY_DATASETS).index(dataset), 20_000, 20_000, seed=0)
+    return toy_density.draw(dataset, 20_000, 20_000, seed=0)
 
 
 def toy_config(steps: int | None = None) -> Toy2DConfig:
