@@ -3,6 +3,7 @@ to reach its quality bar.
 
     python benchmarks/training.py --json reports/bench/training.json
     python benchmarks/training.py --quick      # fewer iterations; no time-to-bar runs
+    python benchmarks/training.py --quick --device cuda   # the step rates on a GPU
 
 * **2D**: :func:`ebm.toy.train_energy` with the default :class:`~ebm.toy.Toy2DConfig` (MLP energy,
   PCD with MALA negatives, EMA) on 20,000 points of one toy dataset (``--dataset``, the training and
@@ -23,6 +24,8 @@ to reach its quality bar.
   period's rows.
 * iterations/s at 1 intra-op thread and at all of the machine's, since small models on a shared
   two-core machine can run faster on one thread; time-to-bar runs at all of them.
+* ``--device cuda`` times the 2D and image steps on the GPU instead (the image energy under bf16
+  autocast, as the images stage trains it there); the time-to-bar runs stay on the CPU.
 
 The load average is printed before and after; above ``BUSY_LOAD`` per core the figures are flagged as
 preliminary.
@@ -68,25 +71,31 @@ def toy_split(dataset: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
     return toy_density.draw(dataset, 20_000, 20_000, seed=0)
 
 
-def toy_config(steps: int | None = None) -> Toy2DConfig:
+def toy_config(steps: int | None = None, device: str = "cpu") -> Toy2DConfig:
     config = Toy2DConfig()
     train = dataclasses.replace(
-        config.train, steps=steps or config.train.steps, progress=False, checkpoint_every=0
+        config.train, steps=steps or config.train.steps, progress=False, checkpoint_every=0, device=device
     )
     return dataclasses.replace(config, train=train)
 
 
-def toy_iterations_per_s(steps: int, dataset: str) -> dict[str, Any]:
-    config = toy_config(steps)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read afterwards times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def toy_iterations_per_s(steps: int, dataset: str, device: torch.device) -> dict[str, Any]:
+    config = toy_config(steps, str(device))
     data, x_train, _ = toy_split(dataset)
     cpu = time.process_time()
-    _, result = train_energy(x_train, config, bounds=data.bounds)
+    _, result = train_energy(x_train, config, bounds=data.bounds)  # ends on a host sync: the last metrics
     cpu_seconds = time.process_time() - cpu  # includes the setup around fit(): an upper bound
     rate = result.steps / result.seconds
     recipe_steps = Toy2DConfig().train.steps
     return {
-        "what": f"2D {dataset}, MLP {tuple(config.model.widths)}, batch {config.train.batch_size}, "
-        f"{config.sampler.name} K={config.loss.n_steps}",
+        "what": f"{device.type}: 2D {dataset}, MLP {tuple(config.model.widths)}, "
+        f"batch {config.train.batch_size}, {config.sampler.name} K={config.loss.n_steps}",
         "iterations": result.steps,
         "seconds": result.seconds,
         "cpu_seconds": cpu_seconds,
@@ -141,32 +150,34 @@ def toy_time_to_bar(dataset: str, every: int) -> dict[str, Any]:
     }
 
 
-def image_iterations_per_s(steps: int, params_path: Path) -> dict[str, Any]:
-    """``Trainer.train_step`` of the params' JEM recipe on the real training split, on the CPU."""
+def image_iterations_per_s(steps: int, params_path: Path, device: torch.device) -> dict[str, Any]:
+    """``Trainer.train_step`` of the params' JEM recipe on the real training split, on ``device``."""
     params = ImagesParams.from_params(load_params(params_path))
     original = load_original(params.data)  # ImageDataUnavailableError names what is missing and where
     split = split_original(original, params.data, seed=params.seed)["train"]
     spec, recipe = params.spec(), params.recipe
-    device = torch.device("cpu")
     energy = make_energy(spec, device=device, seed=recipe.train.seed)
     objective = build_objective(
         recipe,
         spec.image_shape,
         device=device,
-        generator=torch.Generator().manual_seed(recipe.train.seed + 1),
+        generator=torch.Generator(device).manual_seed(recipe.train.seed + 1),
         proposal=buffer_proposal(recipe, spec.image_shape, split.images, split.labels),
     )
-    config = dataclasses.replace(recipe.train, device="cpu", checkpoint_every=0, progress=False)
+    config = dataclasses.replace(recipe.train, device=str(device), checkpoint_every=0, progress=False)
     trainer = Trainer(energy, objective, (split.images, split.labels), config)
-    trainer.train_step()  # warm-up: oneDNN primitives, the allocator
+    for _ in range(3 if device.type == "cuda" else 1):  # warm-up: oneDNN primitives / cuDNN, the allocator
+        trainer.train_step()
+    synchronize(device)
     cpu, start = time.process_time(), time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
+    synchronize(device)
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu
     rate = steps / seconds
     return {
-        "what": f"{params.data.dataset} JEM {recipe.model.architecture} train_step, batch "
+        "what": f"{device.type}: {params.data.dataset} JEM {recipe.model.architecture} train_step, batch "
         f"{config.batch_size} (generative {recipe.jem.generative_batch}), {recipe.sampler.name} "
         f"K={recipe.loss.n_steps}",
         "iterations": steps,
@@ -289,25 +300,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", nargs="+", type=int, default=None, help="intra-op thread counts (default: 1 and all)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="where the iterations/s rows run: cpu or cuda (time to bar: cpu)"
+    )
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
     if args.every < 1:
         parser.error(f"--every must be a positive number of steps, got {args.every}")
     threads = machine_threads()
     cores = os.cpu_count() or 1
     load_start = os.getloadavg()
+    gpu = f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(
-        f"torch {torch.__version__}; {cores} cores, affinity {threads}; "
+        f"torch {torch.__version__}{gpu}; {cores} cores, affinity {threads}; "
         f"load average at start {' '.join(f'{v:.2f}' for v in load_start)}"
     )
     busy = load_start[0] > BUSY_LOAD * cores
     if busy:
         print(f"WARNING: machine busy (load {load_start[0]:.2f}); figures are preliminary", file=sys.stderr)
     thread_counts = sorted(set(args.threads or (1, threads)))
-    toy_steps, image_steps = (60, 4) if args.quick else (300, 20)
+    toy_steps, image_steps = (60, 4) if args.quick and device.type == "cpu" else (300, 20)
     rows: list[dict[str, Any]] = []
     for n in thread_counts:
-        rows.append(with_threads(n, lambda: toy_iterations_per_s(toy_steps, args.dataset)))
-        rows.append(with_threads(n, lambda: image_iterations_per_s(image_steps, args.params)))
+        rows.append(with_threads(n, lambda: toy_iterations_per_s(toy_steps, args.dataset, device)))
+        rows.append(with_threads(n, lambda: image_iterations_per_s(image_steps, args.params, device)))
     print(f"\n{'threads':>7}  {'iterations/s':>12}  {'seconds':>8}  {'cpu share':>9}  what")
     for row in rows:
         share = row["cpu_seconds"] / (row["seconds"] * row["threads"])
