@@ -42,7 +42,7 @@ class Toy2DConfig:
         default_factory=lambda: MLPEnergyConfig(in_features=2, widths=(128, 128, 128), activation="relu")
     )
     sampler: SamplerConfig = field(
-        default_factory=lambda: SamplerConfig(name="mala", step_size=0.05, jump_every=5)
+        default_factory=lambda: SamplerConfig(name="mala", step_size=0.05, jump_every=5, jump_grid_bins=128)
     )
     loss: CDConfig = field(default_factory=lambda: CDConfig(offset_weight=1.0))
     train: TrainConfig = field(

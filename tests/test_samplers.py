@@ -18,6 +18,7 @@ from ebm.samplers import (
     MALA,
     SAMPLERS,
     GaussianMixtureProposal,
+    GridProposal,
     KernelProposal,
     Langevin,
     ReplayBuffer,
@@ -43,8 +44,16 @@ SAMPLER_CASES = [
         id="langevin_decoupled_clipped_clamped",
     ),
     pytest.param("mala", {"step_size": 0.05}, id="mala"),
-    # "jump_from_x0": the contract test builds a KernelProposal around the chains' start.
-    pytest.param("mala", {"step_size": 0.05, "jump_every": 2, "jump_from_x0": True}, id="mala_mode_jumping"),
+    # "jump_from_x0": the contract test builds a KernelProposal ("kernel") or a GridProposal (its
+    # histogram, "histogram") around the chains' start.
+    pytest.param(
+        "mala", {"step_size": 0.05, "jump_every": 2, "jump_from_x0": "kernel"}, id="mala_mode_jumping"
+    ),
+    pytest.param(
+        "mala",
+        {"step_size": 0.05, "jump_every": 2, "jump_from_x0": "histogram"},
+        id="mala_mode_jumping_histogram",
+    ),
 ]
 
 
@@ -104,8 +113,11 @@ def test_sampler_contract(
     requires_grad_before = [p.requires_grad for p in energy.parameters()]
     x0 = torch.randn((6, *event_shape), generator=seeded(1), dtype=dtype)
     hyperparameters = dict(hyperparameters)
-    if hyperparameters.pop("jump_from_x0", False):
+    jump_from = hyperparameters.pop("jump_from_x0", None)
+    if jump_from == "kernel":
         hyperparameters["jump"] = KernelProposal(x0 + 0.5, bandwidth=0.3, box=(-3.0, 3.0))
+    elif jump_from == "histogram":  # 2 bins a coordinate: 512 cells for the 3×3 images
+        hyperparameters["jump"] = GridProposal.from_data(x0 + 0.5, (-3.0, 3.0), bins=2)
     sampler = make_sampler(name, **hyperparameters)
     x0_before = x0.clone()
     global_rng_before = torch.get_rng_state()
@@ -531,6 +543,93 @@ def test_mala_with_jumps_recovers_the_weights_of_separated_modes() -> None:
     assert float(x[x[:, 0] < 0].std(0).mean()) == pytest.approx(0.25, rel=0.1)
 
 
+def test_grid_proposal_from_data_is_the_normalised_mixture_of_a_histogram_and_the_box() -> None:
+    # 4 bins over [-2, 2]: cells of side 1. Points: 3 in the cell [-1, 0) × [0, 1), 1 in [1, 2] × [1, 2]
+    # (the box's upper edge belongs to the last cell), 1 below the box (counted in the nearest cell).
+    x = torch.tensor([[-0.5, 0.5], [-0.9, 0.1], [-0.1, 0.9], [2.0, 2.0], [-0.5, -7.0]])
+    proposal = GridProposal.from_data(x, (-2.0, 2.0), bins=4, uniform_weight=0.2)
+    assert proposal.cell_probs.sum().item() == pytest.approx(1.0)
+    queries = torch.tensor([[-0.7, 0.2], [1.5, 1.5], [-0.5, -1.9], [0.5, 0.5], [2.5, 0.0]])
+    uniform = 0.2 / 16  # w / box area
+    expected = torch.tensor([0.8 * 3 / 5 + uniform, 0.8 / 5 + uniform, 0.8 / 5 + uniform, uniform, 0.0]).log()
+    torch.testing.assert_close(proposal.log_prob(queries), expected.float())
+
+    resolution = 600  # the density integrates to 1 over the plane (grid cells of 0.01, aligned to its own)
+    axis = torch.linspace(-3.0, 3.0, resolution + 1, dtype=torch.float64)
+    mids = (axis[1:] + axis[:-1]) / 2
+    mass = float(proposal.log_prob(torch.cartesian_prod(mids, mids)).exp().sum() * (axis[1] - axis[0]) ** 2)
+    assert mass == pytest.approx(1.0, abs=1e-9)
+
+
+def test_grid_proposal_samples_follow_its_log_prob() -> None:
+    """Per cell, the fraction of draws matches q integrated over the cell, the empty cells included."""
+    generator = torch.Generator().manual_seed(0)
+    data = torch.cat(
+        [
+            torch.randn(300, 2, generator=generator) * 0.4 + torch.tensor([-1.0, 2.0]),
+            torch.rand(100, 2, generator=generator),
+        ]
+    )
+    proposal = GridProposal.from_data(data, (-4.0, 4.0), bins=8, uniform_weight=0.25)
+    draws = proposal.sample(200_000, generator=generator)
+    assert draws.shape == (200_000, 2) and bool(((draws >= -4) & (draws <= 4)).all())
+    cells = ((draws + 4).floor().long().clamp(0, 7) * torch.tensor([8, 1])).sum(1)
+    observed = torch.bincount(cells, minlength=64).double() / draws.shape[0]
+    expected = (
+        proposal.log_prob(torch.cartesian_prod(torch.arange(8.0), torch.arange(8.0)) - 3.5).double().exp()
+    )
+    standard_error = (expected * (1 - expected) / draws.shape[0]).sqrt()
+    assert bool(((observed - expected).abs() < 5 * standard_error).all())
+
+
+def test_grid_proposal_rejects_what_it_cannot_build() -> None:
+    x = torch.zeros(10, 2)
+    with pytest.raises(ValueError, match="bins"):
+        GridProposal.from_data(x, (-1.0, 1.0), bins=0)
+    with pytest.raises(ValueError, match="KernelProposal"):  # 64⁵ cells
+        GridProposal.from_data(torch.zeros(10, 5), (-1.0, 1.0), bins=64)
+    with pytest.raises(ValueError, match="NaN"):
+        GridProposal.from_data(torch.tensor([[0.0, math.nan]]), (-1.0, 1.0))
+    with pytest.raises(ValueError, match="uniform_weight"):
+        GridProposal.from_data(x, (-1.0, 1.0), uniform_weight=1.0)
+    with pytest.raises(ValueError, match="not all zero"):
+        GridProposal(torch.zeros(4, 4), (-1.0, 1.0))
+    with pytest.raises(ValueError, match="NaN"):
+        GridProposal.from_density(lambda x: x.sum(1) * math.nan, (-1.0, 1.0), bins=4, event_shape=(2,))
+
+
+def test_grid_proposal_from_density_tabulates_a_kernel_proposal_at_the_cell_centres() -> None:
+    """At every cell centre the tabulated density is the kernel's, times one constant: 1 over the kernel's
+    mass in the box by the midpoint rule (≈ 1 here); off the centre it is the centre's value."""
+    kernel = KernelProposal(torch.tensor([[-1.0, 0.5], [1.5, -1.0]]), bandwidth=0.6, box=(-4.0, 4.0))
+    grid = GridProposal.from_density(kernel.log_prob, (-4.0, 4.0), bins=128, event_shape=(2,))
+    centres = -4.0 + (torch.tensor([[48, 72], [112, 112], [70, 40]]) + 0.5) / 16  # cells of side 1/16
+    shift = grid.log_prob(centres) - kernel.log_prob(centres)
+    torch.testing.assert_close(shift, torch.full_like(shift, float(shift[0])), rtol=0, atol=1e-5)
+    assert abs(float(shift[0])) < 1e-3
+    off_centre = centres + torch.tensor([0.02, -0.03])  # the same cells
+    torch.testing.assert_close(grid.log_prob(off_centre), grid.log_prob(centres))
+
+
+def test_mala_with_tabulated_kernel_jumps_recovers_the_weights_of_separated_modes() -> None:
+    energy = _two_separated_modes()
+    x0 = torch.tensor([2.0, 0.0]) + 0.1 * torch.randn(4000, 2, generator=torch.Generator().manual_seed(1))
+    # A kernel proposal on the chains' start, half of it shifted to the other mode (0.5 / 0.5 against the
+    # target's 0.8 / 0.2: the acceptance step must get the weights right), tabulated on a 64² grid.
+    kernel = KernelProposal(
+        torch.cat([x0[:128], x0[128:256] - torch.tensor([4.0, 0.0])]), bandwidth=0.3, box=(-4.0, 4.0)
+    )
+    proposal = GridProposal.from_density(kernel.log_prob, (-4.0, 4.0), bins=64, event_shape=(2,))
+    x, stats = MALA(step_size=0.02, jump=proposal, jump_every=5).run(
+        energy, x0, 300, generator=torch.Generator().manual_seed(2)
+    )
+    heavy = float((x[:, 0] < 0).float().mean())
+    standard_error = math.sqrt(0.8 * 0.2 / x.shape[0])
+    assert abs(heavy - 0.8) < 5 * standard_error
+    assert stats.jump_acceptance_rate is not None and 0.0 < float(stats.jump_acceptance_rate) < 1.0
+    assert float(x[x[:, 0] < 0].std(0).mean()) == pytest.approx(0.25, rel=0.1)
+
+
 def test_sampler_config_builds_mode_jumping_mala_only_with_data() -> None:
     config = SamplerConfig(name="mala", step_size=0.05, jump_every=5)
     with pytest.raises(ValueError, match="training data"):
@@ -541,6 +640,11 @@ def test_sampler_config_builds_mode_jumping_mala_only_with_data() -> None:
     assert sampler.jump_every == 5
     with pytest.raises(ValueError, match="mala"):
         SamplerConfig(name="langevin", jump_every=5).build(data=data, box=(-3.0, 3.0))
+    tabulated = dataclasses.replace(config, jump_grid_bins=16).build(data=data, box=(-3.0, 3.0))
+    assert isinstance(tabulated, MALA) and isinstance(tabulated.jump, GridProposal)
+    assert tabulated.jump.bins == 16 and tabulated.jump.uniform_weight == 0.0  # the kernel's own is kept
+    with pytest.raises(ValueError, match="jump_grid_bins"):
+        SamplerConfig(name="mala", jump_every=5, jump_grid_bins=0)
 
 
 def test_the_class_gaussian_proposal_reproduces_each_class_mean_covariance_and_weight() -> None:
