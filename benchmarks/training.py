@@ -301,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", nargs="+", type=int, default=None, help="intra-op thread counts (default: 1 and all)"
     )
     parser.add_argument(
-        "--device", default="cpu", help="where the iterations/s rows run: cpu or cuda (time to bar: cpu)"
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the iterations/s rows run (the time-to-bar runs stay on the CPU)",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
