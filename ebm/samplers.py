@@ -459,6 +459,8 @@ class GridProposal:
         )
         if not bool((log_weights < math.inf).all()) or bool(torch.isnan(log_weights).any()):
             raise ValueError("log_prob returned NaN or +inf at a cell centre")
+        if not bool(log_weights.max() > -math.inf):
+            raise ValueError("log_prob is −inf at every cell centre: the density has no mass in the box")
         weights = (log_weights - log_weights.max()).exp()
         return cls(weights.view((bins,) * dim), box, event_shape=event_shape, uniform_weight=uniform_weight)
 

@@ -600,6 +600,8 @@ def test_grid_proposal_rejects_what_it_cannot_build() -> None:
         GridProposal(torch.zeros(4, 4), (-1.0, 1.0))
     with pytest.raises(ValueError, match="NaN"):
         GridProposal.from_density(lambda x: x.sum(1) * math.nan, (-1.0, 1.0), bins=4, event_shape=(2,))
+    with pytest.raises(ValueError, match="no mass in the box"):
+        GridProposal.from_density(lambda x: x.sum(1) - math.inf, (-1.0, 1.0), bins=4, event_shape=(2,))
 
 
 def test_grid_proposal_from_density_tabulates_a_kernel_proposal_at_the_cell_centres() -> None:
