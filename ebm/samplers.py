@@ -392,8 +392,7 @@ class GridProposal:
         _check_box(box)
         if weights.ndim < 1 or len(set(weights.shape)) != 1:
             raise ValueError(f"weights must have shape (bins,) * D, got {tuple(weights.shape)}")
-        if weights.numel() > self.MAX_CELLS:
-            raise ValueError(f"{weights.numel()} cells: at most {self.MAX_CELLS} (use KernelProposal)")
+        _check_cells(weights.shape[0], weights.ndim)
         total = weights.double().sum()
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not bool(total > 0):
             raise ValueError("weights must be finite and non-negative, and not all zero")
