@@ -9,8 +9,10 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import re
 import struct
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from urllib.error import URLError
 
@@ -20,6 +22,7 @@ import torch
 
 from ebm.data.images import (
     IDX_FILES,
+    IMAGE_DATASETS,
     ImageDataConfig,
     ImageDataUnavailableError,
     load_image_split,
@@ -185,7 +188,7 @@ def test_a_failed_download_names_both_ways_out(tmp_path: Path, monkeypatch: pyte
         raise URLError("network is unreachable")
 
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", offline)
-    config = ImageDataConfig(dataset="mnist", local_copy=str(tmp_path / "missing"), download=True)
+    config = ImageDataConfig(dataset="mnist", local_copy=None, download=True)  # mnist has no system copy
     with pytest.raises(ImageDataUnavailableError, match=r"(?s)download failed.*local_copy.*download: true"):
         load_original(config, project_root=tmp_path)
     assert (tmp_path / "data" / "downloads" / ".gitignore").read_text() == "*\n"
@@ -221,3 +224,226 @@ def test_the_debian_fashion_mnist_copy_is_the_default_and_needs_no_network(tmp_p
     )
     assert original.source == "local copy /usr/share/datasets/fashion-mnist"
     assert torch.bincount(original.test_labels).tolist() == [1000] * 10
+
+
+# --- bad input: each error names the file ----------------------------------------------------------
+
+
+def _mnist_config(folder: Path) -> ImageDataConfig:
+    return ImageDataConfig(dataset="mnist", local_copy=str(folder), download=False, n_validation=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "n_labels"),
+    [("train-labels-idx1-ubyte", 14), ("train-labels-idx1-ubyte", 6), ("t10k-labels-idx1-ubyte", 3)],
+    ids=["train-more", "train-fewer", "test-fewer"],
+)
+def test_an_idx_label_file_of_another_length_than_its_images_is_named(
+    tmp_path: Path, name: str, n_labels: int
+) -> None:
+    write_mnist_copy(tmp_path / "copy", n_train=10, n_test=5)
+    bad = write_idx(tmp_path / "copy" / name, np.arange(n_labels) % 10, compress=True)
+    with pytest.raises(ImageDataUnavailableError, match=rf"{re.escape(str(bad))} holds {n_labels} labels"):
+        prepare_image_data(_mnist_config(tmp_path / "copy"), tmp_path / "out", seed=0)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_an_idx_label_outside_the_classes_is_named_with_its_row(tmp_path: Path) -> None:
+    write_mnist_copy(tmp_path / "copy", n_train=10, n_test=5)
+    labels = np.arange(10) % 10
+    labels[7] = 200
+    bad = write_idx(tmp_path / "copy" / "train-labels-idx1-ubyte", labels, compress=True)
+    with pytest.raises(ImageDataUnavailableError, match=rf"{re.escape(str(bad))} holds label 200 at row 7"):
+        load_original(_mnist_config(tmp_path / "copy"))
+
+
+def test_idx_test_images_of_another_shape_than_the_spec_are_named(tmp_path: Path) -> None:
+    write_mnist_copy(tmp_path / "copy", n_train=10, n_test=5)
+    big = np.zeros((5, 32, 32), dtype=np.uint8)
+    bad = write_idx(tmp_path / "copy" / "t10k-images-idx3-ubyte", big, compress=True)
+    with pytest.raises(ImageDataUnavailableError, match=rf"{re.escape(str(bad))} holds images of shape"):
+        load_original(_mnist_config(tmp_path / "copy"))
+
+
+@pytest.mark.parametrize(
+    ("name", "keep"),
+    [("train-images-idx3-ubyte", 1000), ("t10k-labels-idx1-ubyte", 3)],
+    ids=["short-data", "short-header"],
+)
+def test_a_truncated_idx_file_is_named(tmp_path: Path, name: str, keep: int) -> None:
+    write_mnist_copy(tmp_path / "copy", n_train=10, n_test=5, compress=False)
+    path = tmp_path / "copy" / name
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(ImageDataUnavailableError, match=rf"{re.escape(str(path))} is not a readable IDX"):
+        load_original(_mnist_config(tmp_path / "copy"))
+
+
+def _rewrite_batch(folder: Path, name: str, **changes: object) -> Path:
+    """Replace entries of one pickled CIFAR-10 batch in a copy :func:`write_cifar_copy` wrote."""
+    path = folder / "cifar-10-batches-py" / name
+    entry = pickle.loads(path.read_bytes())
+    path.write_bytes(pickle.dumps({**entry, **changes}, protocol=2))
+    return path
+
+
+def _cifar_config(folder: Path) -> ImageDataConfig:
+    return ImageDataConfig(dataset="cifar10", local_copy=str(folder), download=False, n_validation=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "message"),
+    [
+        ("data_batch_2", [1] * 8, "holds 8 labels for 6 images"),
+        ("data_batch_4", [1] * 5, "holds 5 labels for 6 images"),
+        ("test_batch", [0, 1, 99, 3, 4, 5], "holds label 99 at row 2"),
+        ("data_batch_1", [0, 1, 2, -1, 4, 5], "holds label -1 at row 3"),
+    ],
+    ids=["more-labels", "fewer-labels", "label-99", "label-negative"],
+)
+def test_a_cifar_batch_whose_labels_do_not_fit_its_images_is_named(
+    tmp_path: Path, name: str, labels: list[int], message: str
+) -> None:
+    write_cifar_copy(tmp_path / "copy", per_batch=6, n_test=6)
+    bad = _rewrite_batch(tmp_path / "copy", name, labels=labels)
+    with pytest.raises(ImageDataUnavailableError, match=rf"{re.escape(str(bad))} {message}"):
+        prepare_image_data(_cifar_config(tmp_path / "copy"), tmp_path / "out", seed=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatches_that_cancel_out_across_cifar_batches_are_still_caught(tmp_path: Path) -> None:
+    # 8 + 4 labels for 6 + 6 images: the totals agree, but torchvision's concatenation would mis-pair them.
+    write_cifar_copy(tmp_path / "copy", per_batch=6, n_test=6)
+    bad = _rewrite_batch(tmp_path / "copy", "data_batch_2", labels=[1] * 8)
+    _rewrite_batch(tmp_path / "copy", "data_batch_3", labels=[1] * 4)
+    with pytest.raises(ImageDataUnavailableError, match=rf"{re.escape(str(bad))} holds 8 labels"):
+        load_original(_cifar_config(tmp_path / "copy"))
+
+
+def test_a_cifar_batch_of_another_row_width_is_named(tmp_path: Path) -> None:
+    write_cifar_copy(tmp_path / "copy", per_batch=3, n_test=3)
+    bad = _rewrite_batch(tmp_path / "copy", "data_batch_5", data=np.zeros((3, 3200), dtype=np.uint8))
+    with pytest.raises(ImageDataUnavailableError, match=rf"{re.escape(str(bad))}: 'data' should be uint8"):
+        load_original(_cifar_config(tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("name", ["data_batch_3", "test_batch", "batches.meta"])
+def test_a_missing_cifar_file_is_named(tmp_path: Path, name: str) -> None:
+    write_cifar_copy(tmp_path / "copy", per_batch=2, n_test=2)
+    missing = tmp_path / "copy" / "cifar-10-batches-py" / name
+    missing.unlink()
+    with pytest.raises(ImageDataUnavailableError, match=rf"lacks {re.escape(str(missing))}"):
+        load_original(_cifar_config(tmp_path / "copy"))
+
+
+def test_a_cifar_archive_missing_a_batch_names_the_archive_and_the_member(tmp_path: Path) -> None:
+    write_cifar_copy(tmp_path / "staging", per_batch=2, n_test=2)
+    (tmp_path / "staging" / "cifar-10-batches-py" / "data_batch_3").unlink()
+    (tmp_path / "copy").mkdir()
+    archive = tmp_path / "copy" / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "staging" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    with pytest.raises(
+        ImageDataUnavailableError, match=rf"{re.escape(str(archive))} \(member .*data_batch_3\)"
+    ):
+        load_original(_cifar_config(tmp_path / "copy"))
+
+
+@pytest.mark.parametrize(
+    "content", [b"not a pickle", b"", pickle.dumps([1, 2, 3])], ids=["garbage", "empty", "list"]
+)
+def test_an_unreadable_cifar_batch_is_named(tmp_path: Path, content: bytes) -> None:
+    write_cifar_copy(tmp_path / "copy", per_batch=2, n_test=2)
+    bad = tmp_path / "copy" / "cifar-10-batches-py" / "data_batch_2"
+    bad.write_bytes(content)
+    with pytest.raises(
+        ImageDataUnavailableError, match=rf"{re.escape(str(bad))} is not a (readable )?CIFAR-10"
+    ):
+        load_original(_cifar_config(tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_named_local_copy_that_is_not_a_folder_is_an_error_not_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    attempts: list[object] = []
+
+    def offline(*args: object, **_kwargs: object) -> None:
+        attempts.append(args)
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", offline)
+    local = tmp_path / "mnist.tar.gz"
+    if kind == "file":
+        local.write_bytes(b"an archive, not a folder")
+    state = "is a file, not a folder" if kind == "file" else "does not exist"
+    config = ImageDataConfig(dataset="fashion_mnist", local_copy=str(local), download=True)
+    with pytest.raises(ImageDataUnavailableError, match=rf"{re.escape(str(local))} .*{state}"):
+        load_original(config, project_root=tmp_path)
+    assert attempts == []  # the mistyped folder is reported, not replaced by a download
+
+    # The system copy, left as the default or named (params.yaml names Debian's), still falls back quietly.
+    spec = IMAGE_DATASETS["fashion_mnist"]
+    monkeypatch.setitem(IMAGE_DATASETS, "fashion_mnist", replace(spec, system_copy=str(tmp_path / "absent")))
+    for named in (None, str(tmp_path / "absent")):
+        config = ImageDataConfig(dataset="fashion_mnist", local_copy=named, download=True)
+        with pytest.raises(ImageDataUnavailableError, match="download failed"):
+            load_original(config, project_root=tmp_path)
+    assert attempts  # the download was tried
+
+
+def _write_split(folder: Path, name: str, payload: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, folder / f"{name}.pt")
+    return folder / f"{name}.pt"
+
+
+def _good_split(n: int = 3) -> dict[str, torch.Tensor]:
+    return {
+        "images": torch.zeros(n, 1, 28, 28, dtype=torch.uint8),
+        "labels": torch.zeros(n, dtype=torch.int64),
+        "source_indices": torch.arange(n),
+    }
+
+
+def test_a_corrupt_prepared_split_is_named_without_the_unsafe_advice(tmp_path: Path) -> None:
+    (tmp_path / "train.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(tmp_path / 'train.pt'))} is not a readable"
+    ) as info:
+        load_image_split(tmp_path, "train")
+    assert "weights_only" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"labels": None}, r"lacks \['labels'\]"),
+        (
+            {"images": torch.zeros(3, 1, 28, 28)},
+            r"'images' should be a 4-D torch.uint8 tensor, got torch.float32",
+        ),
+        ({"labels": torch.zeros(3, dtype=torch.int32)}, r"'labels' should be a 1-D torch.int64"),
+        ({"labels": torch.zeros(5, dtype=torch.int64)}, r"holds 5 labels for 3 images"),
+        ({"source_indices": torch.arange(2)}, r"holds 2 source_indices for 3 images"),
+        ({"labels": torch.tensor([0, -4, 1])}, r"holds label -4 at row 1"),
+    ],
+    ids=["no-labels", "float-images", "int32-labels", "5-labels", "2-indices", "negative-label"],
+)
+def test_a_prepared_split_unlike_what_prepare_writes_is_named(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    _write_split(tmp_path / "good", "validation", _good_split())  # what prepare_image_data writes loads
+    assert load_image_split(tmp_path / "good", "validation").images.shape == (3, 1, 28, 28)
+    payload = {key: value for key, value in {**_good_split(), **change}.items() if value is not None}
+    path = _write_split(tmp_path, "validation", payload)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:? {message}"):
+        load_image_split(tmp_path, "validation")
+
+
+@pytest.mark.parametrize(
+    "text", ['{"dataset": "mnist",', '["a list"]', '{"seed": NaN}'], ids=["truncated", "list", "nan"]
+)
+def test_a_broken_manifest_is_named(tmp_path: Path, text: str) -> None:
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "manifest.json"))):
+        read_manifest(tmp_path)

@@ -9,7 +9,8 @@ of two places:
    They are arranged, in a temporary folder, the way torchvision expects them
    (``<root>/<ClassName>/raw/*-ubyte``; ``<root>/cifar-10-batches-py/``): uncompressed files are linked,
    gzip'd ones decompressed. No network is touched.
-2. **torchvision's download** into ``download_root`` when there is no local copy.
+2. **torchvision's download** into ``download_root`` when there is no local copy: none named and the
+   system copy not installed. A ``local_copy`` named in the config that is not a folder is an error.
 
 Offline with no local copy, :class:`ImageDataUnavailableError` says both ways out.
 
@@ -25,16 +26,21 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.error import URLError
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision import datasets
+from torchvision.datasets import mnist
 
 from ebm.checkpoint import atomic_write, torch_save
 
@@ -47,6 +53,18 @@ IDX_FILES = (
 )
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+# What torchvision's readers raise for a truncated or malformed file (IDX asserts its header).
+TORCHVISION_READ_ERRORS = (
+    RuntimeError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AssertionError,
+    EOFError,
+    pickle.UnpicklingError,
+)
 
 
 class ImageDataUnavailableError(RuntimeError):
@@ -97,7 +115,8 @@ class ImageDataConfig:
     Attributes:
         dataset: ``mnist``, ``fashion_mnist`` or ``cifar10``.
         local_copy: folder holding the original files; ``None`` means the dataset's system copy (Debian's
-            ``dataset-fashion-mnist`` for Fashion-MNIST) where there is one.
+            ``dataset-fashion-mnist`` for Fashion-MNIST) where there is one. A named folder that is missing
+            (or a file) is an error; only the system copy, when not installed, falls back to the download.
         download: let torchvision download the originals when no local copy is found.
         download_root: torchvision's download folder.
         n_validation: images moved from the original training set into the validation split.
@@ -151,29 +170,47 @@ class ImageSplit:
 def load_original(config: ImageDataConfig, *, project_root: Path = Path(".")) -> OriginalImages:
     """Read the original train and test sets: from the local copy if there is one, else downloaded.
 
+    A ``local_copy`` named in the config must be a folder; only the dataset's system copy (the default,
+    whether left ``None`` or named) falls back quietly to the download when it is not installed.
+
     Raises:
-        ImageDataUnavailableError: no local copy and the download is off or failed (offline).
+        ImageDataUnavailableError: the named local copy is not a folder; no local copy and the download is off
+            or failed (offline); or a file of the originals is unreadable or inconsistent (named).
     """
     spec = image_dataset(config.dataset)
     local = config.local_copy or spec.system_copy
+    download_root = project_root / config.download_root
     if local is not None and Path(local).is_dir():
         with tempfile.TemporaryDirectory(prefix="ebm-images-") as root:
-            checksums = _arrange_local_copy(spec, Path(local), Path(root))
-            return _read_torchvision(spec, Path(root), f"local copy {local}", checksums, download=False)
-    download_root = project_root / config.download_root
+            checksums, origins = _arrange_local_copy(spec, Path(local), Path(root))
+            return _read_torchvision(
+                spec, Path(root), f"local copy {local}", checksums, origins, download=False
+            )
     how = (
         f"put the original files in a folder and name it in params.yaml (images.data.local_copy; "
-        f"{_expected_files(spec)}), or let torchvision download them (images.data.download: true, needs "
-        f"the network) into {download_root}"
+        f"{_expected_files(spec)}), or let torchvision download them (images.data.local_copy: null, "
+        f"images.data.download: true, needs the network) into {download_root}"
     )
+    if config.local_copy and not _is_system_copy(spec, config.local_copy):
+        state = "is a file, not a folder" if Path(config.local_copy).exists() else "does not exist"
+        raise ImageDataUnavailableError(
+            f"the local copy {config.local_copy} of {spec.name} (images.data.local_copy) {state}: {how}"
+        )
     where = f"no local copy of {spec.name} at {local}" if local else f"no local copy of {spec.name} named"
     if not config.download:
         raise ImageDataUnavailableError(f"{where} and downloading is off: {how}")
     try:
         _self_ignoring_folder(download_root)
-        return _read_torchvision(spec, download_root, "torchvision download", True, download=True)
+        return _read_torchvision(spec, download_root, "torchvision download", True, None, download=True)
+    except ImageDataUnavailableError:
+        raise  # the download worked; a file it brought is inconsistent, and the error names it
     except (RuntimeError, OSError, URLError) as err:
         raise ImageDataUnavailableError(f"{where}, and torchvision's download failed ({err}): {how}") from err
+
+
+def _is_system_copy(spec: ImageDatasetSpec, local: str) -> bool:
+    """Whether ``local`` names the dataset's system copy (``params.yaml`` names Debian's explicitly)."""
+    return spec.system_copy is not None and Path(local) == Path(spec.system_copy)
 
 
 def _expected_files(spec: ImageDatasetSpec) -> str:
@@ -190,18 +227,26 @@ def _self_ignoring_folder(folder: Path) -> None:
         ignore.write_text("*\n")
 
 
-def _arrange_local_copy(spec: ImageDatasetSpec, local: Path, root: Path) -> bool | None:
-    """Lay the local copy out under ``root`` as torchvision expects; return whether checksums match."""
+def _arrange_local_copy(
+    spec: ImageDatasetSpec, local: Path, root: Path
+) -> tuple[bool | None, dict[str, str]]:
+    """Lay the local copy out under ``root`` as torchvision expects.
+
+    Returns:
+        Whether the checksums match the official release (``None``: not checkable yet), and where each file
+        torchvision reads came from (file name → the path in the local copy, for error messages).
+    """
     if spec.file_format == "idx":
         return _arrange_idx(spec, local, root / spec.torchvision_class / "raw")
     return _arrange_cifar(local, root)
 
 
-def _arrange_idx(spec: ImageDatasetSpec, local: Path, raw: Path) -> bool | None:
+def _arrange_idx(spec: ImageDatasetSpec, local: Path, raw: Path) -> tuple[bool | None, dict[str, str]]:
     official_md5 = dict(getattr(datasets, spec.torchvision_class).resources)
     raw.mkdir(parents=True)
     candidates = [local, local / "raw", local / spec.torchvision_class / "raw"]
     matches: list[bool] = []
+    origins: dict[str, str] = {}
     for name in IDX_FILES:
         # torchvision lists MD5 sums of the .gz files; a re-compressed copy (Debian's) differs in its
         # gzip header only, so a mismatch is "not checkable", not "corrupt": contents are hashed anyway.
@@ -211,40 +256,78 @@ def _arrange_idx(spec: ImageDatasetSpec, local: Path, raw: Path) -> bool | None:
         )
         if plain is not None:
             os.symlink(plain.resolve(), raw / name)
+            origins[name] = str(plain)
         elif packed is not None:
             matches.append(_md5(packed) == official_md5.get(f"{name}.gz"))
-            with gzip.open(packed, "rb") as source, open(raw / name, "wb") as target:
-                shutil.copyfileobj(source, target)
+            try:
+                with gzip.open(packed, "rb") as source, open(raw / name, "wb") as target:
+                    shutil.copyfileobj(source, target)
+            except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+                raise ImageDataUnavailableError(
+                    f"{packed} is not a readable gzip file ({type(err).__name__}: {err})"
+                ) from err
+            origins[name] = str(packed)
         else:
             raise ImageDataUnavailableError(
                 f"the local copy {local} of {spec.name} lacks {name} (or {name}.gz); {_expected_files(spec)}"
             )
-    return True if len(matches) == len(IDX_FILES) and all(matches) else None
+    return (True if len(matches) == len(IDX_FILES) and all(matches) else None), origins
 
 
-def _arrange_cifar(local: Path, root: Path) -> bool | None:
+def _arrange_cifar(local: Path, root: Path) -> tuple[bool | None, dict[str, str]]:
     if (local / CIFAR_FOLDER).is_dir():
         os.symlink((local / CIFAR_FOLDER).resolve(), root / CIFAR_FOLDER)
+        origins = {name: str(local / CIFAR_FOLDER / name) for name in CIFAR_FILES}
     elif (local / "data_batch_1").is_file():
         os.symlink(local.resolve(), root / CIFAR_FOLDER)
+        origins = {name: str(local / name) for name in CIFAR_FILES}
     elif (local / CIFAR_ARCHIVE).is_file():
-        datasets.utils.extract_archive(str(local / CIFAR_ARCHIVE), str(root))
+        archive = local / CIFAR_ARCHIVE
+        try:
+            datasets.utils.extract_archive(str(archive), str(root))
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+            raise ImageDataUnavailableError(
+                f"{archive} is not a readable tar.gz archive ({type(err).__name__}: {err})"
+            ) from err
+        origins = {name: f"{archive} (member {CIFAR_FOLDER}/{name})" for name in CIFAR_FILES}
     else:
         raise ImageDataUnavailableError(
             f"the local copy {local} of cifar10 holds neither {CIFAR_FOLDER}/, its batch files nor "
             f"{CIFAR_ARCHIVE}"
         )
-    return None  # decided when reading: torchvision checks the batches' MD5 sums itself
+    for name in CIFAR_FILES:
+        if not (root / CIFAR_FOLDER / name).is_file():
+            raise ImageDataUnavailableError(
+                f"the local copy {local} of cifar10 lacks {origins[name]}; "
+                f"{_expected_files(IMAGE_DATASETS['cifar10'])}"
+            )
+    return None, origins  # decided when reading: torchvision checks the batches' MD5 sums itself
 
 
 def _read_torchvision(
-    spec: ImageDatasetSpec, root: Path, source: str, checksums: bool | None, *, download: bool
+    spec: ImageDatasetSpec,
+    root: Path,
+    source: str,
+    checksums: bool | None,
+    origins: dict[str, str] | None,
+    *,
+    download: bool,
 ) -> OriginalImages:
+    """Read the files under ``root`` with torchvision's class for ``spec``, and check what it read.
+
+    ``origins`` maps each file name to where it came from (``None``: the files under ``root`` are the
+    originals); errors name those paths. torchvision's errors reading a local copy are re-raised as
+    :class:`ImageDataUnavailableError` naming the file; during a download they pass through unchanged.
+    """
     dataset_class = getattr(datasets, spec.torchvision_class)
     if spec.file_format == "idx":
-        train, test = (dataset_class(str(root), train=flag, download=download) for flag in (True, False))
-        raw = Path(train.raw_folder)
-        return OriginalImages(
+        raw = root / spec.torchvision_class / "raw"
+        where = origins or {name: str(raw / name) for name in IDX_FILES}
+        train, test = (
+            _read_idx(dataset_class, root, raw, where, train=flag, download=download)
+            for flag in (True, False)
+        )
+        original = OriginalImages(
             train.data.unsqueeze(1).contiguous(),  # (N, 1, 28, 28)
             train.targets.to(torch.int64),
             test.data.unsqueeze(1).contiguous(),
@@ -253,6 +336,18 @@ def _read_torchvision(
             checksums,
             {name: _sha256(raw / name) for name in IDX_FILES},
         )
+        _check_original(
+            spec,
+            original,
+            (where[IDX_FILES[0]], where[IDX_FILES[1]]),
+            (where[IDX_FILES[2]], where[IDX_FILES[3]]),
+        )
+        return original
+    folder = root / CIFAR_FOLDER
+    where = origins or {name: str(folder / name) for name in CIFAR_FILES}
+    if not download:
+        for name in CIFAR_FILES:
+            _check_cifar_file(folder / name, where[name], spec.n_classes, meta=name == CIFAR_FILES[-1])
     try:
         train, test = (dataset_class(str(root), train=flag, download=download) for flag in (True, False))
         checksums = True
@@ -261,9 +356,15 @@ def _read_torchvision(
             raise
         # Not the official release's bytes (a subset, a re-pickled copy): the same torchvision code reads
         # them with its MD5 checks off, and the manifest records that they differ.
-        train, test = (UncheckedCIFAR10(str(root), train=flag) for flag in (True, False))
+        try:
+            train, test = (UncheckedCIFAR10(str(root), train=flag) for flag in (True, False))
+        except TORCHVISION_READ_ERRORS as err:
+            raise ImageDataUnavailableError(
+                f"torchvision could not read the CIFAR-10 batches of the {source} "
+                f"({', '.join(where[name] for name in CIFAR_FILES)}): {type(err).__name__}: {err}"
+            ) from err
         checksums = False
-    return OriginalImages(
+    original = OriginalImages(
         torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),  # (N, 32, 32, 3) → (N, 3, 32, 32)
         torch.as_tensor(train.targets, dtype=torch.int64),
         torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
@@ -275,6 +376,113 @@ def _read_torchvision(
             for name, _ in (*train.train_list, *train.test_list, (train.meta["filename"], None))
         },
     )
+    train_files = ", ".join(where[name] for name in CIFAR_FILES[:5])
+    _check_original(spec, original, (train_files, train_files), (where["test_batch"], where["test_batch"]))
+    return original
+
+
+def _read_idx(
+    dataset_class: Any, root: Path, raw: Path, where: dict[str, str], *, train: bool, download: bool
+) -> Any:
+    """torchvision's MNIST-family reader for one split; a file it cannot read is named in the error."""
+    try:
+        return dataset_class(str(root), train=train, download=download)
+    except TORCHVISION_READ_ERRORS as err:
+        if download:
+            raise
+        prefix = "train" if train else "t10k"
+        readers = (
+            (f"{prefix}-images-idx3-ubyte", mnist.read_image_file),
+            (f"{prefix}-labels-idx1-ubyte", mnist.read_label_file),
+        )
+        culprit = where[readers[1][0]]
+        for name, reader in readers:  # torchvision reads the two files in turn: which one failed?
+            try:
+                reader(str(raw / name))
+            except TORCHVISION_READ_ERRORS:
+                culprit = where[name]
+                break
+        raise ImageDataUnavailableError(
+            f"{culprit} is not a readable IDX file (truncated, or not in the IDX format): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def _check_cifar_file(path: Path, where: str, n_classes: int, *, meta: bool) -> None:
+    """Check one CIFAR-10 pickle as torchvision will read it: a batch's ``data`` rows and ``labels`` pair up.
+
+    torchvision concatenates the five training batches, so a batch with more labels than images would
+    shift every label after it onto the wrong image; each batch is checked on its own here.
+    """
+    try:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+    except Exception as err:  # a corrupt pickle raises many types (UnpicklingError, EOFError, ...)
+        raise ImageDataUnavailableError(
+            f"{where} is not a readable CIFAR-10 pickle ({type(err).__name__}: {err})"
+        ) from err
+    if meta:
+        if not isinstance(entry, dict) or "label_names" not in entry:
+            raise ImageDataUnavailableError(f"{where} is not CIFAR-10's batches.meta (no 'label_names')")
+        return
+    has_labels = isinstance(entry, dict) and ("labels" in entry or "fine_labels" in entry)
+    if not isinstance(entry, dict) or "data" not in entry or not has_labels:
+        raise ImageDataUnavailableError(
+            f"{where} is not a CIFAR-10 batch: expected a dict with 'data' and 'labels', "
+            f"got {sorted(entry) if isinstance(entry, dict) else type(entry).__name__}"
+        )
+    data = entry["data"]
+    width = 3 * 32 * 32
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != width:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ImageDataUnavailableError(
+            f"{where}: 'data' should be uint8 rows of {width} bytes (3 × 32 × 32 per image), got {got}"
+        )
+    labels = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ImageDataUnavailableError(
+            f"{where}: 'labels' should be a list of whole numbers, got {labels.dtype} {labels.shape}"
+        )
+    if labels.shape[0] != data.shape[0]:
+        raise ImageDataUnavailableError(f"{where} holds {labels.shape[0]} labels for {data.shape[0]} images")
+    outside = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if outside.size:
+        raise ImageDataUnavailableError(
+            f"{where} holds label {int(labels[outside[0]])} at row {int(outside[0])}; "
+            f"cifar10 labels lie in 0..{n_classes - 1}"
+        )
+
+
+def _check_original(
+    spec: ImageDatasetSpec,
+    original: OriginalImages,
+    train_files: tuple[str, str],
+    test_files: tuple[str, str],
+) -> None:
+    """Each set's images have the spec's shape, one label each, every label one of the spec's classes.
+
+    ``train_files`` and ``test_files`` are ``(images file, labels file)``, named in the errors.
+    """
+    for images, labels, (image_file, label_file) in (
+        (original.train_images, original.train_labels, train_files),
+        (original.test_images, original.test_labels, test_files),
+    ):
+        if tuple(images.shape[1:]) != spec.image_shape:
+            raise ImageDataUnavailableError(
+                f"{image_file} holds images of shape {tuple(images.shape[1:])}; "
+                f"{spec.name} images are {spec.image_shape}"
+            )
+        if labels.shape[0] != images.shape[0]:
+            raise ImageDataUnavailableError(
+                f"{label_file} holds {labels.shape[0]} labels for {images.shape[0]} images ({image_file})"
+            )
+        outside = ((labels < 0) | (labels >= spec.n_classes)).nonzero().flatten()
+        if outside.numel():
+            row = int(outside[0])
+            raise ImageDataUnavailableError(
+                f"{label_file} holds label {int(labels[row])} at row {row}; "
+                f"{spec.name} labels lie in 0..{spec.n_classes - 1}"
+            )
 
 
 class UncheckedCIFAR10(datasets.CIFAR10):
@@ -336,12 +544,7 @@ def prepare_image_data(
         The manifest written to ``<out_dir>/manifest.json``.
     """
     spec = image_dataset(config.dataset)
-    original = load_original(config, project_root=project_root)
-    if tuple(original.train_images.shape[1:]) != spec.image_shape:
-        raise ImageDataUnavailableError(
-            f"{spec.name} images should be {spec.image_shape}, "
-            f"the files hold {tuple(original.train_images.shape[1:])}"
-        )
+    original = load_original(config, project_root=project_root)  # checks shapes, label counts and range
     splits = split_original(original, config, seed=seed)
     files: dict[str, dict[str, Any]] = {}
     for name, split in splits.items():
@@ -379,19 +582,72 @@ def prepare_image_data(
 
 
 def load_image_split(data_dir: Path, split: str) -> ImageSplit:
-    """Read one prepared split (``train``, ``validation``, ``test``) that :func:`prepare_image_data` wrote."""
+    """Read one prepared split (``train``, ``validation``, ``test``) that :func:`prepare_image_data` wrote.
+
+    Raises:
+        FileNotFoundError: the split was not prepared.
+        ValueError: the file is unreadable or does not hold what :func:`prepare_image_data` writes (uint8
+            images ``(N, C, H, W)``, int64 labels ``(N,)`` ≥ 0, int64 source indices ``(N,)``); names it.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     path = Path(data_dir) / f"{split}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no prepared {split} split at {path}; run the prepare_images stage first")
-    payload = torch.load(path, weights_only=True)
-    return ImageSplit(payload["images"], payload["labels"], payload["source_indices"])
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        # torch's own message suggests weights_only=False, which would run code from the file: not repeated.
+        raise ValueError(
+            f"{path} is not a readable prepared {split} split ({type(err).__name__}; truncated, corrupt or "
+            f"not written by prepare_images); rerun the prepare_images stage"
+        ) from err
+    return _check_split(payload, path)
+
+
+SPLIT_FIELDS: dict[str, tuple[torch.dtype, int]] = {
+    "images": (torch.uint8, 4),
+    "labels": (torch.int64, 1),
+    "source_indices": (torch.int64, 1),
+}
+
+
+def _check_split(payload: Any, path: Path) -> ImageSplit:
+    """The split in ``payload`` if it is what :func:`prepare_image_data` writes; else a ValueError."""
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} holds a {type(payload).__name__}, not a prepared split (a dict of tensors)")
+    missing = [key for key in SPLIT_FIELDS if key not in payload]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; a prepared split holds {list(SPLIT_FIELDS)}")
+    for key, (dtype, ndim) in SPLIT_FIELDS.items():
+        value = payload[key]
+        if not isinstance(value, Tensor) or value.dtype != dtype or value.ndim != ndim:
+            got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{path}: {key!r} should be a {ndim}-D {dtype} tensor, got {got}")
+    images, labels, indices = (payload[key] for key in SPLIT_FIELDS)
+    for key, value in (("labels", labels), ("source_indices", indices)):
+        if value.shape[0] != images.shape[0]:
+            raise ValueError(f"{path} holds {value.shape[0]} {key} for {images.shape[0]} images")
+    negative = (labels < 0).nonzero().flatten()
+    if negative.numel():
+        row = int(negative[0])
+        raise ValueError(f"{path} holds label {int(labels[row])} at row {row}; labels are ≥ 0")
+    return ImageSplit(images, labels, indices)
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset folder."""
+    """The manifest of a prepared dataset folder; a ValueError naming the file if it is not valid JSON."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"no manifest at {path}; run the prepare_images stage first")
-    return dict(json.loads(path.read_text()))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN or Infinity
+        raise ValueError(f"{path} is not a readable manifest ({err}); rerun prepare_images") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object")
+    return manifest
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid value (the manifest holds no NaN or infinite numbers)")
