@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ebm.anomaly.preprocessing import PreprocessConfig, TabularPreprocessor
 from ebm.anomaly.validation import TableSchema, ValidationError, iter_table, read_table, validate_frame
 
 SCHEMA = TableSchema(numeric=("amount", "hour"), categorical=("category",), label="is_fraud")
@@ -74,7 +75,7 @@ def test_row_numbers_count_from_the_start_of_the_file_across_chunks(tmp_path: Pa
         ("amount,hour,hour,category,is_fraud\n1,2,3,a,0\n", "duplicated header", "hour"),
         ("amount,hour,category,is_fraud\n1,2,,0\n", "empty values", "category"),
         ("amount,hour,category,is_fraud\n1,2,a,2\n", "0 or 1", "is_fraud"),
-        ("amount,hour,category,is_fraud\n1,2,a,0\n1,2\n", "empty values", "category"),
+        ("amount,hour,category,is_fraud\n1,2,a,0\n1,2\n", "line 3 \\(row 2\\) has 2 fields", None),
         ("amount,hour,category,is_fraud\n1,2,a,0\n1,2,a,0,9\n", "malformed CSV", None),
     ],
 )
@@ -84,6 +85,74 @@ def test_structural_problems_are_refused(tmp_path: Path, text: str, message: str
         read_table(path, SCHEMA)
     if column is not None:
         assert error.value.column == column
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "row", "fields"),
+    [
+        (b"amount,category,transaction_id\n1.5,grocery,1\n2.0,fuel\n3.0,fuel,3\n", 3, 2, 2),
+        (b"amount,category,transaction_id\n1.5,grocery,1,9\n2.0,fuel,2\n", 2, 1, 4),  # pandas: an index
+        (b'amount,category,transaction_id\n1.5,"two\nlines",1\n\n2.0\n', 5, 2, 1),  # lines, not rows
+    ],
+)
+def test_rows_with_the_wrong_number_of_fields_are_refused_naming_the_line(
+    tmp_path: Path, data: bytes, line: int, row: int, fields: int
+) -> None:
+    (tmp_path / "t.csv").write_bytes(data)
+    schema = TableSchema(numeric=("amount",), categorical=("category",), passthrough=("transaction_id",))
+    with pytest.raises(ValidationError) as error:
+        read_table(tmp_path / "t.csv", schema)
+    expected = f"t.csv: malformed CSV: line {line} (row {row}) has {fields} field"
+    assert str(error.value).startswith(expected) and "the header has 3" in str(error.value)
+    assert error.value.rows == (row,)
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (b"amount,category\n1.5,grocery\n2.5,caf\xe9\n3.0,fuel\n", 3),  # 'caf\ufffd' would merge labels
+        (b"amount,category\n1.5,grocery\n2.5,caf\xc3", 3),  # a character cut short by the end of the file
+        (b"amount,cat\xe9gory\n1.5,grocery\n", 1),
+    ],
+)
+def test_bytes_that_are_not_utf8_are_refused_naming_the_file_and_line(
+    tmp_path: Path, data: bytes, line: int
+) -> None:
+    (tmp_path / "t.csv").write_bytes(data)
+    schema = TableSchema(numeric=("amount",))
+    if line > 1:
+        schema = TableSchema(numeric=("amount",), categorical=("category",))
+    with pytest.raises(ValidationError, match=f"^t.csv: line {line} is not valid UTF-8"):
+        read_table(tmp_path / "t.csv", schema)
+
+
+def test_a_utf8_bom_before_the_header_is_dropped(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    schema = TableSchema(numeric=("amount",), categorical=("category",))
+    (tmp_path / "t.csv").write_bytes(bom + b"amount,category\r\n1.5,grocery\r\n2,fuel\r\n")
+    table = read_table(tmp_path / "t.csv", schema)
+    assert list(table.columns) == ["amount", "category"]
+    assert table.amount.tolist() == [1.5, 2.0] and table.category.tolist() == ["grocery", "fuel"]
+    (tmp_path / "t.csv").write_bytes(bom + b"amount,category\n1.5,grocery\nabc,fuel\n")  # the slow path
+    with pytest.raises(ValidationError, match="non-numeric values at row 2") as error:
+        read_table(tmp_path / "t.csv", schema)
+    assert error.value.column == "amount"
+
+
+def test_negative_values_in_a_log_column_are_refused_when_transforming(tmp_path: Path) -> None:
+    train = pd.DataFrame({"amount": [1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 400.0], "hour": np.arange(7.0)})
+    preprocessor = TabularPreprocessor(PreprocessConfig(log_columns=("amount",))).fit(train)
+    assert np.isfinite(preprocessor.transform(train.assign(amount=0.0)).numpy()).all()  # 0 is fine
+    with pytest.raises(ValidationError) as error:
+        preprocessor.transform(pd.DataFrame({"amount": [0.0, -50.0, -1e9], "hour": [-1.0, -2.0, 0.0]}))
+    assert error.value.column == "amount" and error.value.rows == (2, 3)
+    assert str(error.value).startswith("input: column 'amount'")
+    assert "negative values at rows 2, 3 (first: -50)" in str(error.value)
+    rows = [f"{v},1" for v in (1, 2, 3, 4, -5, 6)]
+    (tmp_path / "t.csv").write_text("amount,hour\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValidationError, match=r"^t.csv: column 'amount' .* at row 5 \(first: -5\)"):
+        for chunk in iter_table(tmp_path / "t.csv", TableSchema(numeric=("amount", "hour")), chunk_rows=2):
+            preprocessor.transform(chunk)  # rows count from the start of the file, not of the chunk
 
 
 def test_extra_columns_are_ignored_or_refused_as_configured(tmp_path: Path) -> None:

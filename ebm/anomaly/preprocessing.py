@@ -31,6 +31,8 @@ import torch
 from scipy.stats import skew
 from torch import Tensor
 
+from ebm.anomaly.validation import _reject_rows
+
 OTHER = "__other__"
 MAX_ROBUST_UNITS = 1e6
 """Scaled values are clipped to ±this many robust scales, so any finite input (1e300 included) keeps a
@@ -70,6 +72,17 @@ def _category_codes(values: pd.Series, levels: Sequence[str]) -> np.ndarray:
         found = pc.index_in(pa.array(values), value_set=pa.array(list(levels), type=pa.string()))
         return np.asarray(found.fill_null(-1), dtype=np.int64)
     return np.asarray(pd.Index(list(levels)).get_indexer(values.astype(str)), dtype=np.int64)
+
+
+def _reject_negative(frame: pd.DataFrame, column: str, values: np.ndarray) -> None:
+    """A log column must be ≥ 0 when transforming too, as :meth:`TabularPreprocessor.fit` requires:
+    clamping would score −1e9 like 0. Rows count from the start of the file for a chunk from
+    :func:`~ebm.anomaly.validation.iter_table` (its ``attrs`` name the file and the rows before it)."""
+    negative = values < 0
+    if negative.any():
+        source, offset = frame.attrs.get("source", "input"), int(frame.attrs.get("offset", 0))
+        message = f"{source}: column {column!r} is log-transformed, so it must be ≥ 0; negative values"
+        _reject_rows(negative, offset, column, message, suffix=f" (first: {values[negative][0]:g})")
 
 
 class TabularPreprocessor:
@@ -176,7 +189,8 @@ class TabularPreprocessor:
             else:
                 values = frame[column].to_numpy(np.float64)
                 if column in self.log_columns:
-                    np.log(np.maximum(values, 0.0) + self.log_offsets[column], out=encoded[:, start])
+                    _reject_negative(frame, column, values)
+                    np.log(values + self.log_offsets[column], out=encoded[:, start])
                 else:
                     encoded[:, start] = values
                 names.append(column)
@@ -186,7 +200,12 @@ class TabularPreprocessor:
         return encoded
 
     def transform(self, frame: pd.DataFrame, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Raw frame → robust-scaled features (N, C)."""
+        """Raw frame → robust-scaled features (N, C).
+
+        Raises:
+            ValidationError: a log-transformed column holds negative values; the message names the
+                column and the first such rows (in the file, for a chunk of a file).
+        """
         if not self.is_fitted:
             raise RuntimeError("the preprocessor is not fitted; call fit() first")
         encoded = self._encode(frame)

@@ -9,7 +9,9 @@ and raises :class:`ValidationError` naming the column, the kind of problem and t
 - duplicated header names;
 - missing columns, and columns the schema does not know when ``extra="error"``;
 - non-numeric values, NaN/empty cells and ±inf in numeric columns;
-- empty cells in categorical columns; labels other than 0 and 1.
+- empty cells in categorical columns; labels other than 0 and 1;
+- in CSV files, bytes that are not UTF-8 and rows with more or fewer fields than the header (named by
+  their line in the file).
 
 Readers (:func:`read_table`, :func:`iter_table`) open CSV and Parquet files, check the header before
 reading any data, and validate every chunk; callers write their outputs atomically, so a file that
@@ -18,6 +20,7 @@ fails anywhere leaves no output behind.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 from collections.abc import Iterator, Sequence
@@ -207,12 +210,74 @@ def read_header(path: str | os.PathLike[str]) -> list[str]:
             return [str(n) for n in pq.read_schema(path).names]
         except Exception as err:  # pyarrow raises several types for a corrupt file
             raise ValidationError(f"{path.name}: not a readable Parquet file ({err})") from err
-    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+    try:
+        header, _ = _csv_header(path, "strict")
+    except UnicodeDecodeError:  # text is decoded a block ahead of the parser: the bad byte may lie past it
+        header, lines = _csv_header(path, "replace")
+        error = _utf8_error(path)
+        if error is not None and error[0] <= lines:
+            raise ValidationError(error[1]) from None
+    return header  # as written: the readers below match names exactly, spaces included
+
+
+def _csv_header(path: Path, errors: str) -> tuple[list[str], int]:
+    """The first record of a CSV file (a UTF-8 BOM dropped) and the number of lines it spans."""
+    with open(path, newline="", encoding="utf-8-sig", errors=errors) as handle:
+        reader = csv.reader(handle)
         try:
-            header = next(csv.reader(handle), [])
+            return next(reader, []), reader.line_num
         except csv.Error as err:
             raise ValidationError(f"{path.name}: unreadable CSV header ({err})") from err
-    return header  # as written: the readers below match names exactly, spaces included
+
+
+def _utf8_error(path: Path, block: int = 1 << 20) -> tuple[int, str] | None:
+    """The line (1-based) of the first byte of ``path`` that is not UTF-8, with a message naming the
+    file, the line and the bytes; ``None`` if the whole file is UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before, offset = 0, 0  # newlines and bytes in the blocks before this one
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(block)
+            pending = decoder.getstate()[0]  # the start of a character cut by the end of the last block
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:  # err.start counts from the start of ``pending``
+                text = pending + data
+                line = lines_before + text.count(b"\n", 0, err.start) + 1
+                bad = text[err.start : err.end]
+                where = offset - len(pending) + err.start
+                return line, f"{path.name}: line {line} is not valid UTF-8 ({bad!r} at byte offset {where})"
+            if not data:
+                return None
+            lines_before += data.count(b"\n")
+            offset += len(data)
+
+
+def _check_csv_records(path: Path) -> None:
+    """Raise a :class:`ValidationError` naming the line of the first byte that is not UTF-8, or of the
+    first row with more or fewer fields than the header. pandas would read the one as U+FFFD and fill
+    the missing fields of a short row with empty cells (or take the first field of a long one for an
+    index), so the slow path checks this first."""
+    error = _utf8_error(path)
+    if error is not None:
+        raise ValidationError(error[1])
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        width, row, line = len(next(reader, [])), 0, reader.line_num
+        try:
+            for fields in reader:
+                start, line = line + 1, reader.line_num
+                if not fields:  # a blank line: skipped by both pyarrow and pandas, not a row
+                    continue
+                row += 1
+                if len(fields) != width:
+                    raise ValidationError(
+                        f"{path.name}: malformed CSV: line {start} (row {row}) has {len(fields)} "
+                        f"field{'s' if len(fields) != 1 else ''}; the header has {width}",
+                        rows=[row],
+                    )
+        except csv.Error as err:
+            raise ValidationError(f"{path.name}: malformed CSV at line {reader.line_num} ({err})") from err
 
 
 def iter_table(
@@ -221,14 +286,18 @@ def iter_table(
     """Validated chunks of a CSV or Parquet file (header checked before any data is read).
 
     Numeric feature columns come back as float64, categorical ones as text. Raises
-    :class:`ValidationError` at the first bad chunk, naming the column and its rows in the file.
+    :class:`ValidationError` at the first bad chunk, naming the column and its rows in the file. Each
+    chunk's ``attrs`` hold ``source`` (the file name) and ``offset`` (rows before it), so checks made
+    later (the preprocessor's) can say where too.
     """
     path = Path(path)
     check_header(read_header(path), schema, path.name)
     wanted = [c for c in read_header(path) if c in schema.known]
     offset = 0
     for raw in _raw_chunks(path, wanted, schema, chunk_rows):
-        yield validate_frame(raw, schema, source=path.name, offset=offset)
+        chunk = validate_frame(raw, schema, source=path.name, offset=offset)
+        chunk.attrs.update(source=path.name, offset=offset)
+        yield chunk
         offset += len(raw)
     if offset == 0:
         raise ValidationError(f"{path.name}: the table has a header but no rows")
@@ -236,7 +305,9 @@ def iter_table(
 
 def read_table(path: str | os.PathLike[str], schema: TableSchema) -> pd.DataFrame:
     """A whole CSV or Parquet file, validated (see :func:`iter_table`)."""
-    return pd.concat(list(iter_table(path, schema)), ignore_index=True)
+    table = pd.concat(list(iter_table(path, schema)), ignore_index=True)
+    table.attrs.clear()  # the chunks' row offsets; pyarrow would write them into a Parquet file's metadata
+    return table
 
 
 def _arrow_text(arrow_type: Any) -> pd.ArrowDtype | None:
@@ -295,6 +366,7 @@ def _csv_chunks(
     except (pa.ArrowException, UnicodeDecodeError):
         pass
     # Slow path from the first row not yet handed out: text cells, so validate_frame can say where.
+    _check_csv_records(path)
     try:
         reader_text = pd.read_csv(
             path,
@@ -302,7 +374,7 @@ def _csv_chunks(
             keep_default_na=False,
             chunksize=chunk_rows,
             skiprows=range(1, rows_done + 1),
-            encoding_errors="replace",
+            encoding="utf-8-sig",
             on_bad_lines="error",
         )
         for chunk in reader_text:
