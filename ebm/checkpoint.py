@@ -28,19 +28,46 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file could not be written or read; the message says which and why."""
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
-    """Call ``write(tmp_path)`` and rename the temporary file onto ``path`` once it is complete."""
+FILE_MODE = 0o644
+"""The mode of every file written atomically: ``mkstemp`` makes its temporary file owner-only (0600), but
+models, data and reports are for everyone who reads the repository (as ``save_figure`` and
+``atomic_table_write`` also set)."""
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[str], object], *, suffix: str = ".tmp"
+) -> Path:
+    """Call ``write(tmp_path)`` and rename the temporary file onto ``path`` once it is complete.
+
+    The temporary file lies in ``path``'s folder, ends in ``suffix`` (``".tmp.png"`` for a writer that
+    picks the format from the name) and is removed if ``write`` raises; the file written has mode
+    :data:`FILE_MODE`, not ``mkstemp``'s 0600. The file's bytes reach the disk before the rename, and the
+    rename before this returns (``fsync`` of the file, then of the folder), so a crash or power cut, not
+    only a killed process, leaves the old file or the new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        _fsync(path.parent, os.O_DIRECTORY)
     return path
+
+
+def _fsync(path: str | os.PathLike[str], flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:

@@ -33,8 +33,27 @@ configure_openmp()  # the `ebm` command's process, before the imports below load
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset  # noqa: E402
 
 
+def _positive_int(text: str) -> int:
+    """An argparse ``type`` for counts: a whole number ≥ 1 (``--max-test -1`` would drop the last image)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {value}")
+    return value
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """``--json`` output, written atomically: a failed write leaves the previous file whole."""
+    from ebm.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2)))
+
+
 def _toy_recipe(args: argparse.Namespace) -> Any:
     from ebm.config import from_dict, load_params, section
+    from ebm.samplers import SamplerConfig
     from ebm.toy import Toy2DConfig
 
     config = Toy2DConfig()
@@ -51,8 +70,17 @@ def _toy_recipe(args: argparse.Namespace) -> Any:
             if v is not None
         },
     )
+    sampler = config.sampler
+    if args.sampler == "langevin" and sampler.jump_every is not None:
+        # The recipe's mode jumps are Metropolis moves, MALA's only: plain Langevin runs without them.
+        sampler = dataclasses.replace(
+            sampler,
+            jump_every=None,
+            jump_grid_bins=None,
+            jump_uniform_weight=SamplerConfig().jump_uniform_weight,
+        )
     sampler = dataclasses.replace(
-        config.sampler,
+        sampler,
         **{k: v for k, v in (("name", args.sampler), ("step_size", args.step_size)) if v is not None},
     )
     return dataclasses.replace(config, train=train, sampler=sampler)
@@ -101,7 +129,7 @@ def cmd_toy_evaluate(args: argparse.Namespace) -> int:
     for key, value in values.items():
         print(f"{key:>16}: {value:.5g}")
     if args.json is not None:
-        args.json.write_text(json.dumps(values, indent=2))
+        _write_json(args.json, values)
     return 0
 
 
@@ -235,7 +263,7 @@ def cmd_anomaly_evaluate(args: argparse.Namespace) -> int:
     for key, value in report.as_dict().items():
         print(f"{key:>20}: {value:.4f}")
     if args.json is not None:
-        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+        _write_json(args.json, report.as_dict())
     return 0
 
 
@@ -261,9 +289,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         import pandas as pd
 
         from ebm.anomaly.explain import plot_score_histogram
+        from ebm.anomaly.validation import file_format
 
+        # the same rule score_file wrote by: .parquet or .pq, in any case, is Parquet
         scored = (
-            pd.read_parquet(args.output) if args.output.suffix == ".parquet" else pd.read_csv(args.output)
+            pd.read_parquet(args.output)
+            if file_format(args.output) == "parquet"
+            else pd.read_csv(args.output)
         )
         path = plot_score_histogram(
             scored["anomaly_score"].to_numpy(),
@@ -325,11 +357,16 @@ def _add_rbm_commands(commands: Any) -> None:
         default="stochastic",
         help="how grey images become binary, as the model was trained (default %(default)s)",
     )
-    loglik.add_argument("--chains", type=int, default=100, help="AIS runs (default %(default)s)")
+    loglik.add_argument("--chains", type=_positive_int, default=100, help="AIS runs (default %(default)s)")
     loglik.add_argument(
-        "--temperatures", type=int, default=14500, help="AIS intermediate distributions (default %(default)s)"
+        "--temperatures",
+        type=_positive_int,
+        default=14500,
+        help="AIS intermediate distributions (default %(default)s)",
     )
-    loglik.add_argument("--max-test", type=int, default=None, help="score at most this many test images")
+    loglik.add_argument(
+        "--max-test", type=_positive_int, default=None, help="score at most this many test images (≥ 1)"
+    )
     loglik.add_argument("--seed", type=int, default=0, help="seed of the AIS chains (default %(default)s)")
     loglik.set_defaults(handler=cmd_rbm_loglik)
 
@@ -398,7 +435,9 @@ def _add_anomaly_commands(commands: Any) -> None:
     score.add_argument("--model", type=Path, required=True, help="detector file from `ebm anomaly fit`")
     score.add_argument("--input", type=Path, required=True, help="CSV or Parquet file to score")
     score.add_argument("--output", type=Path, required=True, help="CSV or Parquet file to write (atomically)")
-    score.add_argument("--chunk-rows", type=int, default=262_144, help="rows per chunk (default %(default)s)")
+    score.add_argument(
+        "--chunk-rows", type=_positive_int, default=262_144, help="rows per chunk (default %(default)s)"
+    )
     score.add_argument(
         "--top-k", type=int, default=3, help="reasons per row; 0 for none (default %(default)s)"
     )
@@ -428,7 +467,8 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         "--sampler",
         choices=["langevin", "mala"],
         default=None,
-        help="negative sampler (default: the recipe's, mala)",
+        help="negative sampler (default: the recipe's, mala); langevin runs without the recipe's "
+        "mode jumps, which are Metropolis moves",
     )
     parser.add_argument(
         "--step-size", type=float, default=None, help="sampler step size η (default: the recipe's, 0.05)"
@@ -440,7 +480,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, …"
     )
     parser.add_argument(
-        "--n-train", type=int, default=20_000, help="training points drawn (default %(default)s)"
+        "--n-train", type=_positive_int, default=20_000, help="training points drawn (default %(default)s)"
     )
 
 
@@ -473,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", choices=list(TOY_DATASETS), default="8gaussians", help=dataset_help)
     evaluate.add_argument("--model", type=Path, required=True, help="model file written by `ebm toy train`")
     evaluate.add_argument(
-        "--n-test", type=int, default=20_000, help="fresh test points (default %(default)s)"
+        "--n-test", type=_positive_int, default=20_000, help="fresh test points (default %(default)s)"
     )
     evaluate.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     _add_recipe_options(evaluate)
@@ -491,8 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify = toy_commands.add_parser("classify", help="binary classification with an energy E(x, y)")
     classify.add_argument("--dataset", default="moons", help="labelled 2D dataset (default %(default)s)")
     classify.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    classify.add_argument("--n-train", type=int, default=2000, help="training points (default %(default)s)")
-    classify.add_argument("--n-test", type=int, default=2000, help="test points (default %(default)s)")
+    classify.add_argument(
+        "--n-train", type=_positive_int, default=2000, help="training points (default %(default)s)"
+    )
+    classify.add_argument(
+        "--n-test", type=_positive_int, default=2000, help="test points (default %(default)s)"
+    )
     classify.add_argument(
         "--out", type=Path, default=None, help="write the decision-energy heatmap here (PNG)"
     )

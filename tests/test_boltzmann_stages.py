@@ -167,3 +167,50 @@ def test_a_missing_prepared_split_says_which_stage_to_run(tmp_path: Path) -> Non
     params = BoltzmannParams.from_params(quick_params())
     with pytest.raises(FileNotFoundError, match="prepare_images"):
         train_rbms(params, BoltzmannPaths(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value"),
+    [
+        pytest.param("rbm.evaluation", "max_test", -3, id="rbm_max_test_negative"),
+        pytest.param("rbm.evaluation", "max_test", 0, id="rbm_max_test_zero"),
+        pytest.param("structured", "max_train", 0, id="structured_max_train_zero"),
+        pytest.param("structured", "max_test", -1, id="structured_max_test_negative"),
+    ],
+)
+def test_a_cap_on_the_images_below_one_is_an_error_naming_the_key(where: str, key: str, value: int) -> None:
+    # images[:-3] scored all test images but the last three, and images[:0] trained on none, silently
+    raw = quick_params()
+    section = raw["boltzmann"]
+    for part in where.split("."):
+        section = section.setdefault(part, {})
+    section[key] = value
+    with pytest.raises(ConfigError) as raised:
+        BoltzmannParams.from_params(raw)
+    message = str(raised.value)
+    assert f"boltzmann.{where}" in message and key in message and "≥ 1" in message and str(value) in message
+    section[key] = None  # no cap: every image
+    assert BoltzmannParams.from_params(raw) is not None
+
+
+def test_a_failed_image_grid_write_keeps_the_previous_png_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ebm.images
+    from ebm.stages.boltzmann import _save_grid
+
+    path = tmp_path / "figures" / "cd1_samples.png"
+    _save_grid(torch.rand(4, 1, 8, 8), path)
+    previous = path.read_bytes()
+    assert previous[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_mode & 0o777 == 0o644
+
+    def disk_full_half_way(images: torch.Tensor, target: Path) -> Path:
+        target.write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ebm.images, "save_image_grid", disk_full_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        _save_grid(torch.rand(4, 1, 8, 8), path)
+
+    assert path.read_bytes() == previous
+    assert [p.name for p in path.parent.iterdir()] == [path.name]

@@ -8,10 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 
 from ebm.checkpoint import (
+    FILE_MODE,
     CheckpointError,
     atomic_write,
     load_checkpoint,
@@ -205,6 +207,41 @@ def test_atomic_write_replaces_the_file_and_makes_missing_folders(tmp_path: Path
     assert files_in(path.parent) == ["run.ckpt"]
 
 
+def test_atomic_write_gives_the_file_the_mode_the_other_writers_give_not_mkstemp_s_0600(
+    tmp_path: Path,
+) -> None:
+    # save_figure and atomic_table_write chmod their temporary files to 0644: models, data and reports
+    # are for everyone who reads the repository, whatever the writer and the process's umask
+    from ebm.anomaly.io import atomic_table_write
+    from ebm.plots import new_figure, save_figure
+
+    written = {
+        "atomic_write": atomic_write(tmp_path / "m.json", lambda tmp: Path(tmp).write_text("{}")),
+        "torch_save": torch_save({"x": torch.zeros(2)}, tmp_path / "t.pt"),
+        "save_figure": save_figure(new_figure(1, 1), tmp_path / "f.png"),
+        "atomic_table_write": atomic_table_write(pd.DataFrame({"a": [1]}), tmp_path / "t.csv"),
+    }
+    modes = {name: oct(path.stat().st_mode & 0o777) for name, path in written.items()}
+    assert modes == {name: oct(FILE_MODE) for name in written}
+    assert FILE_MODE == 0o644
+
+
+def test_atomic_write_gives_the_temporary_file_the_suffix_asked_for(tmp_path: Path) -> None:
+    # a writer that picks the file format from the name (PIL, torchvision's save_image) needs ".png"
+    seen: list[str] = []
+
+    def write(tmp: str) -> None:
+        seen.append(tmp)
+        Path(tmp).write_bytes(b"png")
+
+    atomic_write(tmp_path / "grid.png", write)
+    atomic_write(tmp_path / "grid.png", write, suffix=".tmp.png")
+
+    assert seen[0].endswith(".tmp") and seen[1].endswith(".tmp.png")
+    assert all(Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".grid.png.") for tmp in seen)
+    assert files_in(tmp_path) == ["grid.png"]
+
+
 def test_the_same_tensors_saved_twice_give_the_same_bytes(tmp_path: Path) -> None:
     # DVC compares outputs by hash: a rerun stage that writes the same tensors must not look changed.
     payload = {"images": torch.arange(12, dtype=torch.uint8).view(3, 4), "labels": torch.tensor([0, 1, 2])}
@@ -320,3 +357,14 @@ def test_trainer_refuses_to_checkpoint_non_finite_weights_and_keeps_the_old_file
 
     assert path.read_bytes() == old_bytes
     assert files_in(tmp_path) == ["run.ckpt"]
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    # a crash after the rename but before the data reach the disk would leave an empty file under the name
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    atomic_write(tmp_path / "out.txt", lambda tmp: Path(tmp).write_text("whole"))
+    assert events == ["fsync", "replace", "fsync"]
+    assert (tmp_path / "out.txt").read_text() == "whole"

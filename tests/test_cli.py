@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,3 +93,114 @@ def test_bad_input_is_a_clear_error_not_a_traceback(
     bad_params.write_text("toy:\n  train:\n    stepz: 3\n")
     assert main(["toy", "train", "--params", str(bad_params), "--out", str(tmp_path / "m.pt")]) == 2
     assert "toy.train.stepz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        pytest.param(
+            ["rbm", "loglik", "--model", "m.pt", "--max-test", "-1"], "--max-test", id="max_test_neg"
+        ),
+        pytest.param(
+            ["rbm", "loglik", "--model", "m.pt", "--max-test", "0"], "--max-test", id="max_test_zero"
+        ),
+        pytest.param(["rbm", "loglik", "--model", "m.pt", "--chains", "0"], "--chains", id="chains_zero"),
+        pytest.param(
+            ["rbm", "loglik", "--model", "m.pt", "--temperatures", "-5"], "--temperatures", id="temperatures"
+        ),
+        pytest.param(["toy", "train", "--n-train", "-100"], "--n-train", id="toy_n_train"),
+        pytest.param(["toy", "evaluate", "--model", "m.pt", "--n-test", "0"], "--n-test", id="toy_n_test"),
+        pytest.param(["toy", "classify", "--n-test", "-1"], "--n-test", id="classify_n_test"),
+        pytest.param(
+            ["score", "--model", "m.pt", "--input", "a.csv", "--output", "b.csv", "--chunk-rows", "0"],
+            "--chunk-rows",
+            id="chunk_rows",
+        ),
+        pytest.param(["rbm", "loglik", "--model", "m.pt", "--max-test", "1.5"], "--max-test", id="not_whole"),
+    ],
+)
+def test_counts_below_one_are_a_usage_error_naming_the_option(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--max-test -1` used to slice test[:-1] and score all images but the last, silently
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "whole number ≥ 1" in err
+
+
+def test_counts_of_one_or_more_are_accepted() -> None:
+    args = build_parser().parse_args(["rbm", "loglik", "--model", "m.pt", "--max-test", "1", "--chains", "3"])
+    assert (args.max_test, args.chains) == (1, 3)
+
+
+@pytest.fixture(scope="module")
+def anomaly_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny detector fitted through the CLI, and the test rows it is evaluated and scored on."""
+    folder = tmp_path_factory.mktemp("anomaly")
+    data, model = folder / "tx.parquet", folder / "detector.pt"
+    assert (
+        main(["anomaly", "generate", "--out", str(data), "--customers", "40", "--days", "3", "--split"]) == 0
+    )
+    fit = ["anomaly", "fit", "--data", str(folder / "tx-train.parquet"), "--out", str(model)]
+    assert main([*fit, "--label", "is_fraud", "--members", "1", "--steps", "5"]) == 0
+    return {"model": model, "test": folder / "tx-test.parquet"}
+
+
+@pytest.mark.parametrize("suffix", [".pq", ".PARQUET", ".parquet", ".csv"])
+def test_score_histogram_reads_the_output_in_the_format_it_was_written(
+    tmp_path: Path, anomaly_files: dict[str, Path], suffix: str
+) -> None:
+    # .pq and upper-case suffixes are Parquet to score_file; the histogram read them back as CSV
+    output, png = tmp_path / f"scored{suffix}", tmp_path / "histogram.png"
+    command = ["score", "--model", str(anomaly_files["model"]), "--input", str(anomaly_files["test"])]
+    assert main([*command, "--output", str(output), "--no-progress", "--histogram", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_json_write_keeps_the_previous_report_whole(
+    tmp_path: Path, anomaly_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = tmp_path / "report.json"
+    report.write_text('{"previous": "good run"}')
+    real_write_text = Path.write_text
+
+    def disk_full_half_way(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        if self.name == report.name or self.name.startswith(f".{report.name}."):
+            real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full_half_way)
+    evaluate = [
+        "anomaly",
+        "evaluate",
+        "--model",
+        str(anomaly_files["model"]),
+        "--data",
+        str(anomaly_files["test"]),
+    ]
+    with pytest.raises(OSError, match="No space left"):
+        main([*evaluate, "--label", "is_fraud", "--json", str(report)])
+
+    assert json.loads(report.read_text()) == {"previous": "good run"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary file left behind
+    monkeypatch.undo()
+    assert main([*evaluate, "--label", "is_fraud", "--json", str(report)]) == 0
+    assert "auroc" in json.loads(report.read_text())
+
+
+def test_langevin_from_the_command_line_drops_the_recipe_s_mala_only_mode_jumps() -> None:
+    args = build_parser().parse_args(["toy", "train", "--sampler", "langevin", "--step-size", "0.01"])
+    from ebm.cli import _toy_recipe
+
+    sampler = _toy_recipe(args).sampler
+    assert Toy2DConfig().sampler.jump_every is not None  # else this test tests nothing
+    assert (sampler.name, sampler.step_size, sampler.jump_every, sampler.jump_grid_bins) == (
+        "langevin",
+        0.01,
+        None,
+        None,
+    )
+    assert type(sampler.build()).__name__ == "Langevin"  # before: "jump_every needs … mala"

@@ -30,7 +30,7 @@ class RunConfig:
 
 def test_from_dict_builds_nested_dataclasses_and_coerces_lists_and_ints() -> None:
     values = {
-        "train": {"steps": 10, "lr": 1, "betas": [0, 0.9], "grad_clip": None, "ema_decay": 1},
+        "train": {"steps": 10, "lr": 1, "betas": [0, 0.9], "grad_clip": None, "ema_decay": 0},
         "sampler": {"name": "mala", "step_size": 1},
         "energy": {"widths": [8, 4]},
         "mode": "cd",
@@ -40,7 +40,7 @@ def test_from_dict_builds_nested_dataclasses_and_coerces_lists_and_ints() -> Non
     config = from_dict(RunConfig, values)
 
     assert config == RunConfig(
-        train=TrainConfig(steps=10, lr=1.0, betas=(0.0, 0.9), grad_clip=None, ema_decay=1.0),
+        train=TrainConfig(steps=10, lr=1.0, betas=(0.0, 0.9), grad_clip=None, ema_decay=0.0),
         sampler=SamplerConfig(name="mala", step_size=1.0),
         energy=MLPEnergyConfig(widths=(8, 4)),
         mode="cd",
@@ -204,3 +204,84 @@ def test_the_library_default_2d_recipe_is_the_one_params_yaml_ships() -> None:
         toy.pop(key)
     shipped = from_dict(Toy2DConfig, toy, "toy")
     assert to_dict(Toy2DConfig()) == to_dict(shipped)
+
+
+def _with(section_name: str, **changes: Any) -> dict[str, Any]:
+    """The shipped params.yaml with keys of one section changed (``...`` deletes a key)."""
+    raw = load_params(Path(__file__).parents[1] / "params.yaml")
+    values = {**raw[section_name], **changes}
+    raw[section_name] = {key: value for key, value in values.items() if value is not ...}
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        pytest.param({"n_train": 2000.9}, ["toy.n_train", "integer", "2000.9"], id="float_n_train"),
+        pytest.param({"n_test": True}, ["toy.n_test", "integer", "True"], id="bool_n_test"),
+        pytest.param({"n_train": "2e4"}, ["toy.n_train", "integer", "'2e4'"], id="str_n_train"),
+        pytest.param({"n_test": -5}, ["toy:", "n_test", "≥ 1", "-5"], id="negative_n_test"),
+        pytest.param({"n_train": 0}, ["toy:", "n_train", "≥ 1", "0"], id="zero_n_train"),
+        pytest.param({"datasets": ...}, ["params has no key 'toy.datasets'"], id="missing_datasets"),
+        pytest.param({"n_test": ...}, ["params has no key 'toy.n_test'"], id="missing_n_test"),
+        pytest.param({"datasets": "moons"}, ["toy.datasets", "must be a list", "'moons'"], id="str_datasets"),
+        pytest.param({"datasets": []}, ["toy:", "datasets", "non-empty"], id="no_datasets"),
+        pytest.param({"datasets": ["moons", "mons"]}, ["toy:", "datasets", "'mons'", "moons"], id="unknown"),
+        pytest.param({"datasets": ["moons", "moons"]}, ["toy:", "datasets", "twice"], id="duplicate"),
+        pytest.param({"datasets": ["moons", 3]}, ["toy.datasets[1]", "str"], id="int_dataset"),
+    ],
+)
+def test_bad_toy_data_params_are_an_error_naming_the_key(
+    changes: dict[str, Any], fragments: list[str]
+) -> None:
+    from ebm.stages.toy import ToyParams
+
+    with pytest.raises(ConfigError) as raised:
+        ToyParams.from_params(_with("toy", **changes))
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+def test_the_shipped_toy_params_still_load() -> None:
+    from ebm.stages.toy import ToyParams
+
+    params = ToyParams.from_params(_with("toy", datasets=["moons"], n_train=5, n_test=1))
+    assert (params.datasets, params.n_train, params.n_test) == (("moons",), 5, 1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        pytest.param(
+            {"register": {"metric": "aucpr"}},
+            ["anomaly.register", "metric", "'aucpr'", "'auprc'"],
+            id="misspelt_metric",
+        ),
+        pytest.param(
+            {"evaluate": {"baselines": ["iforest", "iforrest"]}},
+            ["anomaly.evaluate", "baselines", "'iforrest'", "'lof'"],
+            id="misspelt_baseline",
+        ),
+    ],
+)
+def test_bad_anomaly_params_are_an_error_naming_the_key_before_any_stage_runs(
+    changes: dict[str, Any], fragments: list[str]
+) -> None:
+    # a misspelt metric used to load, then fail the last stage (register) with a bare KeyError
+    from ebm.stages.anomaly import AnomalyParams
+
+    with pytest.raises(ConfigError) as raised:
+        AnomalyParams.from_params(_with("anomaly", **changes))
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+def test_every_detection_metric_can_pick_the_champion() -> None:
+    from ebm.anomaly.metrics import DetectionMetrics
+    from ebm.stages.anomaly import METRIC_NAMES, AnomalyParams
+
+    assert METRIC_NAMES == tuple(f.name for f in dataclasses.fields(DetectionMetrics))
+    for metric in METRIC_NAMES:
+        assert (
+            AnomalyParams.from_params(_with("anomaly", register={"metric": metric})).register.metric == metric
+        )

@@ -175,3 +175,45 @@ def test_the_benchmark_prints_every_figure_beside_its_bar(
     bars = {row["figure"]: row["bar"] for row in payload["figures"]}
     assert bars["JEM test accuracy"] == "≥ 0.9000" and bars["training minutes (JEM)"] == "≤ 45.0"
     assert payload["train"]["steps"] == 6
+
+
+@pytest.mark.parametrize("value", [-2, 0, True])
+def test_an_evaluation_cap_below_one_is_an_error_naming_the_key(value: Any) -> None:
+    # test images[:-2] dropped the last two, and n_test = -2 reached metrics.json
+    raw = quick_params()
+    raw["images"]["evaluation"]["max_test"] = value
+    with pytest.raises(ConfigError) as raised:
+        ImagesParams.from_params(raw)
+    message = str(raised.value)
+    assert "images.evaluation" in message and "max_test" in message and str(value) in message
+
+
+def test_a_failed_render_keeps_the_previous_pngs_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ebm.stages.images as stages
+
+    paths = ImagePaths(tmp_path)
+    samples, figures = paths.reports / "samples", paths.reports / "figures"
+    samples.mkdir(parents=True)
+    grids = {name: torch.rand(8, 1, 6, 6) for name in ("buffer", "noise", "proposal", "start")}
+    torch.save(grids, samples / "generated.pt")
+    rows = ("original", "masked", "inpainted", "noisy", "denoised")
+    torch.save({row: torch.rand(8, 1, 6, 6) for row in rows}, samples / "restoration.pt")
+    figures.mkdir()
+    (figures / "samples_noise.png").write_bytes(b"the previous run's grid")
+    real_save_image_grid = stages.save_image_grid
+
+    def disk_full_on_the_noise_grid(images: torch.Tensor, path: Path) -> Path:
+        if "samples_noise" in path.name:
+            path.write_bytes(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+        return real_save_image_grid(images, path)
+
+    monkeypatch.setattr(stages, "save_image_grid", disk_full_on_the_noise_grid)
+    with pytest.raises(OSError, match="No space left"):
+        render(ImagesParams.from_params(quick_params()), paths)
+
+    assert (figures / "samples_noise.png").read_bytes() == b"the previous run's grid"
+    assert (figures / "samples_buffer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written before
+    assert sorted(p.name for p in figures.iterdir()) == ["samples_buffer.png", "samples_noise.png"]

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from ebm.anomaly.baselines import BASELINES
 from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
 from ebm.anomaly.transactions import (
     FEATURES,
@@ -46,6 +47,9 @@ from ebm.config import from_dict, load_params, section
 from ebm.stages.common import StagePaths, stage_arguments
 
 EXPERIMENT = "anomaly"
+
+METRIC_NAMES = ("auroc", "auprc", "recall_at_1pct_fpr", "precision_at_k")
+"""The detection metrics the evaluate stage writes for every detector (``DetectionMetrics``' fields)."""
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,27 @@ class DataParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    """``anomaly.evaluate``: the baselines scored beside the EBM (names in ``ebm.anomaly.baselines``)."""
+
     baselines: tuple[str, ...] = ("iforest", "ecod")
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.baselines if name not in BASELINES]
+        if unknown:
+            raise ValueError(f"baselines: unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
 
 
 @dataclass(frozen=True)
 class RegisterParams:
+    """``anomaly.register``: the registered model's name and the test metric that decides the champion
+    (a field of :class:`~ebm.anomaly.metrics.DetectionMetrics`, as the evaluate stage writes them)."""
+
     model_name: str = "ebm-anomaly-detector"
     metric: str = "auprc"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRIC_NAMES:
+            raise ValueError(f"metric must be one of {list(METRIC_NAMES)}, got {self.metric!r}")
 
 
 @dataclass(frozen=True)

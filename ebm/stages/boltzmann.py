@@ -103,6 +103,9 @@ class RBMEvaluationConfig:
     n_samples: int = 64
     sample_steps: int = 1000
 
+    def __post_init__(self) -> None:
+        _check_limit("max_test", self.max_test)
+
 
 @dataclass(frozen=True)
 class RBMParams:
@@ -188,6 +191,17 @@ class _StructuredSizes:
     max_train: int | None = 10000
     max_test: int | None = 1000
     n_steps: int = 1
+
+    def __post_init__(self) -> None:
+        _check_limit("max_train", self.max_train)
+        _check_limit("max_test", self.max_test)
+
+
+def _check_limit(key: str, value: int | None) -> None:
+    """A cap on images used is ``None`` (all) or a whole number ≥ 1: ``images[:-3]`` would drop the last
+    three and ``images[:0]`` all of them, silently."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{key} must be a whole number ≥ 1 or null (all images), got {value!r}")
 
 
 def _structured_params(raw: dict[str, Any]) -> StructuredParams:
@@ -435,12 +449,11 @@ def _fingerprint(recipe: Mapping[str, Any], data: torch.Tensor) -> str:
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> Path:
+    """A PNG image grid written atomically (a unique temporary file, removed if the write fails)."""
     from ebm.images import save_image_grid
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image_grid(images, tmp)
-    tmp.replace(path)
-    return path
+    # the temporary name ends in .png: the image writer picks the format from it
+    return atomic_write(path, lambda tmp: save_image_grid(images, Path(tmp)), suffix=".tmp.png")
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -107,6 +107,10 @@ class ImageEvaluationConfig:
     def __post_init__(self) -> None:
         if self.ood_score not in OOD_SCORES:
             raise ValueError(f"unknown OOD score {self.ood_score!r}; choose one of {list(OOD_SCORES)}")
+        limit = self.max_test
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            # test images[:-2] would silently drop the last two, and n_test = -2 reach the metrics
+            raise ValueError(f"max_test must be a whole number ≥ 1 or null (all test images), got {limit!r}")
 
 
 @dataclass(frozen=True)
@@ -325,22 +329,28 @@ def render(params: ImagesParams, paths: ImagePaths) -> list[Path]:
     generated = torch.load(samples / "generated.pt", weights_only=True)
     panels = torch.load(samples / "restoration.pt", weights_only=True)
     written = [
-        save_image_grid(generated["buffer"][:64], figures / "samples_buffer.png"),
-        save_image_grid(generated["noise"][:64], figures / "samples_noise.png"),
-        save_image_grid(generated["proposal"][:64], figures / "samples_proposal.png"),
-        save_image_grid(generated["start"][:64], figures / "proposal_draws.png"),
+        _save_grid(generated["buffer"][:64], figures / "samples_buffer.png"),
+        _save_grid(generated["noise"][:64], figures / "samples_noise.png"),
+        _save_grid(generated["proposal"][:64], figures / "samples_proposal.png"),
+        _save_grid(generated["start"][:64], figures / "proposal_draws.png"),
     ]
     for task, rows in (
         ("inpainting", ("original", "masked", "inpainted")),
         ("denoising", ("original", "noisy", "denoised")),
     ):
         stacked = torch.cat([panels[row][:8] for row in rows])  # (3·8, C, H, W): one row per panel
-        written.append(save_image_grid(stacked, figures / f"{task}.png"))
+        written.append(_save_grid(stacked, figures / f"{task}.png"))
     written.append(_plot_curves(paths.reports / "curves.csv", figures / "curves.png"))
     return written
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _save_grid(images: torch.Tensor, path: Path) -> Path:
+    """A PNG image grid written atomically: to a temporary file in the same folder, then renamed."""
+    # the temporary name ends in .png: the image writer picks the format from it
+    return atomic_write(path, lambda tmp: save_image_grid(images, Path(tmp)), suffix=".tmp.png")
 
 
 def _load_image_model(path: Path, device: torch.device) -> ImageEnergy:

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from ebm.checkpoint import atomic_write, load_model, save_model
-from ebm.config import from_dict, load_params, section, to_dict
-from ebm.data.toy2d import make_toy_dataset
+from ebm.config import ConfigError, from_dict, load_params, section, to_dict
+from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
 from ebm.distributed import init_from_env, process_group_context
 from ebm.stages.common import StagePaths, stage_arguments
 from ebm.toy import Toy2DConfig, evaluate_energy, train_energy
@@ -49,6 +49,38 @@ class ToyPaths(StagePaths):
 
 
 @dataclass(frozen=True)
+class ToyDataParams:
+    """``toy.datasets``, ``toy.n_train`` and ``toy.n_test``: which datasets, and how many points of each.
+
+    Attributes:
+        datasets: names of registered toy datasets (:data:`~ebm.data.toy2d.TOY_DATASETS`), each once.
+        n_train: training points drawn per dataset (≥ 1).
+        n_test: test points drawn per dataset (≥ 1).
+    """
+
+    datasets: tuple[str, ...]
+    n_train: int
+    n_test: int
+
+    KEYS: ClassVar[tuple[str, ...]] = ("datasets", "n_train", "n_test")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.datasets, tuple) or not self.datasets:
+            raise ValueError(f"datasets must be a non-empty list of toy dataset names, got {self.datasets!r}")
+        for name in self.datasets:
+            if name not in TOY_DATASETS:
+                raise ValueError(
+                    f"datasets: unknown toy dataset {name!r}; valid names: {', '.join(TOY_DATASETS)}"
+                )
+        if len(set(self.datasets)) != len(self.datasets):
+            raise ValueError(f"datasets names a dataset twice: {list(self.datasets)}")
+        for key in ("n_train", "n_test"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a whole number ≥ 1, got {value!r}")
+
+
+@dataclass(frozen=True)
 class ToyParams:
     """The ``toy`` section of ``params.yaml`` plus the global seed."""
 
@@ -60,13 +92,19 @@ class ToyParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ToyParams:
-        toy = dict(section(params, "toy"))
-        datasets = tuple(toy.pop("datasets"))
-        for name in datasets:
-            make_toy_dataset(name)  # an unknown name fails here, listing the valid ones
-        n_train, n_test = int(toy.pop("n_train")), int(toy.pop("n_test"))
+        toy = section(params, "toy")
+        if not isinstance(toy, Mapping):
+            raise ConfigError(f"toy must be a mapping, got {toy!r}")
+        for key in ToyDataParams.KEYS:
+            section(params, f"toy.{key}")  # a missing key is an error naming it, not a bare KeyError
+        recipe = {k: v for k, v in toy.items() if k not in ToyDataParams.KEYS}
+        data = from_dict(ToyDataParams, {k: toy[k] for k in ToyDataParams.KEYS}, "toy")
         return cls(
-            int(section(params, "seed")), datasets, n_train, n_test, from_dict(Toy2DConfig, toy, "toy")
+            int(section(params, "seed")),
+            data.datasets,
+            data.n_train,
+            data.n_test,
+            from_dict(Toy2DConfig, recipe, "toy"),
         )
 
 
