@@ -46,13 +46,15 @@ def frozen(energy: EnergyFn) -> Iterator[None]:
     Sampling needs ``∇ₓE`` only; with frozen parameters autograd neither saves what the weight
     gradients would need nor computes them, and nothing can leak into ``param.grad``. Eval mode makes
     the energy a fixed function while the chains run: spectral norm, for one, would otherwise take a
-    power-iteration step (and change its buffers) on every call.
+    power-iteration step (and change its buffers) on every call. On exit every submodule gets back the
+    mode it had, each its own (a frozen batch norm in a training model stays in eval).
     """
     if not isinstance(energy, nn.Module):
         yield
         return
     params = [p for p in energy.parameters() if p.requires_grad]
-    was_training = energy.training
+    # Every module's own mode: a submodule kept in eval inside a training model stays in eval.
+    modes = [(module, module.training) for module in energy.modules()]
     energy.eval()
     for p in params:
         p.requires_grad_(False)
@@ -61,7 +63,8 @@ def frozen(energy: EnergyFn) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
-        energy.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def energy_and_grad(energy: EnergyFn, x: Tensor, *, compile: bool = False) -> tuple[Tensor, Tensor]:

@@ -71,7 +71,9 @@ class ContrastiveDivergence:
             steps towards this acceptance rate: η ← η · exp(0.05 · (rate − target)), kept within
             [η₀/100, 10 η₀]. As the energy sharpens during training a fixed η stops mixing, stuck
             chains get pushed up without bound and training diverges; the adapted η follows the
-            landscape. Each adapted run is still an exact MALA chain. ``None``: fixed η.
+            landscape. Each adapted run is still an exact MALA chain. ``None``: fixed η. Only for a
+            sampler with ``metropolis_adjusted = True`` (:class:`~ebm.samplers.MALA`); with any other it
+            is a ``ValueError``.
         max_steps: let the chain length grow from ``n_steps`` up to this many steps while the chains
             lag behind the energy. As training sharpens the energy, a fixed number of sampler steps per
             visit to a buffer state can stop keeping up: the negatives then sit above the data in energy
@@ -120,6 +122,13 @@ class ContrastiveDivergence:
         self.buffer = buffer
         if target_acceptance is not None and not 0.0 < target_acceptance < 1.0:
             raise ValueError(f"target_acceptance must lie in (0, 1) or be None, got {target_acceptance}")
+        if target_acceptance is not None and not getattr(sampler, "metropolis_adjusted", False):
+            # An unadjusted sampler accepts every move: the rate would read 1 forever and η grow to 10 η₀.
+            raise ValueError(
+                f"target_acceptance needs a Metropolis-adjusted sampler (mala), whose acceptance rate it "
+                f"steers; {type(sampler).__name__} accepts every move. Use mala, or set "
+                "target_acceptance to null"
+            )
         self.target_acceptance = target_acceptance
         self._step_bounds = (sampler.step_size / 100, sampler.step_size * 10)
 
@@ -155,15 +164,23 @@ class ContrastiveDivergence:
         adapted = self.sampler.step_size * math.exp(0.05 * (acceptance_rate - self.target_acceptance))
         self.sampler = dataclasses.replace(self.sampler, step_size=min(max(adapted, low), high))  # type: ignore[type-var]
 
-    def _adapt_n_steps(self, gap: Tensor) -> None:
+    def _adapt_n_steps(self, gap: Tensor, *, finite: bool) -> None:
         """The chain-length controller of ``max_steps`` (a host sync: one float per training step).
 
-        In a data-parallel run every rank averages the ranks' gaps (one all-reduce of one number), so
-        all ranks keep the same average and run chains of the same length, as one process would.
+        In a data-parallel run every rank averages the ranks' gaps (one all-reduce of two numbers), so
+        all ranks keep the same average and run chains of the same length, as one process would. Every
+        rank runs that all-reduce whether or not its own loss is ``finite``, and before a rank with a
+        non-finite loss raises: a rank that skipped it would meet the others in the trainer's
+        divergence vote, a different collective, and the process group would abort. If the loss is
+        non-finite on any rank, the step is thrown away (rolled back) and the average is left as it was.
         """
         assert self.max_steps is not None
-        mean_gap = process_group_context().mean({"gap": float(gap)})["gap"]
-        self.gap_average = self.lag_decay * self.gap_average + (1.0 - self.lag_decay) * mean_gap
+        means = process_group_context().mean(
+            {"gap": float(gap) if finite else 0.0, "non_finite": 0.0 if finite else 1.0}
+        )
+        if means["non_finite"] > 0:
+            return
+        self.gap_average = self.lag_decay * self.gap_average + (1.0 - self.lag_decay) * means["gap"]
         if self.gap_average < -self.lag_threshold:
             self.n_steps = min(self.n_steps + 1, self.max_steps)
         elif self.gap_average > self.lag_threshold:
@@ -187,7 +204,10 @@ class ContrastiveDivergence:
                 regularisation + self.offset_weight * (0.5 * (e_pos.mean() + e_neg.mean())).square()
             )
         loss = e_pos.mean() - e_neg.mean() + regularisation
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.max_steps is not None:  # before the raise below: every rank runs its all-reduce
+            self._adapt_n_steps(e_pos.detach().mean() - e_neg.detach().mean(), finite=finite)
+        if not finite:
             raise NonFiniteLossError(step, "contrastive-divergence loss")
         stats = CDStats(
             loss=loss.detach(),
@@ -199,8 +219,6 @@ class ContrastiveDivergence:
             acceptance_rate=sampler_stats.acceptance_rate,
             sampler_steps=torch.tensor(float(n_steps)),
         )
-        if self.max_steps is not None:
-            self._adapt_n_steps(stats.gap)
         return loss, stats
 
     def with_step_size(self, factor: float) -> None:

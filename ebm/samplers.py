@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -80,6 +80,9 @@ class Langevin:
         autocast_bf16: on CUDA, evaluate the energy and its gradient under bfloat16 autocast (the
             chains stay in their own dtype); ignored on other devices.
     """
+
+    # Every move is accepted: no acceptance rate to steer a step size by (``target_acceptance``).
+    metropolis_adjusted: ClassVar[bool] = False
 
     step_size: float = 0.01
     noise_scale: float | None = None
@@ -179,6 +182,8 @@ class MALA:
         jump: the independence proposal, or ``None`` for plain MALA.
         jump_every: steps between independence moves (the first comes before the first MALA step).
     """
+
+    metropolis_adjusted: ClassVar[bool] = True
 
     step_size: float = 0.01
     jump: JumpProposal | None = None
@@ -723,6 +728,9 @@ class ReplayBuffer:
         self.reinit_prob = float(state["reinit_prob"])
 
 
+_DEFAULT_JUMP_UNIFORM_WEIGHT = 0.1
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """A sampler by name plus its hyperparameters, as ``params.yaml`` gives them.
@@ -733,7 +741,9 @@ class SamplerConfig:
     mixed with uniform noise over the data box at weight ``jump_uniform_weight``. ``jump_grid_bins``
     tabulates that proposal on a grid of this many cells per coordinate (:class:`GridProposal`, for
     low dimensions): the same shape, and a table lookup instead of a sum over the kernel's centres
-    at every move.
+    at every move. ``jump_uniform_weight`` and ``jump_grid_bins`` without ``jump_every`` are an error,
+    as is a ``name`` not in :data:`SAMPLERS`: both are found when the config is made (a params file
+    fails as it is read), not when the sampler is built.
     """
 
     name: str = "langevin"
@@ -742,12 +752,33 @@ class SamplerConfig:
     grad_clip: float | None = None
     clamp: tuple[float, float] | None = None
     jump_every: int | None = None
-    jump_uniform_weight: float = 0.1
+    jump_uniform_weight: float = _DEFAULT_JUMP_UNIFORM_WEIGHT
     jump_grid_bins: int | None = None
 
     def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ValueError(f"unknown sampler name {self.name!r}; choose one of {sorted(SAMPLERS)}")
         if self.jump_grid_bins is not None and self.jump_grid_bins < 1:
             raise ValueError(f"jump_grid_bins must be ≥ 1 or null, got {self.jump_grid_bins}")
+        if self.jump_every is not None and self.jump_every < 1:
+            raise ValueError(f"jump_every must be ≥ 1 or null (no jumps), got {self.jump_every}")
+        if not 0.0 <= self.jump_uniform_weight < 1.0:
+            raise ValueError(f"jump_uniform_weight must lie in [0, 1), got {self.jump_uniform_weight}")
+        if self.jump_every is None:
+            ignored = [
+                name
+                for name, value, default in (
+                    ("jump_uniform_weight", self.jump_uniform_weight, _DEFAULT_JUMP_UNIFORM_WEIGHT),
+                    ("jump_grid_bins", self.jump_grid_bins, None),
+                )
+                if value != default
+            ]
+            if ignored:
+                raise ValueError(
+                    f"{' and '.join(ignored)} set{'s' if len(ignored) == 1 else ''} up the mode-jumping "
+                    "moves, which are off: set jump_every too (with name: mala), or leave "
+                    f"{' and '.join(ignored)} out"
+                )
 
     def build(
         self,

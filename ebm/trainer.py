@@ -15,17 +15,21 @@ the callbacks and shows progress.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -113,7 +117,10 @@ class TrainConfig:
             of E⁺ − E⁻ (decay ``lag_decay``) falls below −``max_lag`` the trainer rolls back to the last
             good state like a divergence, but multiplies only the learning rate by
             ``recovery_factor``: a smaller sampler step would make the chains lag more. With the guard
-            on, a checkpoint is a rollback point only while that average is ≥ 0.
+            on, a checkpoint is a rollback point only while that average is ≥ 0; while it is below, the
+            checkpoint file keeps the last good state (the one a rollback would return to), so a
+            restarted run resumes from there and replays the same steps; the final checkpoint, at
+            ``steps``, holds the finished state.
         lag_decay: decay per step of the lag guard's average.
         max_recoveries: rollbacks allowed before :class:`TrainingDivergedError`.
         recovery_factor: after a rollback, sampler step size and learning rate are multiplied by this.
@@ -151,6 +158,17 @@ class TrainConfig:
             raise ValueError(f"max_lag must be a positive finite energy or null, got {self.max_lag}")
         if not 0.0 <= self.lag_decay < 1.0:
             raise ValueError(f"lag_decay must lie in [0, 1), got {self.lag_decay}")
+        # A negative clip norm would flip the gradient into ascent; a NaN one would pass every ``<`` test.
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be a positive gradient norm or null, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1) or be null (no EMA), got {self.ema_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if self.max_recoveries < 0:
+            raise ValueError(f"max_recoveries must be ≥ 0, got {self.max_recoveries}")
+        if not self.max_abs_energy > 0:  # NaN too: every |E| would then count as a divergence
+            raise ValueError(f"max_abs_energy must be a positive energy, got {self.max_abs_energy}")
 
 
 MetricsCallback = Callable[["Trainer", int, dict[str, float]], None]
@@ -270,7 +288,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.energy)
+            _update_ema(self.ema, self.energy)
         return stats, grad_norm
 
     def fit(self) -> TrainResult:
@@ -356,8 +374,10 @@ class Trainer:
     def _lag_healthy(self) -> bool:
         """Whether this state may be a rollback point: the lag guard is off, or the chains keep up (the
         average E⁺ − E⁻ is ≥ 0). A lag builds up over some hundred steps before it crosses −max_lag, and
-        a rollback to a state already on the way there collapses again whatever the lr."""
-        return self.config.max_lag is None or self.lag_average >= 0.0
+        a rollback to a state already on the way there collapses again whatever the lr. Under DDP each
+        rank has its own average, and the state is a rollback point only if it is on every rank (one
+        vote), so that all ranks keep, and roll back to, the same step."""
+        return self.config.max_lag is None or not self.context.any(self.lag_average < 0.0)
 
     def _check_weights(self) -> None:
         """Before weights are kept (checkpoint, end of training): a NaN model is never written."""
@@ -405,10 +425,16 @@ class Trainer:
         """
         state = self.state_dict()
         assert_finite_state(state["energy"], "a checkpoint")
-        if self._lag_healthy():
+        healthy = self._lag_healthy()
+        if healthy:
             self._last_good = state
         if self.checkpoint_path is None:
             return
+        if not healthy and self.step < self.config.steps:
+            # A restarted run resumes from the file and takes it as its rollback point: while the chains
+            # lag, the file keeps the last good state, from which the restarted run replays exactly the
+            # steps this one took. The finished state is written as it is: nothing rolls back to it.
+            state = self._last_good
         if self.context.is_distributed:
             ranks = self.context.gather(_to_cpu({key: state[key] for key in _PER_RANK_STATE if key in state}))
             state = {key: value for key, value in state.items() if key not in _PER_RANK_STATE}
@@ -468,6 +494,74 @@ class Trainer:
         self.recoveries = int(state["recoveries"])
         self.lag_average = float(state.get("lag_average", 0.0))  # older checkpoints have none
         self.history = list(state["history"])
+
+
+def _update_ema(ema: AveragedModel, energy: nn.Module) -> None:
+    """Average ``energy``'s weights into ``ema``, keeping the EMA's spectral norms its own.
+
+    :class:`~torch.optim.swa_utils.AveragedModel` with ``use_buffers`` averages every buffer, spectral
+    norm's power-iteration vectors u, v among them; an average of unit vectors is no unit vector, and in
+    eval mode spectral norm divides by σ = uᵀ W v as they stand, so the EMA model came out mis-scaled
+    (energies two orders of magnitude off the live model's). Those vectors are kept out of the average:
+    after it, each takes back the EMA model's own u, v and one power-iteration step on the averaged
+    weight, what a training-mode forward of the EMA model would do. They are buffers of the EMA model, so a
+    checkpoint restores them and a resumed run continues exactly. Models without spectral norm: a plain
+    ``update_parameters``.
+    """
+    norms = _spectral_norms(ema.module)
+    own = [(u.clone(), v.clone()) for u, v, _ in norms]
+    ema.update_parameters(energy)
+    with torch.no_grad():
+        for (u, v, power_step), (own_u, own_v) in zip(norms, own, strict=True):
+            u.copy_(own_u)
+            v.copy_(own_v)
+            power_step()
+
+
+def _spectral_norms(module: nn.Module) -> list[tuple[Tensor, Tensor, Callable[[], None]]]:
+    """Every spectral norm in ``module``: its u and v buffers, and a power-iteration step on its current
+    weight (in place). Both :func:`torch.nn.utils.parametrizations.spectral_norm` and the older
+    hook-based :func:`torch.nn.utils.spectral_norm` are found."""
+    found: list[tuple[Tensor, Tensor, Callable[[], None]]] = []
+    for child in module.modules():
+        if parametrize.is_parametrized(child):
+            for entry in cast(nn.ModuleDict, child.parametrizations).values():
+                chain = cast(parametrize.ParametrizationList, entry)
+                for index, norm in enumerate(chain):
+                    if isinstance(norm, _SpectralNorm) and hasattr(norm, "_u"):  # 1-D weights have none
+                        found.append(
+                            (
+                                cast(Tensor, norm._u),
+                                cast(Tensor, norm._v),
+                                functools.partial(_parametrized_power_step, chain, index),
+                            )
+                        )
+        for hook in child._forward_pre_hooks.values():
+            if isinstance(hook, LegacySpectralNorm):
+                found.append(
+                    (
+                        cast(Tensor, getattr(child, hook.name + "_u")),
+                        cast(Tensor, getattr(child, hook.name + "_v")),
+                        functools.partial(_legacy_power_step, child, hook),
+                    )
+                )
+    return found
+
+
+def _parametrized_power_step(chain: parametrize.ParametrizationList, index: int) -> None:
+    norm = cast(_SpectralNorm, chain[index])
+    weight = chain.original
+    for earlier in list(chain)[:index]:  # the spectral norm sees what the parametrizations before it give
+        weight = earlier(weight)
+    norm._power_method(norm._reshape_weight_to_matrix(weight), norm.n_power_iterations)
+
+
+def _legacy_power_step(module: nn.Module, hook: LegacySpectralNorm) -> None:
+    weight = hook.reshape_weight_to_matrix(getattr(module, hook.name + "_orig"))
+    u, v = getattr(module, hook.name + "_u"), getattr(module, hook.name + "_v")
+    for _ in range(hook.n_power_iterations):
+        v.copy_(nn.functional.normalize(torch.mv(weight.t(), u), dim=0, eps=hook.eps))
+        u.copy_(nn.functional.normalize(torch.mv(weight, v), dim=0, eps=hook.eps))
 
 
 def _to_cpu(state: Any) -> Any:

@@ -1,10 +1,11 @@
 """Data parallelism: two gloo processes on CPU train like one process with the same global batch.
 
 One fixture spawns two ranks on a free loopback port, as ``torchrun`` would describe them in the
-environment, and runs five short jobs in them: the 2D recipe on moons (for the comparison with one
-process), an interrupted and resumed run, a run whose loss diverges on one rank only, a chain-length
-controller fed a different gap on each rank, and the train stage's entry point with MLflow. Each rank
-saves what it saw; the tests compare.
+environment, and runs six short jobs in them: the 2D recipe on moons (for the comparison with one
+process), an interrupted and resumed run, a run whose loss diverges on one rank only, one whose loss
+turns NaN on one rank inside an objective that runs a collective (the chain-length controller), a
+chain-length controller fed a different gap on each rank, and the train stage's entry point with
+MLflow. Each rank saves what it saw; the tests compare.
 """
 
 from __future__ import annotations
@@ -189,6 +190,51 @@ def diverge_on_one_rank(rank: int) -> dict[str, Any]:
     return {"energy": trainer.energy.state_dict(), "recoveries": result.recoveries, "steps": result.steps}
 
 
+class NaNOnce(nn.Module):
+    """``inner``'s energies, NaN in its ``at``-th training-mode forward (counting from 0) if ``at`` is set.
+
+    The trainer runs one training-mode forward per step, the loss's (the chains run in eval mode), so
+    the loss turns NaN inside the objective at step ``at``, once.
+    """
+
+    def __init__(self, inner: nn.Module, at: int | None) -> None:
+        super().__init__()
+        self.inner, self.at, self.forwards = inner, at, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        energies = self.inner(x)
+        if self.training:
+            self.forwards += 1
+            if self.at is not None and self.forwards == self.at + 1:
+                return energies * torch.nan
+        return energies
+
+
+def diverge_inside_an_adaptive_objective(rank: int) -> dict[str, Any]:
+    """Rank 1's loss turns NaN inside the objective at step 6 while ``max_steps`` adapts the chain length,
+    which takes an all-reduce in the objective: rank 1 must join it before it raises, or it meets the
+    other rank's all-reduce in the trainer's vote and the process group aborts."""
+    energy = NaNOnce(
+        seed_linear_layers_(
+            MLPEnergy(MLPEnergyConfig(in_features=2, widths=(8,))), generator=torch.Generator().manual_seed(0)
+        ),
+        at=6 if rank == 1 else None,
+    )
+    buffer = ReplayBuffer(
+        64, UniformBox((2,), -3.0, 3.0), generator=torch.Generator().manual_seed(100 + rank)
+    )
+    objective = ContrastiveDivergence(MALA(0.05), n_steps=2, max_steps=6, alpha=0.1, buffer=buffer)
+    data = torch.randn(256, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + 1.0
+    config = TrainConfig(steps=10, batch_size=32, checkpoint_every=4, device="cpu", progress=False)
+    result = Trainer(energy, objective, data, config).fit()
+    return {
+        "energy": energy.inner.state_dict(),
+        "recoveries": result.recoveries,
+        "steps": result.steps,
+        "objective": {key: objective.state_dict()[key] for key in ("n_steps", "gap_average", "step_size")},
+    }
+
+
 def run_train_stage(rank: int, params_file: Path, root: Path, writers: Path) -> None:
     """``python -m ebm.stages.toy train`` as ``torchrun`` runs it, noting which ranks write a model file."""
     save_model = ebm.stages.toy.save_model
@@ -245,6 +291,7 @@ def rank_worker(rank: int, port: int, folder: str, tracking_uri: str) -> None:
         "moons": train_recipe_on_moons(),
         "resume": interrupt_and_resume(rank, out),
         "divergence": diverge_on_one_rank(rank),
+        "adaptive_divergence": diverge_inside_an_adaptive_objective(rank),
         "controller": controller_lengths(rank),
     }
     run_train_stage(rank, out / "params.yaml", out / "project", out / "writers")  # leaves the group
@@ -403,6 +450,17 @@ def test_a_divergence_on_one_rank_rolls_every_rank_back(ranks: Path) -> None:
     assert first["recoveries"] == second["recoveries"] == 1
     assert first["steps"] == second["steps"] == 12
     assert_same(first["energy"], second["energy"], "energy after the rollback")
+
+
+@pytest.mark.slow
+def test_a_nan_inside_an_objective_with_a_collective_rolls_every_rank_back(ranks: Path) -> None:
+    first, second = (result["adaptive_divergence"] for result in rank_results(ranks))
+    assert first["recoveries"] == second["recoveries"] == 1
+    assert first["steps"] == second["steps"] == 10
+    assert_same(first["energy"], second["energy"], "energy after the rollback")
+    # the chain-length controller averaged over both ranks, and the rollback restored it on both
+    assert first["objective"]["n_steps"] == second["objective"]["n_steps"]
+    assert first["objective"]["gap_average"] == second["objective"]["gap_average"]
 
 
 @pytest.mark.slow

@@ -255,6 +255,27 @@ def test_frozen_restores_exactly_the_parameters_it_froze() -> None:
     assert all(p.requires_grad for p in rest)
 
 
+def test_frozen_gives_every_submodule_back_its_own_mode() -> None:
+    # A training model with one part deliberately in eval (a frozen batch norm, say): frozen() puts the
+    # whole tree in eval, and must give each module back the mode it had, not the root's.
+    energy = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Linear(4, 1), nn.Dropout()))
+    energy.train()
+    energy[1].eval()
+    energy[2][1].eval()
+    before = {name: module.training for name, module in energy.named_modules()}
+    with frozen(energy):
+        assert not any(module.training for module in energy.modules())
+    assert {name: module.training for name, module in energy.named_modules()} == before
+    assert before == {"": True, "0": True, "1": False, "2": True, "2.0": True, "2.1": False}
+
+    energy.eval()
+    energy[0].train()  # and the other way round: a training part inside an eval model
+    before = {name: module.training for name, module in energy.named_modules()}
+    with frozen(energy):
+        pass
+    assert {name: module.training for name, module in energy.named_modules()} == before
+
+
 def test_frozen_and_energy_and_grad_accept_plain_callables() -> None:
     def half_square_norm(x: torch.Tensor) -> torch.Tensor:
         return 0.5 * x.square().sum(1)

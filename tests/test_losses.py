@@ -298,8 +298,22 @@ def test_step_size_adapts_towards_the_target_acceptance_within_bounds(
 
 
 def test_target_acceptance_must_be_a_rate() -> None:
-    with pytest.raises(ValueError, match="target_acceptance"):
-        ContrastiveDivergence(Langevin(0.1), n_steps=1, target_acceptance=1.5)
+    from ebm.samplers import MALA
+
+    with pytest.raises(ValueError, match="target_acceptance must lie in"):
+        ContrastiveDivergence(MALA(0.1), n_steps=1, target_acceptance=1.5)
+
+
+@pytest.mark.parametrize(
+    "sampler", [Langevin(0.01), Langevin(0.01, noise_scale=0.005)], ids=["proper", "annealed"]
+)
+def test_target_acceptance_needs_a_metropolis_adjusted_sampler(sampler: Langevin) -> None:
+    # Langevin accepts every move: the rate would read 1 forever and η grow tenfold, silently.
+    with pytest.raises(ValueError, match=r"target_acceptance needs a Metropolis-adjusted sampler.*Langevin"):
+        ContrastiveDivergence(sampler, n_steps=1, target_acceptance=0.57)
+    with pytest.raises(ValueError, match="Metropolis-adjusted"):
+        ContrastiveDivergence(ShiftSampler(0.0), n_steps=1, target_acceptance=0.57)  # declares nothing
+    ContrastiveDivergence(sampler, n_steps=1)  # without a target, any sampler
 
 
 @dataclass
@@ -366,3 +380,55 @@ def test_chain_length_grows_while_the_chains_lag_and_shrinks_back_once_they_keep
 def test_chain_length_controller_rejects_bad_settings(arguments: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ContrastiveDivergence(Langevin(), n_steps=4, **arguments)
+
+
+class RecordingContext:
+    """Stands in for the process group: records every all-reduce of :meth:`mean` the loss runs."""
+
+    def __init__(self) -> None:
+        self.means: list[dict[str, float]] = []
+
+    def mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        self.means.append(dict(metrics))
+        return dict(metrics)
+
+
+class NaNEnergy(nn.Module):
+    """E = ½|x|², NaN in training mode (the loss's forward) while ``nan`` is set; the chains run in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.nan = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = 0.5 * self.scale * x.square().sum(dim=1)
+        return e * float("nan") if self.training and self.nan else e
+
+
+def test_the_chain_length_all_reduce_runs_before_a_non_finite_loss_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under DDP a rank whose loss is NaN must still join the controller's all-reduce that the healthy
+    # ranks run: had it raised first, it would meet them in the trainer's vote instead, a different
+    # collective, and gloo aborts. The vote's NaN flag rides along, and leaves the average as it was.
+    context = RecordingContext()
+    monkeypatch.setattr("ebm.losses.process_group_context", lambda: context)
+    cd = ContrastiveDivergence(
+        ShiftSampler(offset=3.0), n_steps=4, max_steps=9, lag_threshold=0.5, lag_decay=0.5
+    )
+    energy, x_pos = NaNEnergy(), torch.zeros(8, 2)
+    cd(energy, x_pos, step=0)
+    assert context.means == [{"gap": -9.0, "non_finite": 0.0}] and cd.gap_average == -4.5 and cd.n_steps == 5
+
+    energy.nan = True
+    with pytest.raises(NonFiniteLossError, match="at step 1"):
+        cd(energy, x_pos, step=1)
+    assert context.means[1] == {"gap": 0.0, "non_finite": 1.0}  # joined, then raised
+    assert (cd.gap_average, cd.n_steps) == (-4.5, 5)  # the thrown-away step adapts nothing
+
+    context.means.clear()
+    fixed = ContrastiveDivergence(ShiftSampler(offset=3.0), n_steps=4)  # no controller: no collective
+    with pytest.raises(NonFiniteLossError):
+        fixed(energy, x_pos, step=2)
+    assert context.means == []

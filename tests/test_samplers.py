@@ -634,6 +634,65 @@ def test_sampler_config_builds_mode_jumping_mala_only_with_data() -> None:
         SamplerConfig(name="mala", jump_every=5, jump_grid_bins=0)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"jump_every": 5}], ids=["plain", "jumping"])
+def test_sampler_config_rejects_an_unknown_name_when_made(overrides: dict[str, Any]) -> None:
+    # With jump_every set, an unknown name used to become MALA silently.
+    with pytest.raises(ValueError, match=r"unknown sampler name 'hmc'; choose one of \['langevin', 'mala'\]"):
+        SamplerConfig(name="hmc", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ignored"),
+    [
+        ({"jump_grid_bins": 64}, "jump_grid_bins"),
+        ({"jump_uniform_weight": 0.3}, "jump_uniform_weight"),
+        ({"jump_grid_bins": 64, "jump_uniform_weight": 0.0}, "jump_uniform_weight and jump_grid_bins"),
+    ],
+)
+def test_sampler_config_rejects_jump_options_without_jump_every(
+    overrides: dict[str, Any], ignored: str
+) -> None:
+    for name in ("langevin", "mala"):
+        with pytest.raises(ValueError, match=f"^{ignored} set.*jump_every"):
+            SamplerConfig(name=name, **overrides)
+    SamplerConfig(name="mala", jump_every=5, **overrides)  # with jumps on, they are used
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"jump_every": 0}, "jump_every must be ≥ 1"),
+        ({"jump_uniform_weight": 1.0}, "jump_uniform_weight must"),
+    ],
+)
+def test_sampler_config_rejects_bad_jump_settings_when_made(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplerConfig(name="mala", **{"jump_every": 5, **overrides})
+
+
+def test_the_shipped_sampler_configs_are_accepted() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from ebm.config import from_dict
+    from ebm.toy import Toy2DConfig
+
+    root = Path(__file__).resolve().parents[1]
+    assert Toy2DConfig().sampler.jump_grid_bins == 128
+    for params in (root / "params.yaml", root / "configs" / "quick.yaml"):
+        sections = yaml.safe_load(params.read_text())
+        for section in ("toy", "images"):
+            if section in sections:
+                from_dict(SamplerConfig, sections[section]["sampler"], f"{section}.sampler")
+
+
+def test_only_metropolis_adjusted_samplers_say_so() -> None:
+    assert MALA.metropolis_adjusted and not Langevin.metropolis_adjusted
+    assert dataclasses.replace(MALA(0.1), step_size=0.2).metropolis_adjusted  # a class constant, no field
+    assert "metropolis_adjusted" not in {field.name for field in dataclasses.fields(MALA)}
+
+
 def test_the_class_gaussian_proposal_reproduces_each_class_mean_covariance_and_weight() -> None:
     generator = torch.Generator().manual_seed(0)
     mixing = torch.tensor([[0.05, 0.0, 0.0], [0.03, 0.04, 0.0], [0.0, -0.02, 0.06]])

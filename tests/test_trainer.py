@@ -187,6 +187,80 @@ def test_fit_resumes_from_its_checkpoint_in_process(
     assert_identical(load_checkpoint(checkpoint)["energy"], uninterrupted_state["energy"], "saved energy")
 
 
+class LegacySpectralNormEnergy(nn.Module):
+    """An MLP energy with the older, hook-based :func:`torch.nn.utils.spectral_norm`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        self.net = nn.Sequential(
+            sn(nn.Linear(2, 16)), nn.SiLU(), sn(nn.Linear(16, 16)), nn.SiLU(), sn(nn.Linear(16, 1))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(1)
+
+
+def spectral_norm_trainer(
+    steps: int, checkpoint_path: Path | None = None, *, legacy: bool = False
+) -> Trainer:
+    """A small PCD run of a spectrally normalised energy with an EMA."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        energy = (
+            LegacySpectralNormEnergy()
+            if legacy
+            else MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16), spectral_norm=True))
+        )
+    config = small_config(steps=steps, ema_decay=0.9, checkpoint_every=4, seed=7)
+    return Trainer(energy, pcd_objective(), gaussian_data(), config, checkpoint_path=checkpoint_path)
+
+
+def singular_vectors(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Spectral norm's (u, v) of every layer, from either implementation's buffers."""
+    buffers = dict(model.named_buffers())
+    return [
+        (buffers[name], buffers[name[:-1] + "v"]) for name in buffers if name.endswith(("._u", ".weight_u"))
+    ]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrization", "hook"])
+def test_the_ema_of_a_spectrally_normalised_energy_keeps_unit_singular_vectors(legacy: bool) -> None:
+    # Averaging spectral norm's u, v with the weights left them of norm ≈ 0.73 after 20 steps, so the
+    # eval-mode EMA model divided its weights by σ ≈ 0.5 too small: layers of spectral norm 2.2, not 1.
+    trainer = spectral_norm_trainer(20, legacy=legacy)
+    trainer.fit()
+    ema = trainer.model.eval()
+    vectors = singular_vectors(ema)
+    assert len(vectors) == 3
+    for u, v in vectors:
+        assert float(u.norm()) == pytest.approx(1.0, abs=1e-5)
+        assert float(v.norm()) == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        ema(torch.zeros(1, 2))  # the hook-based one sets its layers' weight on a forward
+        for layer in (m for m in ema.modules() if isinstance(m, nn.Linear)):
+            # one power-iteration step per update, as the live model takes per forward: close to 1
+            assert float(torch.linalg.matrix_norm(layer.weight, 2)) == pytest.approx(1.0, abs=0.1)
+    # the EMA's own vectors, not copies of the live model's
+    live = singular_vectors(trainer.energy)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(vectors, live, strict=True))
+
+
+def test_a_spectrally_normalised_ema_run_resumes_exactly(tmp_path: Path, single_thread: None) -> None:
+    uninterrupted = spectral_norm_trainer(12)
+    uninterrupted.fit()
+    checkpoint = tmp_path / "run.ckpt"
+    spectral_norm_trainer(8, checkpoint).fit()
+
+    resumed = spectral_norm_trainer(12, checkpoint)
+    assert resumed.step == 8
+    resumed.fit()
+
+    expected, state = uninterrupted.state_dict(), resumed.state_dict()
+    for key in ("energy", "ema", "optimizer", "objective", "generator", "step"):
+        assert_identical(state[key], expected[key], key)
+
+
 def test_resuming_an_ema_run_from_a_checkpoint_without_ema_fails(tmp_path: Path) -> None:
     checkpoint = tmp_path / "run.ckpt"
     small_trainer(small_config(steps=2), checkpoint_path=checkpoint).fit()
@@ -272,6 +346,35 @@ def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_train_config_rejects_invalid_values(overrides: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="required"):
         TrainConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"grad_clip": -1.0},  # clip_grad_norm_ would flip the gradient: ascent
+        {"grad_clip": 0.0},
+        {"grad_clip": math.nan},
+        {"ema_decay": 1.5},
+        {"ema_decay": 1.0},
+        {"ema_decay": -0.1},
+        {"ema_decay": math.nan},
+        {"warmup_steps": -3},
+        {"max_recoveries": -1},
+        {"max_abs_energy": math.nan},
+        {"max_abs_energy": 0.0},
+        {"max_abs_energy": -5.0},
+    ],
+    ids=lambda overrides: "-".join(f"{k}={v}" for k, v in overrides.items()),
+)
+def test_train_config_names_the_field_of_an_invalid_value(overrides: dict[str, Any]) -> None:
+    (field_name, value), *_ = overrides.items()
+    with pytest.raises(ValueError, match=rf"^{field_name} must .*got {value}$"):
+        TrainConfig(**overrides)
+
+
+def test_train_config_accepts_the_edges_of_its_ranges() -> None:
+    TrainConfig(grad_clip=None, ema_decay=0.0, warmup_steps=0, max_recoveries=0, max_abs_energy=math.inf)
+    TrainConfig(grad_clip=1e-6, ema_decay=0.9999)
 
 
 def test_zero_steps_is_a_valid_run(tmp_path: Path) -> None:
@@ -583,6 +686,49 @@ def test_a_state_already_lagging_is_never_the_rollback_point() -> None:
     with pytest.raises(TrainingDivergedError, match="last good state is step 4"):
         trainer.fit()
     assert objective.lagged_at[:6] == [5, 6, 7, 8, 9, 10] and objective.lagged_at[6] == 5  # back to 4
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised by a callback, it ends fit() without the final checkpoint."""
+
+
+def test_a_run_killed_while_the_chains_lag_resumes_from_the_last_good_state(tmp_path: Path) -> None:
+    # A slow lag from step 5 (E⁺ − E⁻ = −0.5) makes the checkpoint at step 8 unhealthy; a sudden one at
+    # step 10, only at the first lr, fires the guard and rolls back to step 4, after which the run
+    # finishes at half the lr. Killed just after the step-8 checkpoint, the run must resume from the
+    # state it would roll back to, step 4, not from step 8, and then end exactly as without the kill.
+    def lagging_run(path: Path, callbacks: list[Any] | None = None) -> Trainer:
+        objective = LagsObjective(pcd_objective(0.1), lambda step: 0.0)
+        config = small_config(steps=16, checkpoint_every=4, max_lag=1.0, lag_decay=0.5, ema_decay=0.9)
+        trainer = small_trainer(config, objective, checkpoint_path=path, callbacks=callbacks or [])
+
+        def lag(step: int) -> float:
+            first_lr = trainer.optimizer.param_groups[0]["lr"] > 6e-3
+            return 20.0 if step >= 10 and first_lr else 1.5 if step >= 5 else 0.0
+
+        objective.lag = lag
+        return trainer
+
+    uninterrupted = lagging_run(tmp_path / "full.ckpt")
+    assert uninterrupted.fit().recoveries == 1
+
+    def kill_after_the_step_8_checkpoint(trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if step == 9:
+            raise Killed
+
+    checkpoint = tmp_path / "killed.ckpt"
+    with pytest.raises(Killed):
+        lagging_run(checkpoint, [kill_after_the_step_8_checkpoint]).fit()
+    saved = load_checkpoint(checkpoint)
+    assert saved["step"] == 4 and saved["lag_average"] >= 0  # the step-8 state was lagging
+
+    resumed = lagging_run(checkpoint)
+    assert resumed.step == 4
+    assert resumed.fit().recoveries == 1
+
+    assert_identical(resumed.state_dict(), uninterrupted.state_dict())
+    assert_identical(load_checkpoint(checkpoint), load_checkpoint(tmp_path / "full.ckpt"))
+    assert load_checkpoint(checkpoint)["step"] == 16  # the finished state, lagging or not
 
 
 def test_lagging_chains_that_never_catch_up_end_in_training_diverged_error() -> None:
