@@ -201,3 +201,12 @@ def test_checkerboard_is_uniform_on_black_squares() -> None:
     x = torch.tensor([[-3.0, -3.0], [-1.0, -3.0], [1.0, 1.0], [3.0, 1.0], [4.5, 0.0], [0.0, -4.01]])
     expected = torch.tensor([-math.log(32), -math.inf, -math.log(32), -math.inf, -math.inf, -math.inf])
     torch.testing.assert_close(board.log_prob(x), expected.double())
+
+
+@pytest.mark.parametrize("name", list(TOY_DATASETS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_log_prob_of_a_non_finite_point_is_an_error_naming_its_row(name: str, bad: float) -> None:
+    x = torch.zeros(4, 2)
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"{name}\.log_prob: x holds NaN or ±inf at row\(s\) 2 of 4"):
+        make_toy_dataset(name).log_prob(x)

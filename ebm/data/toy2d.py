@@ -78,10 +78,16 @@ class ToyDataset(ABC):
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact normalised log-density at ``x`` of shape ``(n, 2)``, float64 of shape ``(n,)``.
 
-        Computed in float64 on ``x``'s device whatever ``x``'s floating dtype.
+        Computed in float64 on ``x``'s device whatever ``x``'s floating dtype. A NaN or infinite
+        coordinate is an error (it has no density; the checkerboard's comparisons would call it −inf and
+        the mixtures' arithmetic NaN).
         """
         if x.ndim != 2 or x.shape[1] != 2:
             raise ValueError(f"x must have shape (n, 2), got {tuple(x.shape)}")
+        bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()
+        if bad.numel():
+            rows = ", ".join(str(int(r)) for r in bad[:5])
+            raise ValueError(f"{self.name}.log_prob: x holds NaN or ±inf at row(s) {rows} of {len(x)}")
         return self._log_prob(x.to(torch.float64))
 
     @abstractmethod
