@@ -77,6 +77,9 @@ DEFER_ENV = "EBM_MLFLOW_DEFER"
 PENDING_RUNS_DIR = Path(".ebm") / "mlflow-pending"
 """Where, relative to the project root, deferred runs wait to be logged."""
 
+RUN_LINKS_LOCK = Path(".ebm") / "mlflow_runs.lock"
+"""The lock file that serialises updates of :data:`RUN_LINKS_FILE` (relative to the project root)."""
+
 _PARTIAL = ".partial"
 
 _LOCAL_STORE_SCHEMES = ("sqlite", "file", "")
@@ -189,13 +192,24 @@ def read_run_links(project_root: Path) -> dict[str, str]:
 
 
 def record_run_link(project_root: Path, stage: str, link: str) -> None:
-    """Add or replace ``stage``'s link in ``reports/mlflow_runs.json`` (written atomically)."""
+    """Add or replace ``stage``'s link in ``reports/mlflow_runs.json`` (written atomically).
+
+    Read, update and write happen under an exclusive lock (``.ebm/mlflow_runs.lock``): two stages that
+    finish at once (two ``dvc repro`` of independent stages) would otherwise each write the file as they
+    read it, and one link would be lost.
+    """
+    import fcntl
+
     path = Path(project_root) / RUN_LINKS_FILE
-    links = read_run_links(project_root) | {stage: link}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(links, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    lock = Path(project_root) / RUN_LINKS_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file closes
+        links = read_run_links(project_root) | {stage: link}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(links, indent=2, sort_keys=True) + "\n")
+        os.replace(partial, path)
 
 
 class StageRun(Protocol):

@@ -14,8 +14,8 @@ Per-stage policy comes from the optional ``schedule.stages`` section of ``params
 
     schedule:
       stages:
-        prepare_mnist: {retries: 2, retry_delay_seconds: 30}
-        train_mnist: {timeout_seconds: 7200}
+        prepare_images: {retries: 2, retry_delay_seconds: 30}
+        train_images: {timeout_seconds: 7200}
 
 Stages whose name starts with ``prepare`` retry once after 10 s by default (downloads flake); nothing has
 a timeout by default. A timeout is enforced here rather than by Prefect's ``timeout_seconds``, which cannot
@@ -43,6 +43,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator, Mapping  # noqa: E402
@@ -94,6 +95,20 @@ class StagePolicy:
     retry_delay_seconds: float = 0.0
     timeout_seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        # Checked here: a quoted "7200" would reach threading.Timer, whose thread would die with a
+        # TypeError printed to stderr, and the stage would run with no timeout at all.
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        retries, delay, timeout = self.retries, self.retry_delay_seconds, self.timeout_seconds
+        if not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0):
+            raise ValueError(f"retries must be a whole number ≥ 0, got {retries!r}")
+        if not (number(delay) and delay >= 0):
+            raise ValueError(f"retry_delay_seconds must be a number of seconds ≥ 0, got {delay!r}")
+        if timeout is not None and not (number(timeout) and timeout > 0):
+            raise ValueError(f"timeout_seconds must be a number of seconds > 0 or null, got {timeout!r}")
+
 
 PREPARE_POLICY = StagePolicy(retries=1, retry_delay_seconds=10.0)
 
@@ -130,16 +145,18 @@ class PipelineSummary:
 
 
 @contextmanager
-def _dvc_repo(project_root: Path | str) -> Iterator["Repo"]:
+def _dvc_repo(project_root: Path | str, *, wait_for_lock: bool = False) -> Iterator["Repo"]:
     """The DVC repo, used from its root as ``dvc repro`` would be.
 
     DVC resolves stage addresses against the working directory and hands them to commands as
     ``DVC_STAGE``; from the root they read ``train``, the name ``ebm.tracking`` tags runs with. The working
     directory is process-wide: run one pipeline flow per process (the deployment allows one at a time).
+    ``wait_for_lock``: wait for the repository lock as ``dvc --wait-for-lock`` does, instead of giving up
+    after ~3 s.
     """
     from dvc.repo import Repo
 
-    with chdir(project_root), Repo(".") as repo:
+    with chdir(project_root), Repo(".", _wait_for_lock=wait_for_lock) as repo:
         yield repo
 
 
@@ -163,7 +180,20 @@ def stage_policy(stage: str, schedule: Mapping[str, Any]) -> StagePolicy:
     known = {field.name for field in dataclasses.fields(StagePolicy)}
     if unknown := sorted(set(overrides) - known):
         raise ValueError(f"schedule.stages.{stage}: unknown keys {unknown}; valid keys: {sorted(known)}")
-    return dataclasses.replace(default, **overrides)
+    try:
+        return dataclasses.replace(default, **overrides)
+    except ValueError as err:
+        raise ValueError(f"schedule.stages.{stage}: {err}") from None
+
+
+def check_scheduled_stages(schedule: Mapping[str, Any], stages: list[str]) -> None:
+    """``schedule.stages`` names only stages of the pipeline: a misspelt one would be ignored silently.
+
+    Raises:
+        ValueError: A key of ``schedule.stages`` is not one of ``stages``.
+    """
+    if unknown := sorted(set(schedule.get("stages") or {}) - set(stages)):
+        raise ValueError(f"schedule.stages names {unknown}, not stages of this pipeline; stages: {stages}")
 
 
 def stage_order(project_root: Path, targets: list[str] | None = None) -> list[str]:
@@ -326,21 +356,28 @@ def reproduce_stage(
     # process, which has MLflow imported already after the first stage, logs it when the stage ends.
     run_env = {DEFER_ENV: "1"} | ({FLOW_RUN_ID_ENV: flow_run_id} if flow_run_id else {})
     started = time.perf_counter()
-    with (
-        _logging_deferred_runs(project_root),
-        _dvc_repo(project_root) as repo,
-        _watch_run_cache() as run_cache,
-        _deadline(stage, timeout_seconds) as expired,
-    ):
+    # Fail fast if another run holds the repository lock now. Once the stage starts, wait for it instead:
+    # DVC lets go of the lock while the stage's command runs and takes it back to record the result, and
+    # giving up then (after ~3 s) would throw away a finished stage because another run was planning.
+    with _dvc_repo(project_root) as probe:
         try:
-            reproduced = repo.reproduce(targets=[stage], single_item=True, force=force, run_env=run_env)
+            with probe.lock:
+                pass
         except LockError as exc:
-            lock_file = Path(repo.lock.lockfile).resolve()
+            lock_file = Path(probe.lock.lockfile).resolve()
             raise PipelineLockedError(
                 f"another pipeline run holds the DVC lock at {lock_file}; wait for it to finish "
                 f"(or stop it) and run again. A `dvc repro` or `python -m flows.pipeline` in {project_root} "
                 "is the usual holder."
             ) from exc
+    with (
+        _logging_deferred_runs(project_root),
+        _dvc_repo(project_root, wait_for_lock=True) as repo,
+        _watch_run_cache() as run_cache,
+        _deadline(stage, timeout_seconds) as expired,
+    ):
+        try:
+            reproduced = repo.reproduce(targets=[stage], single_item=True, force=force, run_env=run_env)
         except ReproductionError as exc:
             if expired.is_set():
                 raise StageTimeoutError(
@@ -381,7 +418,46 @@ def pipeline(
             with that stage marked failed.
     """
     root = Path(project_root).resolve()
+    with _one_flow_at_a_time(root):
+        return _run_stages(root, stages, force)
+
+
+FLOW_LOCK = Path(".dvc") / "tmp" / "ebm-pipeline.lock"
+"""Held by a pipeline flow for its whole run (relative to the project root)."""
+
+
+@contextmanager
+def _one_flow_at_a_time(root: Path) -> Iterator[None]:
+    """Hold :data:`FLOW_LOCK` for the flow's whole run; a second flow in the same project fails at once.
+
+    DVC's repository lock guards one stage at a time, so two flows would interleave their stages, and
+    each would log (and clean up) the other's deferred MLflow runs.
+
+    Raises:
+        PipelineLockedError: Another pipeline flow holds the lock.
+    """
+    import zc.lockfile
+
+    path = root / FLOW_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = zc.lockfile.LockFile(str(path))
+    except zc.lockfile.LockError as exc:
+        holder = path.read_text().strip() if path.exists() else "?"
+        raise PipelineLockedError(
+            f"another pipeline flow is running in {root} (process {holder}, lock {path}); wait for it to "
+            "finish (or stop it) and run again"
+        ) from exc
+    try:
+        yield
+    finally:
+        lock.close()
+
+
+def _run_stages(root: Path, stages: list[str] | None, force: bool) -> PipelineSummary:
     schedule = load_schedule_config(root)
+    if schedule.get("stages"):
+        check_scheduled_stages(schedule, stage_order(root))
     planned = [(stage, stage_policy(stage, schedule)) for stage in stage_order(root, stages)]
     outcomes: list[StageOutcome] = []
     try:

@@ -17,6 +17,8 @@ from flows.pipeline import (
     StageOutcome,
     StagePolicy,
     StageTimeoutError,
+    _one_flow_at_a_time,
+    check_scheduled_stages,
     pipeline,
     stage_order,
     stage_policy,
@@ -195,3 +197,79 @@ def test_flow_reports_outs_dvc_restored_from_its_run_cache(prefect_harness: None
 
     assert outcomes == ["ran", "ran", "restored"]
     assert (dvc_project / "copy.txt").read_text() == "first\n"
+
+
+@pytest.mark.parametrize(
+    ("override", "complaint"),
+    [
+        ({"timeout_seconds": "7200"}, "timeout_seconds must be a number of seconds > 0 or null, got '7200'"),
+        ({"timeout_seconds": 0}, "timeout_seconds must be a number of seconds > 0 or null, got 0"),
+        ({"retries": -1}, "retries must be a whole number ≥ 0, got -1"),
+        ({"retries": True}, "retries must be a whole number ≥ 0, got True"),
+        (
+            {"retry_delay_seconds": float("nan")},
+            "retry_delay_seconds must be a number of seconds ≥ 0, got nan",
+        ),
+    ],
+)
+def test_a_stage_policy_of_the_wrong_type_is_an_error_naming_the_stage_and_key(
+    override: dict[str, Any], complaint: str
+) -> None:
+    # a quoted timeout used to reach threading.Timer, whose thread died, and the stage ran with no timeout
+    with pytest.raises(ValueError, match=f"^schedule.stages.train: {complaint}$"):
+        stage_policy("train", {"stages": {"train": override}})
+
+
+def test_scheduled_stages_must_be_stages_of_the_pipeline() -> None:
+    check_scheduled_stages({"stages": {"train": {"retries": 1}}}, ["prepare", "train"])
+    with pytest.raises(ValueError, match=r"schedule.stages names \['train_mnist'\], not stages of this"):
+        check_scheduled_stages({"stages": {"train_mnist": {"retries": 1}}}, ["prepare", "train"])
+
+
+@pytest.mark.slow
+def test_a_second_flow_in_the_same_project_fails_at_once(prefect_harness: None, tiny_pipeline: Path) -> None:
+    with _one_flow_at_a_time(tiny_pipeline):  # what a first flow holds for its whole run
+        state = pipeline(project_root=str(tiny_pipeline), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(PipelineLockedError, match="another pipeline flow is running in"):
+        state.result()
+    assert not (tiny_pipeline / "dvc.lock").exists()  # no stage ran
+    with _one_flow_at_a_time(tiny_pipeline):  # and the failed flow let go of nothing it did not hold
+        pass
+
+
+HOLDER = """
+import sys, time
+from dvc.repo import Repo
+with Repo(sys.argv[1]) as repo, repo.lock:  # DVC let go of it while the stage's command runs
+    open(sys.argv[2], "w").close()
+    time.sleep(8)
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_whose_command_ends_while_another_process_holds_the_lock_waits_and_is_recorded(
+    prefect_harness: None, dvc_project: Path
+) -> None:
+    # DVC gives up the repository lock while a command runs and takes it back (~3 s of retries) to record
+    # the result: a `dvc repro` planning meanwhile used to make the flow throw the finished stage away.
+    (dvc_project / "holder.py").write_text(HOLDER)
+    command = (
+        "import subprocess, sys, time, pathlib; "
+        "subprocess.Popen([sys.executable, 'holder.py', '.', 'held']); "
+        "[time.sleep(0.1) for _ in range(100) if not pathlib.Path('held').exists()]; "
+        "pathlib.Path('out.txt').write_text('done')"
+    )
+    (dvc_project / "dvc.yaml").write_text(
+        textwrap.dedent(f"""
+        stages:
+          work:
+            cmd: {sys.executable} -c "{command}"
+            outs: [out.txt]
+        """)
+    )
+
+    summary = pipeline(project_root=str(dvc_project))
+
+    assert _outcomes(summary.stages) == {"work": "ran"}
+    assert "work" in yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]

@@ -233,3 +233,23 @@ def test_a_killed_stage_is_logged_killed_and_a_running_one_is_left_alone(
     assert [(m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "loss")] == [(7, 3.0)]
     log_pending_runs(tmp_path)
     assert {run.info.status for run in client.search_runs([experiment_id])} == {"KILLED", "FINISHED"}
+
+
+RECORDER = """
+import sys
+from pathlib import Path
+from ebm.tracking import record_run_link
+for i in range(40):
+    record_run_link(Path(sys.argv[1]), f"{sys.argv[2]}-{i}", f"#/runs/{sys.argv[2]}-{i}")
+"""
+
+
+def test_stages_recording_their_run_links_at_once_lose_none(tmp_path: Path) -> None:
+    # two `dvc repro` of independent stages finish together: each read-update-write of the links file
+    # must see the other's, or one link is lost
+    writers = [
+        subprocess.Popen([sys.executable, "-c", RECORDER, str(tmp_path), name]) for name in ("left", "right")
+    ]
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
+    links = read_run_links(tmp_path)
+    assert sorted(links) == sorted(f"{name}-{i}" for name in ("left", "right") for i in range(40))
