@@ -312,12 +312,18 @@ def buffer_states(trainer: Trainer) -> Tensor | None:
 
 
 def save_image_grid(images: Tensor, path: Path, *, n_row: int = 8) -> Path:
-    """Write [0, 1] images ``(B, C, H, W)`` as one PNG grid (``n_row`` images per row)."""
+    """Write [0, 1] images ``(B, C, H, W)`` as one PNG grid (``n_row`` images per row), atomically: a
+    failed write leaves the previous file whole and no temporary file behind."""
     from torchvision.utils import save_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.detach().float().clamp(0, 1).cpu(), path, nrow=n_row, padding=2, pad_value=0.5)
-    return path
+    from ebm.checkpoint import atomic_write
+
+    grid = images.detach().float().clamp(0, 1).cpu()
+    return atomic_write(
+        path,
+        lambda tmp: save_image(grid, tmp, format="png", nrow=n_row, padding=2, pad_value=0.5),
+        suffix=".tmp.png",
+    )
 
 
 # --- generation and restoration -------------------------------------------------------------------

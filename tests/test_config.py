@@ -285,3 +285,21 @@ def test_every_detection_metric_can_pick_the_champion() -> None:
         assert (
             AnomalyParams.from_params(_with("anomaly", register={"metric": metric})).register.metric == metric
         )
+
+
+@pytest.mark.parametrize("seed", [1.5, True, "7", None])
+@pytest.mark.parametrize("family", ["toy", "images", "boltzmann", "anomaly"])
+def test_every_stage_refuses_a_seed_that_is_not_a_whole_number(family: str, seed: Any) -> None:
+    import importlib
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    stages = importlib.import_module(f"ebm.stages.{family}")
+    reader = {
+        "toy": "ToyParams",
+        "images": "ImagesParams",
+        "boltzmann": "BoltzmannParams",
+        "anomaly": "AnomalyParams",
+    }[family]
+    getattr(stages, reader).from_params(params)  # the shipped params load
+    with pytest.raises(ConfigError, match=r"^seed must be a whole number, got "):
+        getattr(stages, reader).from_params({**params, "seed": seed})  # before: 1.5 silently became 1

@@ -191,7 +191,6 @@ def test_an_evaluation_cap_below_one_is_an_error_naming_the_key(value: Any) -> N
 def test_a_failed_render_keeps_the_previous_pngs_and_leaves_no_temporary_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ebm.stages.images as stages
 
     paths = ImagePaths(tmp_path)
     samples, figures = paths.reports / "samples", paths.reports / "figures"
@@ -202,15 +201,17 @@ def test_a_failed_render_keeps_the_previous_pngs_and_leaves_no_temporary_file(
     torch.save({row: torch.rand(8, 1, 6, 6) for row in rows}, samples / "restoration.pt")
     figures.mkdir()
     (figures / "samples_noise.png").write_bytes(b"the previous run's grid")
-    real_save_image_grid = stages.save_image_grid
+    import torchvision.utils
 
-    def disk_full_on_the_noise_grid(images: torch.Tensor, path: Path) -> Path:
-        if "samples_noise" in path.name:
-            path.write_bytes(b"\x89PNG half")
+    real_save_image = torchvision.utils.save_image
+
+    def disk_full_on_the_noise_grid(images: torch.Tensor, path: Any, **options: Any) -> None:
+        if "samples_noise" in Path(path).name:
+            Path(path).write_bytes(b"\x89PNG half")
             raise OSError(28, "No space left on device")
-        return real_save_image_grid(images, path)
+        real_save_image(images, path, **options)
 
-    monkeypatch.setattr(stages, "save_image_grid", disk_full_on_the_noise_grid)
+    monkeypatch.setattr(torchvision.utils, "save_image", disk_full_on_the_noise_grid)
     with pytest.raises(OSError, match="No space left"):
         render(ImagesParams.from_params(quick_params()), paths)
 

@@ -44,7 +44,7 @@ from ebm.anomaly.transactions import (
 )
 from ebm.checkpoint import atomic_write
 from ebm.config import from_dict, load_params, section
-from ebm.stages.common import StagePaths, stage_arguments
+from ebm.stages.common import StagePaths, read_seed, stage_arguments
 
 EXPERIMENT = "anomaly"
 
@@ -111,7 +111,7 @@ class AnomalyParams:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> AnomalyParams:
         anomaly = dict(section(params, "anomaly"))
-        return from_dict(cls, {"seed": int(section(params, "seed")), **anomaly}, "anomaly")
+        return from_dict(cls, {"seed": read_seed(params), **anomaly}, "anomaly")
 
 
 # --- stages ---------------------------------------------------------------------------------------

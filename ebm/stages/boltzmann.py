@@ -60,7 +60,7 @@ from ebm.boltzmann.training import (
 from ebm.checkpoint import atomic_write, load_model, save_model
 from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.images import ImageSplit, load_image_split
-from ebm.stages.common import StagePaths, stage_arguments
+from ebm.stages.common import StagePaths, read_seed, stage_arguments
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer
 
 EXPERIMENT = "boltzmann"
@@ -156,7 +156,7 @@ class BoltzmannParams:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ConfigError(f"boltzmann.threads must be a positive integer or null, got {threads!r}")
         return cls(
-            seed=int(section(params, "seed")),
+            seed=read_seed(params),
             dataset=str(section(params, "images.data.dataset")),
             binarize=from_dict(BinarizeConfig, raw.get("binarize"), "boltzmann.binarize"),
             rbm=_rbm_params(dict(section(params, "boltzmann.rbm"))),
@@ -449,11 +449,9 @@ def _fingerprint(recipe: Mapping[str, Any], data: torch.Tensor) -> str:
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> Path:
-    """A PNG image grid written atomically (a unique temporary file, removed if the write fails)."""
-    from ebm.images import save_image_grid
+    from ebm.images import save_image_grid  # atomic: a unique temporary file, removed if the write fails
 
-    # the temporary name ends in .png: the image writer picks the format from it
-    return atomic_write(path, lambda tmp: save_image_grid(images, Path(tmp)), suffix=".tmp.png")
+    return save_image_grid(images, path)
 
 
 def _write_json(path: Path, value: Any) -> None:

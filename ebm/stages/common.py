@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from ebm.config import ConfigError, section
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,15 @@ def stage_arguments(module: str, description: str | None, stages: Iterable[str])
     )
     parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
     return parser
+
+
+def read_seed(params: Mapping[str, Any]) -> int:
+    """The global ``seed`` of ``params.yaml``: a whole number (``1.5`` or ``true`` is an error, not 1).
+
+    Raises:
+        ConfigError: The key is missing or not a whole number.
+    """
+    seed = section(params, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be a whole number, got {seed!r}")
+    return seed

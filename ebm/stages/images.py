@@ -61,7 +61,7 @@ from ebm.images import (
     uniform_images,
 )
 from ebm.jem import JEMConfig
-from ebm.stages.common import StagePaths, stage_arguments
+from ebm.stages.common import StagePaths, read_seed, stage_arguments
 from ebm.trainer import resolve_device
 
 EXPERIMENT = "images"
@@ -134,7 +134,7 @@ class ImagesParams:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"images.threads must be a positive integer or null, got {threads!r}")
         recipe = from_dict(ImageRecipe, images, "images")
-        return cls(int(section(params, "seed")), data, recipe, classifier, evaluation, threads)
+        return cls(read_seed(params), data, recipe, classifier, evaluation, threads)
 
     def spec(self) -> ImageEnergySpec:
         dataset = image_dataset(self.data.dataset)
@@ -329,28 +329,22 @@ def render(params: ImagesParams, paths: ImagePaths) -> list[Path]:
     generated = torch.load(samples / "generated.pt", weights_only=True)
     panels = torch.load(samples / "restoration.pt", weights_only=True)
     written = [
-        _save_grid(generated["buffer"][:64], figures / "samples_buffer.png"),
-        _save_grid(generated["noise"][:64], figures / "samples_noise.png"),
-        _save_grid(generated["proposal"][:64], figures / "samples_proposal.png"),
-        _save_grid(generated["start"][:64], figures / "proposal_draws.png"),
+        save_image_grid(generated["buffer"][:64], figures / "samples_buffer.png"),
+        save_image_grid(generated["noise"][:64], figures / "samples_noise.png"),
+        save_image_grid(generated["proposal"][:64], figures / "samples_proposal.png"),
+        save_image_grid(generated["start"][:64], figures / "proposal_draws.png"),
     ]
     for task, rows in (
         ("inpainting", ("original", "masked", "inpainted")),
         ("denoising", ("original", "noisy", "denoised")),
     ):
         stacked = torch.cat([panels[row][:8] for row in rows])  # (3·8, C, H, W): one row per panel
-        written.append(_save_grid(stacked, figures / f"{task}.png"))
+        written.append(save_image_grid(stacked, figures / f"{task}.png"))
     written.append(_plot_curves(paths.reports / "curves.csv", figures / "curves.png"))
     return written
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _save_grid(images: torch.Tensor, path: Path) -> Path:
-    """A PNG image grid written atomically: to a temporary file in the same folder, then renamed."""
-    # the temporary name ends in .png: the image writer picks the format from it
-    return atomic_write(path, lambda tmp: save_image_grid(images, Path(tmp)), suffix=".tmp.png")
 
 
 def _load_image_model(path: Path, device: torch.device) -> ImageEnergy:

@@ -35,7 +35,7 @@ from ebm.checkpoint import atomic_write, load_model, save_model
 from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
 from ebm.distributed import init_from_env, process_group_context
-from ebm.stages.common import StagePaths, stage_arguments
+from ebm.stages.common import StagePaths, read_seed, stage_arguments
 from ebm.toy import Toy2DConfig, evaluate_energy, train_energy
 
 EXPERIMENT = "toy2d"
@@ -100,7 +100,7 @@ class ToyParams:
         recipe = {k: v for k, v in toy.items() if k not in ToyDataParams.KEYS}
         data = from_dict(ToyDataParams, {k: toy[k] for k in ToyDataParams.KEYS}, "toy")
         return cls(
-            int(section(params, "seed")),
+            read_seed(params),
             data.datasets,
             data.n_train,
             data.n_test,
