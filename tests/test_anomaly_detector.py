@@ -80,6 +80,43 @@ def test_calibrate_sets_the_false_positive_rate_on_held_out_rows(train_rows: pd.
     assert detector.predict(make_rows(2000, 14)).mean() == pytest.approx(0.05, abs=0.02)
 
 
+@pytest.fixture(scope="module")
+def marginal_detector(train_rows: pd.DataFrame) -> EnergyAnomalyDetector:
+    """No residual members: quick to fit, and ``calibrate`` may move its threshold freely."""
+    return EnergyAnomalyDetector(quick_config(members=0)).fit(train_rows)
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_calibrate_flags_floor_fpr_n_held_out_rows_with_distinct_scores(
+    marginal_detector: EnergyAnomalyDetector, n: int
+) -> None:
+    holdout = make_rows(n, 16)
+    assert np.unique(marginal_detector.decision_function(holdout)).size == n  # no ties
+    for fpr in (0.01, 0.05, 0.07, 0.29):
+        marginal_detector.calibrate(holdout, fpr=fpr)
+        assert marginal_detector.predict(holdout).sum() == round(fpr * n), fpr  # fpr · n is whole here
+    marginal_detector.calibrate(holdout, fpr=0.5 / n)  # less than one row's worth: nothing may be flagged
+    assert marginal_detector.predict(holdout).sum() == 0
+
+
+def test_calibrate_never_flags_more_than_fpr_of_tied_rows(marginal_detector: EnergyAnomalyDetector) -> None:
+    holdout = make_rows(10, 17).loc[np.repeat(np.arange(10), 10)]  # 100 rows, 10 tied at each score
+    scores = marginal_detector.decision_function(holdout)
+    for fpr in (0.01, 0.05, 0.1, 0.15, 0.25, 0.5):
+        marginal_detector.calibrate(holdout, fpr=fpr)
+        flagged = marginal_detector.predict(holdout).mean()
+        best = max((scores > t).mean() for t in scores if (scores > t).mean() <= fpr)
+        assert flagged <= fpr and flagged == best, fpr  # whole groups of 10: 0.1 for 0.15, 0.2 for 0.25
+
+
+@pytest.mark.parametrize("fpr", [0.0, 1.0, float("nan")])
+def test_calibrate_refuses_a_rate_outside_zero_one(
+    marginal_detector: EnergyAnomalyDetector, fpr: float
+) -> None:
+    with pytest.raises(ValueError, match="fpr must lie in"):
+        marginal_detector.calibrate(make_rows(50, 18), fpr=fpr)
+
+
 def test_save_and_load_give_the_same_scores_from_a_weights_only_file(
     detector: EnergyAnomalyDetector, tmp_path: Path
 ) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ebm.anomaly.metrics import detection_metrics, precision_at_k, recall_at_fpr
+from ebm.anomaly.metrics import detection_metrics, fpr_threshold, precision_at_k, recall_at_fpr
 
 
 def test_auroc_and_auprc_equal_scikit_learn() -> None:
@@ -18,11 +21,66 @@ def test_auroc_and_auprc_equal_scikit_learn() -> None:
     assert report.auprc == pytest.approx(average_precision_score(labels, scores))
 
 
-def test_recall_at_fpr_uses_the_normal_rows_quantile_and_counts_ties_against_the_detector() -> None:
-    normal = np.arange(100.0)  # the 99th-percentile threshold ("higher") is 99
+def test_recall_at_fpr_lets_a_share_fpr_of_normal_rows_above_the_threshold() -> None:
+    normal = np.arange(100.0)  # 1 % of 100 rows: one normal row (99) may be flagged, so the threshold is 98
     labels = np.r_[np.zeros(100), np.ones(4)]
-    scores = np.r_[normal, [99.0, 99.5, 150.0, 10.0]]
-    assert recall_at_fpr(labels, scores, 0.01) == pytest.approx(2 / 4)
+    scores = np.r_[normal, [98.0, 98.5, 150.0, 10.0]]
+    assert recall_at_fpr(labels, scores, 0.01) == pytest.approx(2 / 4)  # 98 ties the threshold: missed
+    assert recall_at_fpr(labels, scores, 0.0) == pytest.approx(1 / 4)  # threshold 99: only 150 is above
+    assert recall_at_fpr(labels, scores, 0.9) == pytest.approx(4 / 4)  # threshold 9: 10 is above
+    assert recall_at_fpr(labels, scores, 1.0) == pytest.approx(4 / 4)
+
+
+def test_recall_at_fpr_counts_ties_against_the_detector() -> None:
+    # 3 % of the normal rows tie at 1.0: flagging them would exceed 2 % FPR, so none of them may be flagged
+    normal = np.r_[np.zeros(97), np.ones(3)]
+    labels = np.r_[np.zeros(100), np.ones(2)]
+    scores = np.r_[normal, [1.0, 2.0]]
+    assert fpr_threshold(normal, 0.02) == 1.0
+    assert recall_at_fpr(labels, scores, 0.02) == pytest.approx(1 / 2)
+    assert recall_at_fpr(labels, scores, 0.03) == pytest.approx(2 / 2)  # now all three fit the budget
+
+
+def brute_force_recall_at_fpr(normal: np.ndarray, anomalies: np.ndarray, fpr: float) -> float:
+    """Largest recall over every threshold that matters (each score, and below all of them)."""
+    best = 0.0
+    for threshold in np.r_[-np.inf, normal, anomalies]:
+        if (normal > threshold).mean() <= fpr:
+            best = max(best, float((anomalies > threshold).mean()))
+    return best
+
+
+@pytest.mark.parametrize("n_normal", [1, 7, 100, 333, 1000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_recall_at_fpr_is_the_best_recall_within_the_false_positive_budget(n_normal: int, ties: bool) -> None:
+    rng = np.random.default_rng(n_normal)
+    normal, anomalies = rng.normal(size=n_normal), rng.normal(1.5, 1.0, size=40)
+    if ties:  # few distinct values: many rows tie with any threshold
+        normal, anomalies = np.round(normal * 2) / 2, np.round(anomalies * 2) / 2
+    labels = np.r_[np.zeros(n_normal), np.ones(anomalies.size)]
+    scores = np.r_[normal, anomalies]
+    for fpr in (0.0, 0.01, 0.05, 0.07, 0.1, 0.29, 0.5, 0.99, 1.0):
+        threshold = fpr_threshold(normal, fpr)
+        assert (normal > threshold).mean() <= fpr, fpr
+        assert recall_at_fpr(labels, scores, fpr) == brute_force_recall_at_fpr(normal, anomalies, fpr), fpr
+
+
+@pytest.mark.parametrize("n", [1, 10, 99, 100, 1000])
+def test_fpr_threshold_flags_floor_fpr_n_distinct_rows_and_never_more_than_fpr(n: int) -> None:
+    rng = np.random.default_rng(n)
+    distinct, tied = rng.normal(size=n), rng.integers(0, 5, size=n).astype(float)
+    for fpr in (0.0, 0.01, 0.05, 0.07, 0.1, 0.29, 0.5, 1.0):
+        flagged = int((distinct > fpr_threshold(distinct, fpr)).sum())
+        assert flagged == math.floor(round(fpr * n, 9)), (fpr, flagged)
+        assert (tied > fpr_threshold(tied, fpr)).mean() <= fpr
+
+
+@pytest.mark.parametrize("fpr", [-0.01, 1.01, float("nan")])
+def test_fpr_threshold_refuses_rates_outside_zero_one_and_empty_scores(fpr: float) -> None:
+    with pytest.raises(ValueError, match="fpr must lie in"):
+        fpr_threshold([1.0, 2.0], fpr)
+    with pytest.raises(ValueError, match="at least one"):
+        fpr_threshold([], 0.1)
 
 
 def test_precision_at_k_defaults_to_the_number_of_anomalies() -> None:
@@ -30,6 +88,59 @@ def test_precision_at_k_defaults_to_the_number_of_anomalies() -> None:
     scores = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.0])
     assert precision_at_k(labels, scores) == pytest.approx(0.5)  # top 2: rows 0 (normal) and 1 (anomaly)
     assert precision_at_k(labels, scores, k=4) == pytest.approx(0.5)
+
+
+def test_precision_at_k_of_constant_scores_is_the_base_rate_in_any_row_order() -> None:
+    labels = np.r_[np.ones(10), np.zeros(990)]
+    scores = np.zeros(1000)
+    assert precision_at_k(labels, scores) == pytest.approx(0.01)
+    assert precision_at_k(labels[::-1], scores) == pytest.approx(0.01)
+    assert precision_at_k(labels, scores, k=500) == pytest.approx(0.01)
+
+
+def test_precision_at_k_without_ties_is_the_plain_top_k() -> None:
+    rng = np.random.default_rng(1)
+    labels = (rng.uniform(size=300) < 0.2).astype(int)
+    scores = rng.normal(size=300) + labels
+    for k in (1, 10, int(labels.sum()), 300):
+        assert precision_at_k(labels, scores, k=k) == pytest.approx(labels[np.argsort(-scores)[:k]].mean())
+
+
+def test_precision_at_k_averages_over_every_order_of_the_tied_rows() -> None:
+    rng = np.random.default_rng(2)
+    labels, scores = np.array([0, 1, 1, 0, 1, 0, 0]), rng.integers(0, 3, size=7).astype(float)
+    for k in range(1, 8):
+        by_order = [
+            labels[list(order)][np.argsort(-scores[list(order)], kind="stable")[:k]].mean()
+            for order in itertools.permutations(range(7))
+        ]
+        assert precision_at_k(labels, scores, k=k) == pytest.approx(np.mean(by_order)), k
+
+
+@pytest.mark.parametrize("k", [0, 7, 2.0, True])
+def test_precision_at_k_refuses_a_bad_k(k: object) -> None:
+    with pytest.raises(ValueError, match="k must"):
+        precision_at_k([0, 1, 0, 1, 0, 0], [0.9, 0.8, 0.1, 0.2, 0.3, 0.0], k=k)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "labels", [[0.0, 0.7, 1.0, 1.0], [0, 1, 1, np.nan], [0, 1, -1, 1], [0, 1, 1, 1.0000001]]
+)
+def test_labels_other_than_zero_or_one_are_refused_before_any_cast(labels: list[float]) -> None:
+    with pytest.raises(
+        ValueError, match=r"exactly 0 \(normal\) or 1 \(anomaly\); 1 are not, the first at position"
+    ):
+        detection_metrics(labels, [0.1, 0.2, 0.3, 0.4])
+
+
+def test_labels_may_be_booleans_or_whole_floats_but_not_text() -> None:
+    scores = np.array([0.1, 0.9, 0.2, 0.8])
+    expected = precision_at_k([0, 1, 0, 1], scores)
+    assert precision_at_k([False, True, False, True], scores) == expected
+    assert precision_at_k([0.0, 1.0, 0.0, 1.0], scores) == expected
+    for text in (["0", "1", "0", "1"], np.array(["0", "1", "0", "1"], dtype=object)):
+        with pytest.raises(ValueError, match="labels must be numbers or booleans"):
+            precision_at_k(text, scores)
 
 
 @pytest.mark.parametrize(

@@ -248,11 +248,21 @@ class EnergyAnomalyDetector:
         return torch.cat(parts).double().numpy() if parts else np.empty(0)
 
     def calibrate(self, X: ArrayOrFrame, *, fpr: float = 0.01) -> float:
-        """Set ``threshold_`` so that a share ``fpr`` of held-out normal rows ``X`` is flagged; return it."""
-        if not 0 < fpr < 1:
+        """Set ``threshold_`` so that :meth:`predict` flags a share ``fpr`` of held-out normal rows ``X``.
+
+        The threshold is the lowest one flagging at most ``⌊fpr · n⌋`` of the ``n`` rows
+        (:func:`~ebm.anomaly.metrics.fpr_threshold`): exactly that many when their scores are distinct,
+        fewer when rows tie with it (the flagged share never exceeds ``fpr``), none when ``fpr · n < 1``.
+        Returns the threshold.
+        """
+        from ebm.anomaly.metrics import fpr_threshold  # lazy: keeps scikit-learn out of the detector import
+
+        if not 0 < fpr < 1:  # also refuses NaN
             raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
         scores = self.decision_function(X)
-        self.threshold_ = float(np.quantile(scores, 1.0 - fpr, method="higher"))
+        if scores.size == 0:
+            raise ValueError("calibrate needs at least one held-out row")
+        self.threshold_ = fpr_threshold(scores, fpr)
         return self.threshold_
 
     # --- inputs ---------------------------------------------------------------------------------
