@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ebm.checkpoint import atomic_write
 from ebm.energies import EnergyFn
 from ebm.evaluation.density2d import (
     LogProbFn,
@@ -28,6 +28,7 @@ from ebm.evaluation.density2d import (
     grid_centres,
     grid_points,
     log_partition_from_grid,
+    module_placement,
 )
 
 if TYPE_CHECKING:
@@ -60,19 +61,12 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically: to a temp file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            fig.savefig(temp_file, format="png", dpi=dpi)
-        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``fig`` as PNG to ``path`` atomically and durably (:func:`ebm.checkpoint.atomic_write`).
+
+    The file has mode 0644; if ``savefig`` fails, the previous file at ``path`` is kept and the temporary
+    file removed.
+    """
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), suffix=".tmp.png")
 
 
 def plot_energy_and_density(
@@ -193,12 +187,18 @@ def plot_decision_energy(
     """
     points = _points(x, "x")
     labels = _binary_labels(y, len(points))
+    # The wrapper below hides the classifier's module from evaluate_batched, so place the batches here.
+    device, dtype = module_placement(joint_energy)
 
     def energy_given(label: int) -> EnergyFn:
-        return lambda batch: joint_energy(batch, torch.full((len(batch),), label, device=batch.device))
+        def energy(batch: Tensor) -> Tensor:
+            batch = batch.to(device=device, dtype=dtype)
+            return joint_energy(batch, torch.full((len(batch),), label, device=device))
 
-    difference = energy_on_grid(energy_given(1), bounds, resolution) - energy_on_grid(
-        energy_given(0), bounds, resolution
+        return energy
+
+    difference = energy_on_grid(energy_given(1), bounds, resolution, device=device) - energy_on_grid(
+        energy_given(0), bounds, resolution, device=device
     )
     fig = new_figure(6.4, 5.2)
     ax = fig.subplots()

@@ -14,6 +14,7 @@ from ebm.evaluation.density2d import (
     DensityReport,
     GridPartition,
     KDEBaseline,
+    LogProbFn,
     converged_log_partition,
     evaluate_density,
     grid_log_partition,
@@ -61,6 +62,20 @@ def test_converged_partition_raises_with_the_values_seen_when_tol_is_out_of_reac
     narrow = GaussianMixtureEnergy(torch.zeros(1, 2), 0.1)
     with pytest.raises(RuntimeError, match=r"did not converge.*8: .*16: .*32: "):
         converged_log_partition(narrow, (-4.0, 4.0), start_resolution=8, max_resolution=32)
+
+
+@pytest.mark.parametrize(("start", "maximum"), [(128, 200), (128, 128), (64, 127)])
+def test_converged_partition_needs_room_to_double_once(start: int, maximum: int) -> None:
+    # Without one doubling there is nothing to compare: it used to report "did not converge" instead.
+    with pytest.raises(ValueError, match=rf"start_resolution={start}, max_resolution={maximum}"):
+        converged_log_partition(eight_gaussians(), BOUNDS, start_resolution=start, max_resolution=maximum)
+
+
+def test_converged_partition_accepts_exactly_one_doubling() -> None:
+    partition = converged_log_partition(
+        eight_gaussians(), BOUNDS, start_resolution=128, max_resolution=256, tol=1e-2
+    )
+    assert partition.resolution == 256
 
 
 def test_non_finite_energy_on_the_grid_raises_with_count_and_example() -> None:
@@ -163,3 +178,50 @@ def test_evaluate_density_of_the_true_energy_has_no_gap_and_beats_the_kde() -> N
     assert 0.0 < report.kde_gap < 0.3
     assert report.kde_gap == pytest.approx(report.kde_nll - report.entropy_floor)
     assert abs(report.mmd) < 0.01
+
+
+def log_prob_with_a_hole(value: float) -> LogProbFn:
+    """The eight Gaussians' true log-density, but ``value`` wherever x₁ > 0: a bug in half the plane."""
+    mixture = eight_gaussians()
+    return lambda x: torch.where(x[:, 0] > 0, torch.full_like(x[:, 0], value), -mixture(x))
+
+
+@pytest.mark.parametrize("value", [math.nan, -math.inf, math.inf])
+def test_true_nll_raises_on_a_non_finite_true_log_density(value: float) -> None:
+    # Test points are drawn from the true density, so even −inf there is a bug, not a certain miss.
+    x = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [2.0, 1.0]])
+    with pytest.raises(ValueError, match=rf"2 of 3 true log-densities are not finite, e\.g\. {value} at"):
+        true_nll(log_prob_with_a_hole(value), x)
+
+
+def test_evaluate_density_raises_on_a_nan_true_log_density_instead_of_reporting_a_nan_gap() -> None:
+    mixture, generator = eight_gaussians(), torch.Generator().manual_seed(0)
+    x_train, x_test, samples = (sample_mixture(mixture, n, generator) for n in (200, 100, 100))
+    with pytest.raises(ValueError, match="true log-densities are not finite"):
+        evaluate_density(
+            mixture,
+            bounds=BOUNDS,
+            x_test=x_test,
+            true_log_prob=log_prob_with_a_hole(math.nan),
+            x_train=x_train,
+            samples=samples,
+            tol=1e-2,
+            max_resolution=256,
+        )
+
+
+def test_evaluate_density_raises_on_a_non_finite_kde_log_density(monkeypatch: pytest.MonkeyPatch) -> None:
+    mixture, generator = eight_gaussians(), torch.Generator().manual_seed(0)
+    x_train, x_test, samples = (sample_mixture(mixture, n, generator) for n in (200, 100, 100))
+    monkeypatch.setattr(KDEBaseline, "log_prob", lambda self, x: torch.full((len(x),), -math.inf))
+    with pytest.raises(ValueError, match=r"100 of 100 KDE log-densities are not finite"):
+        evaluate_density(
+            mixture,
+            bounds=BOUNDS,
+            x_test=x_test,
+            true_log_prob=lambda x: -mixture(x),
+            x_train=x_train,
+            samples=samples,
+            tol=1e-2,
+            max_resolution=256,
+        )

@@ -264,3 +264,44 @@ def test_bits_per_dim_of_a_uniform_model_is_eight() -> None:
     # The uniform density on [0, 1]^D (E = 0, log Z = 0) gives every 8-bit image (1/256)^D: 8 bits/dim.
     assert bits_per_dim(0.0, 0.0, 784) == pytest.approx(8.0)
     assert bits_per_dim(784 * math.log(2), 0.0, 784) == pytest.approx(9.0)
+
+
+class TiltWithHole(ExponentialTilt):
+    """The exponential tilt, but ``value`` (NaN or ±inf) wherever x₁ > 0.8: a bug in part of the box."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(1.0)
+        self.value = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        energies = super().forward(x)
+        return torch.where(x.flatten(1)[:, 0] > 0.8, torch.full_like(energies, self.value), energies)
+
+
+@pytest.mark.parametrize("value", [math.nan, -math.inf, math.inf])
+def test_ais_raises_on_a_non_finite_energy_instead_of_returning_a_non_finite_log_partition(
+    value: float,
+) -> None:
+    # 64 uniform starts leave x₁ ≤ 0.8 on all of them with probability 0.8⁶⁴ ≈ 6e-7.
+    config = AISConfig(n_chains=64, n_temperatures=20, step_size=0.1)
+    with pytest.raises(FloatingPointError, match=rf"non-finite.*\(e\.g\. {value}\) on \d+ of 64 chains"):
+        ais_log_partition(TiltWithHole(value), (2,), config, generator=torch.Generator().manual_seed(0))
+
+
+class TurnsNaN(ExponentialTilt):
+    """The exponential tilt until its ``calls_before_nan``-th call, NaN on the first row after it."""
+
+    def __init__(self, calls_before_nan: int) -> None:
+        super().__init__(1.0)
+        self.calls_left = calls_before_nan
+
+    def forward(self, x: Tensor) -> Tensor:
+        energies = super().forward(x)
+        self.calls_left -= 1
+        return energies if self.calls_left >= 0 else energies.index_fill(0, torch.tensor([0]), math.nan)
+
+
+def test_ais_raises_naming_the_temperature_step_where_a_chain_energy_turns_non_finite() -> None:
+    config = AISConfig(n_chains=8, n_temperatures=20, step_size=0.1)
+    with pytest.raises(FloatingPointError, match=r"on 1 of 8 chains at temperature step ([1-9]|1\d) of 20"):
+        ais_log_partition(TurnsNaN(30), (2,), config, generator=torch.Generator().manual_seed(0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,17 @@ def test_decision_energy_draws_the_boundary_where_the_energies_cross() -> None:
     assert labels == ["y = 0", "y = 1", "decision boundary"]
 
 
+def test_decision_energy_evaluates_a_float64_classifier_in_float64() -> None:
+    # The label wrapper hid the module, so float32 batches reached float64 weights ("same dtype" error).
+    classifier = ClassConditionalEnergy(LinearLogits()).double()
+    x = points(200)
+    fig = plot_decision_energy(classifier.joint, BOUNDS, x=x, y=(x[:, 0] > 0).long(), resolution=RESOLUTION)
+    difference = torch.as_tensor(fig.axes[0].images[0].get_array())
+    centres = torch.linspace(BOUNDS[0], BOUNDS[1], RESOLUTION + 1, dtype=torch.float64)
+    centres = (centres[:-1] + centres[1:]) / 2
+    assert torch.allclose(difference, (-2 * centres).expand(RESOLUTION, -1), atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("y", "message"), [(torch.zeros(5, dtype=torch.long), "shape"), (torch.full((10,), 2), "binary")]
 )
@@ -151,6 +163,7 @@ def test_save_figure_writes_a_png_and_leaves_no_temp_file(tmp_path: Path) -> Non
     )
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     assert [p.name for p in path.parent.iterdir()] == ["energy.png"]
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0600
 
 
 def test_a_failed_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -171,3 +184,19 @@ def test_a_failed_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path
 def test_importing_plots_selects_no_backend_and_loads_no_pyplot() -> None:
     code = "import sys, ebm.plots; assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_save_figure_syncs_the_file_and_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rename without fsync can leave an empty or torn PNG after a power cut.
+    synced_inodes: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced_inodes.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    fig = plot_energy_and_density(four_gaussians(), BOUNDS, resolution=RESOLUTION)
+    path = save_figure(fig, tmp_path / "energy.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    assert synced_inodes == [path.stat().st_ino, tmp_path.stat().st_ino]

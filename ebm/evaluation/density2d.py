@@ -168,10 +168,14 @@ def converged_log_partition(
         previous one.
 
     Raises:
+        ValueError: if ``max_resolution`` leaves no room for one doubling (``2 · start_resolution``).
         RuntimeError: if ``max_resolution`` is passed before converging; lists every value seen.
     """
-    if not start_resolution < max_resolution:
-        raise ValueError(f"need start_resolution < max_resolution, got {start_resolution}, {max_resolution}")
+    if not 2 * start_resolution <= max_resolution:
+        raise ValueError(
+            f"need 2 * start_resolution <= max_resolution to double the grid at least once, got "
+            f"start_resolution={start_resolution}, max_resolution={max_resolution}"
+        )
 
     def log_z_at(resolution: int) -> float:
         return grid_log_partition(energy, bounds, resolution, batch_size=batch_size, device=device)
@@ -203,8 +207,15 @@ def nll(energy: EnergyFn, x: Tensor, log_z: float) -> float:
 
 
 def true_nll(log_prob_fn: LogProbFn, x: Tensor) -> float:
-    """−mean log p(x) for a normalised density ``log_prob_fn``, in nats per point."""
-    return -float(evaluate_batched(log_prob_fn, x).mean())
+    """−mean log p(x) for a normalised density ``log_prob_fn``, in nats per point.
+
+    Raises:
+        ValueError: if any log p(x) is NaN or infinite; ``x`` is drawn from the density, so −inf there is a
+            bug too, not a zero-probability point.
+    """
+    log_probs = evaluate_batched(log_prob_fn, x)
+    raise_if_not_finite(log_probs, torch.as_tensor(x), "true log-densities")
+    return -float(log_probs.mean())
 
 
 # --- maximum mean discrepancy ---------------------------------------------------------------------
@@ -381,12 +392,18 @@ def evaluate_density(
     """Grid log Z, test NLL against the true density, MMD of ``samples`` and the KDE baseline.
 
     ``samples`` is the caller's long-run sampler output; ``x_train`` is what the KDE is fit on.
+
+    Raises:
+        ValueError: if an energy, a true log-density or a KDE log-density at a test point is NaN or
+            infinite (see :func:`nll`, :func:`true_nll`).
     """
     partition = converged_log_partition(energy, bounds, tol=tol, max_resolution=max_resolution)
     model_nll = nll(energy, x_test, partition.log_z)
     entropy_floor = true_nll(true_log_prob, x_test)
     kde = KDEBaseline(seed=seed).fit(x_train)
-    kde_nll = -float(kde.log_prob(x_test).mean())
+    kde_log_probs = kde.log_prob(x_test)
+    raise_if_not_finite(kde_log_probs, torch.as_tensor(x_test), "KDE log-densities")
+    kde_nll = -float(kde_log_probs.mean())
     return DensityReport(
         nll=model_nll,
         entropy_floor=entropy_floor,

@@ -450,7 +450,12 @@ def ais_log_partition(
     *,
     generator: torch.Generator,
 ) -> AISResult:
-    """Estimate log Z = log ∫_{[0,1]^D} exp(−E(x)) dx by AIS from the uniform density on the box."""
+    """Estimate log Z = log ∫_{[0,1]^D} exp(−E(x)) dx by AIS from the uniform density on the box.
+
+    Raises:
+        FloatingPointError: an energy at a chain's state, and so a log importance weight, came out NaN or
+            infinite (with the temperature step and how many chains).
+    """
     device = _device_of(energy)
     betas = sigmoid_schedule(config.n_temperatures)
     # A new module is in training mode; the sampler would restore that mode onto ``energy`` after each
@@ -462,7 +467,10 @@ def ais_log_partition(
     step_size, acceptance = config.step_size, []
     with frozen(energy):
         current = _energies(energy, torch.sigmoid(z))
-        for previous_beta, beta in zip(betas[:-1].tolist(), betas[1:].tolist(), strict=True):
+        _raise_if_not_finite_energies(current, step=0, n_steps=config.n_temperatures, beta=0.0)
+        for step, (previous_beta, beta) in enumerate(
+            zip(betas[:-1].tolist(), betas[1:].tolist(), strict=True), start=1
+        ):
             log_weights -= (beta - previous_beta) * current
             tempered.beta = beta
             z, stats = MALA(step_size).run(tempered, z, config.mala_steps, generator=generator)
@@ -470,6 +478,12 @@ def ais_log_partition(
             acceptance.append(rate)
             step_size *= 1.1 if rate > 0.75 else (0.9 if rate < 0.5 else 1.0)
             current = _energies(energy, torch.sigmoid(z))
+            _raise_if_not_finite_energies(current, step=step, n_steps=config.n_temperatures, beta=beta)
+    if not torch.isfinite(log_weights).all():
+        bad = int((~torch.isfinite(log_weights)).sum())
+        raise FloatingPointError(
+            f"AIS produced a non-finite log importance weight on {bad} of {config.n_chains} chains"
+        )
     log_mean = torch.logsumexp(log_weights, 0) - math.log(config.n_chains)
     normalised = torch.exp(log_weights - log_weights.max())
     standard_error = float(normalised.std() / (normalised.mean() * math.sqrt(config.n_chains)))
@@ -480,6 +494,18 @@ def ais_log_partition(
 def _energies(energy: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         return energy(x).double()
+
+
+def _raise_if_not_finite_energies(energies: Tensor, *, step: int, n_steps: int, beta: float) -> None:
+    """Raise ``FloatingPointError`` if an AIS chain's energy is NaN or infinite (so its log weight is)."""
+    bad = ~torch.isfinite(energies)
+    if bad.any():
+        example = float(energies[bad.nonzero()[0, 0]])
+        raise FloatingPointError(
+            f"AIS produced a non-finite log importance weight: the energy is not finite (e.g. {example}) on "
+            f"{int(bad.sum())} of {energies.numel()} chains at temperature step {step} of {n_steps} "
+            f"(β = {beta:.4g})"
+        )
 
 
 def bits_per_dim(mean_energy: float, log_partition: float, n_dims: int, *, levels: int = 256) -> float:
