@@ -98,6 +98,18 @@ def figures(metrics: dict[str, Any], train_metrics: dict[str, float]) -> list[tu
             f"FD, {metrics['n_buffer_samples']} buffer samples", metrics["fd_buffer_samples"], None, "{:.3f}"
         ),
         row(
+            f"FD, {metrics['n_fd_matched']} buffer samples",
+            metrics["fd_buffer_samples_matched"],
+            None,
+            "{:.3f}",
+        ),
+        row(
+            f"FD floor, {metrics['n_fd_matched']} held-out real images",
+            metrics["fd_real_floor"],
+            None,
+            "{:.3f}",
+        ),
+        row(
             f"FD, {metrics['n_noise_samples']} samples from noise",
             metrics["fd_noise_samples"],
             None,
@@ -110,7 +122,12 @@ def figures(metrics: dict[str, Any], train_metrics: dict[str, float]) -> list[tu
             "{:.3f}",
         ),
         row("FD of the proposal's own draws (no EBM)", metrics["fd_proposal_draws"], None, "{:.3f}"),
-        row("FD floor, held-out real images", metrics["fd_real_floor"], None, "{:.3f}"),
+        row(
+            f"FD floor, {metrics['n_fd_small']} held-out real images",
+            metrics["fd_real_floor_small"],
+            None,
+            "{:.3f}",
+        ),
         (
             "AIS log Z ± SE (ESS)",
             f"{ais['log_partition']:.1f} ± {ais['standard_error']:.2f} ({ais['effective_sample_size']:.1f})",

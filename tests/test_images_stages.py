@@ -89,6 +89,11 @@ def test_the_cifar10_path_runs_end_to_end_from_pickle_batches_to_a_loadable_mode
         0.0 <= value <= 1.0 for row in metrics["ood_auroc_by_score"].values() for value in row.values()
     )
     assert np.isfinite(metrics["fd_buffer_samples"]) and metrics["fd_real_floor"] >= 0
+    # every FD has a floor of its own sample size (an FD estimate is biased upwards by ~1/n)
+    n_validation = manifest["splits"]["validation"]["count"]
+    assert metrics["n_fd_matched"] == min(metrics["n_buffer_samples"], n_validation)
+    assert metrics["n_fd_small"] == min(metrics["n_noise_samples"], n_validation)
+    assert np.isfinite(metrics["fd_buffer_samples_matched"]) and metrics["fd_real_floor_small"] >= 0
     assert np.isfinite(metrics["ais"]["log_partition"]) and metrics["ais"]["standard_error"] >= 0
     assert set(metrics["restoration"]) == {
         "inpaint_psnr_before",
