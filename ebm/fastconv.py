@@ -145,7 +145,8 @@ def input_grad_by_gemm(
     columns = grad_out.permute(0, 2, 3, 1).reshape(-1, out_channels) @ weight.reshape(out_channels, -1)
     index = _scatter_index(in_channels, (kh, kw), (out_h, out_w), padded, stride, dilation, grad_out.device)
     grad_padded = grad_out.new_zeros(batch, in_channels * padded[0] * padded[1])
-    grad_padded.scatter_add_(1, index.expand(batch, -1), columns.view(batch, -1))
+    # the row length spelled out: view(batch, -1) cannot infer it for an empty batch
+    grad_padded.scatter_add_(1, index.expand(batch, -1), columns.view(batch, index.shape[1]))
     grad_padded = grad_padded.view(batch, in_channels, *padded)
     return grad_padded[:, :, padding[0] : padding[0] + height, padding[1] : padding[1] + width].contiguous()
 

@@ -163,6 +163,13 @@ class JEMObjective:
         generator: torch.Generator | None = None,
         step: int | None = None,
     ) -> tuple[Tensor, JEMStats]:
+        if isinstance(energy, torch.nn.parallel.DistributedDataParallel):
+            # Its classifier term calls energy.logits, which would bypass DDP's forward and so its
+            # gradient averaging: each rank would train its own model, silently.
+            raise NotImplementedError(
+                "JEM training does not run under DistributedDataParallel (torchrun): train the image "
+                "energy in one process"
+            )
         if not isinstance(energy, ClassConditionalEnergy):
             raise TypeError(
                 f"JEM needs a ClassConditionalEnergy (logits and E(x)), got {type(energy).__name__}"

@@ -225,3 +225,15 @@ def test_energies_without_convolutions_and_non_cpu_inputs_run_outside_the_mode()
     assert isinstance(fastconv.for_energy(cnn28(), images.to("meta")), contextlib.nullcontext)  # not CPU
     with fastconv.disabled():
         assert isinstance(fastconv.for_energy(cnn28(), images), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_fast_input_gradient_of_an_empty_batch_is_empty(name: str) -> None:
+    energy = MODELS[name]()
+    x = torch.zeros(0, *energy.image_shape)
+    with frozen(energy):
+        energies, gradient = energy_and_grad(energy, x)  # was: "cannot reshape tensor of 0 elements"
+        with fastconv.FrozenConvolutions():
+            energies_frozen, gradient_frozen = autograd_energy_and_grad(energy, x)
+    assert energies.shape == energies_frozen.shape == (0,)
+    assert gradient.shape == gradient_frozen.shape == x.shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -210,3 +211,18 @@ def test_jem_on_the_core_trainer_learns_to_classify_and_to_prefer_data_over_nois
             energy(x).mean()
             < energy(torch.rand(200, *SHAPE, generator=torch.Generator().manual_seed(2))).mean()
         )
+
+
+def test_jem_refuses_a_data_parallel_energy_instead_of_training_each_rank_alone(tmp_path: Any) -> None:
+    # energy.logits would bypass DDP's forward, and with it the averaging of the classifier's gradients
+    import torch.distributed as dist
+
+    images, labels = tiny_batch()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(tiny_energy())
+        objective = JEMObjective(None, JEMConfig(generative_weight=0.0))
+        with pytest.raises(NotImplementedError, match="does not run under DistributedDataParallel"):
+            objective(wrapped, (images, labels), generator=torch.Generator().manual_seed(0))
+    finally:
+        dist.destroy_process_group()
