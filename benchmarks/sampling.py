@@ -363,12 +363,16 @@ def throughput_row(
 
 
 def probe(case: ModelCase, batch: int, n_steps: int, repeats: int) -> dict[str, float]:
-    """The library's Langevin (channels_last for conv energies) timed in this process, as it is set up."""
+    """The library's Langevin (channels_last for conv energies) timed in this process, as it is set up:
+    the median of exactly ``repeats`` runs."""
     model = seeded_model(case)
     x0 = case.starting_chains(batch, torch.Generator().manual_seed(3))
     if case.is_conv:
         model, x0 = channels_last_copy(model), x0.contiguous(memory_format=torch.channels_last)
-    timing = time_interleaved({"fast": library_run(model, x0, n_steps)}, budget_s=0.0, max_repeats=repeats)
+    # An unbounded budget leaves the count to max_repeats (a zero one would give time_interleaved's floor, 3).
+    timing = time_interleaved(
+        {"fast": library_run(model, x0, n_steps)}, budget_s=math.inf, max_repeats=repeats
+    )
     return {
         "ms_per_step": 1e3 * timing["fast"].median / n_steps,
         "cpu_share": timing["fast"].cpu_share(torch.get_num_threads()),
@@ -376,6 +380,7 @@ def probe(case: ModelCase, batch: int, n_steps: int, repeats: int) -> dict[str, 
 
 
 WAIT_POLICIES = ("default", "PASSIVE")
+PROBE_REPEATS = 5  # timed runs per --probe cell (its median)
 
 
 def threads_rows(cases: list[ModelCase], batch: int, n_steps: int, all_threads: int) -> list[dict[str, Any]]:
@@ -444,22 +449,28 @@ def compile_rows(cases: list[ModelCase], batch: int, n_steps: int, budget_s: flo
     return rows
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    return statistics.median(_times(fn, repeats))
 
 
 def memory_bandwidth_gbs(n_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
-    """Best copy rate between two ``n_bytes`` buffers, counting read plus write: GB/s."""
+    """Best copy rate between two ``n_bytes`` buffers (the fastest of ``repeats`` copies), counting read
+    plus write: GB/s."""
     source = torch.ones(n_bytes // 4)
     target = torch.empty_like(source)
     target.copy_(source)
-    return 2 * n_bytes / _median_time(lambda: target.copy_(source), repeats) / 1e9
+    return 2 * n_bytes / min(_times(lambda: target.copy_(source), repeats)) / 1e9
 
 
 def model_output_size(conv: nn.Conv2d, inp: Tensor) -> tuple[int, int]:
@@ -590,7 +601,8 @@ def anatomy(batch: int, repeats: int, peak: float, bandwidth: float, step_ms: fl
 
     The roofline bound of a layer is ``min(peak, intensity × bandwidth)``, intensity being its FLOPs
     over the bytes it must move at least (input, output and weight, fp32, once each). ``step_ms`` is
-    the library's step as the throughput table timed it (interleaved medians), split here into parts.
+    the library's eager channels_last step (the throughput table's ``fast_cl`` variant, an interleaved
+    median): the step whose parts the floor times, split here into those parts.
     """
     model = seeded_model(MODELS["cnn28"])
     x = MODELS["cnn28"].starting_chains(batch, torch.Generator().manual_seed(5))
@@ -948,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         inductor_config.force_disable_caches = True
     if args.probe is not None:  # one cell of the threads table, in a process of its own
         name, batch, steps = args.probe
-        print(json.dumps(probe(MODELS[name], int(batch), int(steps), repeats=5)))
+        print(json.dumps(probe(MODELS[name], int(batch), int(steps), repeats=PROBE_REPEATS)))
         return 0
     quick = args.quick
     batches = args.batches or ([64, 128] if quick else [64, 128, 256, 512])
@@ -1036,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{t}t_{p}" for t in sorted({1, threads}) for p in WAIT_POLICIES]
         print_table(
             "Library ms per step (batch 128, channels_last for conv) by intra-op threads and OpenMP wait "
-            "policy, each in a fresh process",
+            f"policy, each in a fresh process (median of {PROBE_REPEATS} runs)",
             ["model", *(c.replace("_", " ") for c in cells)],
             [[r["model"], *(r[c] for c in cells)] for r in results["threads"]],
         )
@@ -1076,7 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             bandwidth = memory_bandwidth_gbs()
-            bar_step_ms = min(v["ms_per_step"] for k, v in bar_row["variants"].items() if k != "textbook")
+            # The floor is built from the eager ebm.fastconv kernels on channels_last activations: split
+            # that variant's step, not the fastest of all (compiled or autograd steps are other work).
+            bar_step_ms = bar_row["variants"]["fast_cl"]["ms_per_step"]
             results["anatomy"] = anatomy(128, 5 if quick else 15, peak, bandwidth, bar_step_ms)
             a = results["anatomy"]
             print_table(
@@ -1111,7 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(
                 f"library convolutions {a['conv_ms_per_step']:.2f} ms (their FLOPs as GEMMs of their "
-                f"shapes: {a['same_shape_gemm_ms_per_step']:.2f}) of a {a['step_ms']:.2f} ms step; "
+                f"shapes: {a['same_shape_gemm_ms_per_step']:.2f}) of a {a['step_ms']:.2f} ms eager "
+                "channels_last step (fast_cl); "
                 f"the rest {a['other_ms_per_step']:.2f} ms: SiLU forward and gradient "
                 f"{a['activation_ms_per_step']:.2f}, head {a['head_ms_per_step']:.2f}, "
                 f"update {a['update_ms_per_step']:.2f} (each timed alone), "

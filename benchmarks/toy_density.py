@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     within = sum(r["gap"] <= GAP_GOAL for r in rows)
     beats_kde = sum(r["nll"] < r["kde_nll"] for r in rows)
-    median_seconds = sorted(r["train_seconds"] for r in rows)[len(rows) // 2]
+    median_seconds = statistics.median(r["train_seconds"] for r in rows)
     print(
         f"\nwithin {GAP_GOAL} nats of the floor: {within}/{len(rows)}; "
         f"lower NLL than CV-KDE: {beats_kde}/{len(rows)}; median training time {median_seconds:.1f} s"

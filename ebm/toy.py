@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ebm.data.toy2d import ToyDataset
 from ebm.distributed import process_group_context
 from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
-from ebm.evaluation.density2d import DensityReport, evaluate_density
+from ebm.evaluation.density2d import DensityReport, evaluate_density, module_placement
 from ebm.losses import CDConfig, ContrastiveDivergence, NonFiniteLossError
 from ebm.samplers import ReplayBuffer, Sampler, SamplerConfig, UniformBox
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer, TrainResult, resolve_device
@@ -126,6 +126,11 @@ def train_energy(
     return trainer.model.eval(), result
 
 
+def energy_device(energy: nn.Module) -> torch.device:
+    """The device of ``energy``'s floating parameters or buffers; the CPU for a stateless energy."""
+    return module_placement(energy)[0]
+
+
 def sample_energy(
     energy: nn.Module,
     config: Toy2DConfig,
@@ -134,8 +139,11 @@ def sample_energy(
     x_train: Tensor,
     generator: torch.Generator,
 ) -> Tensor:
-    """Long-run samples: ``sampling.n_steps`` of the training sampler from uniform noise."""
-    device = next(energy.parameters()).device
+    """Long-run samples: ``sampling.n_steps`` of the training sampler from uniform noise.
+
+    The chains run on the energy's device (:func:`energy_device`); ``generator`` must live there too.
+    """
+    device = energy_device(energy)
     proposal = UniformBox((config.model.in_features,), *bounds)
     x0 = proposal.sample(config.sampling.n_samples, generator=generator, device=device)
     sampler = build_sampler(config, bounds, x_train=x_train.to(device))
@@ -152,10 +160,14 @@ def evaluate_energy(
     x_test: Tensor,
     seed: int,
 ) -> tuple[DensityReport, Tensor]:
-    """Long-run samples, then the exact-grid report (NLL, gap, MMD, CV-KDE); returns both."""
-    samples = sample_energy(
-        energy, config, dataset.bounds, x_train=x_train, generator=torch.Generator().manual_seed(seed)
-    )
+    """Long-run samples, then the exact-grid report (NLL, gap, MMD, CV-KDE); returns both.
+
+    The sampling generator is seeded with ``seed`` on the energy's device, so a CUDA energy (what
+    ``train.device="auto"`` gives on a GPU machine) samples with a CUDA generator and a CPU one draws
+    exactly what a plain ``torch.Generator().manual_seed(seed)`` would.
+    """
+    generator = torch.Generator(energy_device(energy)).manual_seed(seed)
+    samples = sample_energy(energy, config, dataset.bounds, x_train=x_train, generator=generator)
     report = evaluate_density(
         energy,
         bounds=dataset.bounds,

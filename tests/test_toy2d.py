@@ -13,9 +13,12 @@ import math
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ebm.data.toy2d import TOY_DATASETS, NoisyCurveDataset, Rings, make_toy_dataset
+from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
+from ebm.samplers import SamplerConfig
+from ebm.toy import SamplingConfig, Toy2DConfig, energy_device, evaluate_energy, sample_energy
 
 NAMES = list(TOY_DATASETS)
 CURVE_NAMES = [name for name, dataset in TOY_DATASETS.items() if isinstance(dataset, NoisyCurveDataset)]
@@ -210,3 +213,78 @@ def test_log_prob_of_a_non_finite_point_is_an_error_naming_its_row(name: str, ba
     x[2, 1] = bad
     with pytest.raises(ValueError, match=rf"{name}\.log_prob: x holds NaN or ±inf at row\(s\) 2 of 4"):
         make_toy_dataset(name).log_prob(x)
+
+
+# --- evaluating a trained energy (ebm.toy) ----------------------------------------------------------
+
+
+def tiny_recipe() -> Toy2DConfig:
+    """A recipe whose long-run sampling takes milliseconds (a few chains, a few MALA steps, no jumps)."""
+    return Toy2DConfig(
+        model=MLPEnergyConfig(in_features=2, widths=(8,), activation="relu"),
+        sampler=SamplerConfig(name="mala", step_size=0.05),
+        sampling=SamplingConfig(n_samples=32, n_steps=3),
+    )
+
+
+class Quadratic(nn.Module):
+    """A stateless energy ``|x|² / 2``: no parameters or buffers to take a device from."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * x.pow(2).sum(-1)
+
+
+def evaluate_on(device: torch.device, energy: nn.Module, seed: int) -> tuple[Tensor, list[torch.Generator]]:
+    """``evaluate_energy`` on moons with ``energy`` moved to ``device``; its samples and the generators
+    it handed to ``sample_energy``."""
+    dataset = make_toy_dataset("moons")
+    x_train = dataset.sample(256, generator=torch.Generator().manual_seed(0))
+    x_test = dataset.sample(256, generator=torch.Generator().manual_seed(1))
+    seen: list[torch.Generator] = []
+
+    def spy(*args: object, generator: torch.Generator, **kwargs: object) -> Tensor:
+        seen.append(generator)
+        return sample_energy(*args, generator=generator, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ebm.toy.sample_energy", spy)
+        _, samples = evaluate_energy(
+            energy.to(device), dataset, tiny_recipe(), x_train=x_train, x_test=x_test, seed=seed
+        )
+    return samples, seen
+
+
+def test_energy_device_is_where_the_weights_are_and_the_cpu_for_a_stateless_energy() -> None:
+    assert energy_device(MLPEnergy(tiny_recipe().model)) == torch.device("cpu")
+    assert energy_device(Quadratic()) == torch.device("cpu")
+    assert energy_device(nn.Linear(2, 1).to(torch.float64)) == torch.device("cpu")
+
+
+def test_evaluate_energy_on_cpu_samples_exactly_what_a_cpu_generator_with_its_seed_draws() -> None:
+    recipe = tiny_recipe()
+    energy = seed_linear_layers_(MLPEnergy(recipe.model), generator=torch.Generator().manual_seed(0)).eval()
+    samples, seen = evaluate_on(torch.device("cpu"), energy, seed=5)
+    assert [(g.device, g.initial_seed()) for g in seen] == [(torch.device("cpu"), 5)]
+    moons = make_toy_dataset("moons")
+    x_train = moons.sample(256, generator=torch.Generator().manual_seed(0))
+    expected = sample_energy(
+        energy, recipe, moons.bounds, x_train=x_train, generator=torch.Generator().manual_seed(5)
+    )
+    assert samples.device.type == "cpu" and torch.equal(samples, expected)
+    other, _ = evaluate_on(torch.device("cpu"), energy, seed=6)
+    assert not torch.equal(samples, other)  # the seed is what chose the draw
+
+
+def test_evaluate_energy_samples_a_stateless_energy_on_the_cpu() -> None:
+    samples, seen = evaluate_on(torch.device("cpu"), Quadratic(), seed=3)
+    assert [g.device for g in seen] == [torch.device("cpu")]
+    assert samples.shape == (32, 2) and bool(samples.isfinite().all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_evaluate_energy_of_a_cuda_energy_samples_with_a_cuda_generator() -> None:
+    """What ``train.device="auto"`` returns on a GPU machine; a CPU generator would be rejected there."""
+    energy = seed_linear_layers_(MLPEnergy(tiny_recipe().model), generator=torch.Generator().manual_seed(0))
+    samples, seen = evaluate_on(torch.device("cuda"), energy.eval(), seed=5)
+    assert [(g.device.type, g.initial_seed()) for g in seen] == [("cuda", 5)]
+    assert samples.device.type == "cuda" and bool(samples.isfinite().all())
