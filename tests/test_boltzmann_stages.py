@@ -216,3 +216,89 @@ def test_a_failed_image_grid_write_keeps_the_previous_png_and_leaves_no_temporar
 
     assert path.read_bytes() == previous
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "complaint"),
+    [
+        pytest.param("rbm", None, "boltzmann.rbm must be a mapping, got None", id="rbm_null"),
+        pytest.param("structured", [1], "boltzmann.structured must be a mapping", id="structured_list"),
+        pytest.param(
+            "rbm.weight_std", float("nan"), "boltzmann.rbm: weight_std must be a finite", id="nan_std"
+        ),
+        pytest.param("rbm.n_hidden", 0, "boltzmann.rbm: n_hidden must be ≥ 1", id="no_hidden"),
+        pytest.param(
+            "rbm.evaluation.exact_max_units", 30, "exact_max_units must lie in [0, 26]", id="too_many_units"
+        ),
+        pytest.param("rbm.evaluation.sample_steps", -1, "sample_steps ≥ 0", id="negative_steps"),
+    ],
+)
+def test_bad_boltzmann_values_are_errors_naming_the_key_before_any_stage_runs(
+    where: str, value: Any, complaint: str
+) -> None:
+    # before: raw TypeErrors, or torch's "normal expects std >= 0.0" after models/boltzmann/rbm was cleared
+    raw = quick_params()
+    *parents, key = where.split(".")
+    section = raw["boltzmann"]
+    for part in parents:
+        section = section[part]
+    section[key] = value
+    with pytest.raises(ConfigError, match=complaint.replace("[", r"\[").replace("]", r"\]")):
+        BoltzmannParams.from_params(raw)
+
+
+def test_the_reconstruction_curve_stays_on_its_steps_through_a_rollback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the callback's rows used to be matched to the history by position: a rollback discards history
+    # rows but not the rows logged for them, and every value after it landed on another step
+    import csv
+
+    import ebm.stages.boltzmann as stages
+    import ebm.trainer as trainer_module
+    from ebm.stages.boltzmann import BoltzmannPaths, train_rbms
+
+    folder = tmp_path / "data" / "images" / "fake"
+    folder.mkdir(parents=True)
+    images = (torch.rand(40, 1, 3, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    labels, indices = torch.zeros(40, dtype=torch.int64), torch.arange(40)
+    torch.save({"images": images, "labels": labels, "source_indices": indices}, folder / "train.pt")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["images"]["data"]["dataset"] = "fake"
+    rbm = raw["boltzmann"]["rbm"]
+    rbm["n_hidden"] = 4
+    rbm["variants"] = {"cd1": {"n_steps": 1, "persistent": False}}
+    rbm["train"].update(steps=8, batch_size=8, checkpoint_every=4, log_every=1, progress=False)
+    params = BoltzmannParams.from_params(raw)
+
+    real_check, fired = trainer_module.Trainer._check_energies, []
+
+    def diverge_once_at_step_6(self: Any, stats: Any) -> Any:
+        if self.step == 6 and not fired:
+            fired.append(True)
+            raise trainer_module.NonFiniteLossError(self.step, "forced")
+        return real_check(self, stats)
+
+    measured: dict[int, float] = {}  # the last value measured at each step, as the curve should hold
+    real_callback = stages._reconstruction_callback
+
+    def recording_callback(probe: torch.Tensor, rows: list[dict[str, float]]) -> Any:
+        inner = real_callback(probe, rows)
+
+        def record(trainer: Any, step: int, metrics: dict[str, float]) -> None:
+            inner(trainer, step, metrics)
+            measured[step] = rows[-1]["reconstruction_error"]
+
+        return record
+
+    monkeypatch.setattr(trainer_module.Trainer, "_check_energies", diverge_once_at_step_6)
+    monkeypatch.setattr(stages, "_reconstruction_callback", recording_callback)
+    train_rbms(params, BoltzmannPaths(tmp_path))
+
+    assert fired  # the rollback happened
+    with open(tmp_path / "reports" / "boltzmann" / "rbm_curves" / "cd1.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(float(row["step"])) for row in rows] == list(range(1, 9))
+    for row in rows:
+        expected = measured[int(float(row["step"]))]
+        assert float(row["reconstruction_error"]) == pytest.approx(expected, rel=1e-12)

@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from ebm.boltzmann.ais import RBMAISConfig, ais_log_partition, mean_log_likelihood
-from ebm.boltzmann.rbm import BernoulliRBM, exact_log_partition
+from ebm.boltzmann.rbm import MAX_ENUMERATED_UNITS, BernoulliRBM, exact_log_partition
 from ebm.boltzmann.structured import (
     DenoisingTaskConfig,
     GridCRFConfig,
@@ -105,6 +106,16 @@ class RBMEvaluationConfig:
 
     def __post_init__(self) -> None:
         _check_limit("max_test", self.max_test)
+        if not 0 <= self.exact_max_units <= MAX_ENUMERATED_UNITS:
+            # found only after the whole AIS run otherwise, by exact_log_partition
+            raise ValueError(
+                f"exact_max_units must lie in [0, {MAX_ENUMERATED_UNITS}] (2^units terms), "
+                f"got {self.exact_max_units}"
+            )
+        if self.n_samples < 1 or self.sample_steps < 0:
+            raise ValueError(
+                f"n_samples must be ≥ 1 and sample_steps ≥ 0, got {self.n_samples} and {self.sample_steps}"
+            )
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ class BoltzmannParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> BoltzmannParams:
-        raw = dict(section(params, "boltzmann"))
+        raw = _mapping(params, "boltzmann")
         known = {"threads", "binarize", "rbm", "structured"}
         if unknown := sorted(set(raw) - known):
             raise ConfigError(
@@ -159,10 +170,18 @@ class BoltzmannParams:
             seed=read_seed(params),
             dataset=str(section(params, "images.data.dataset")),
             binarize=from_dict(BinarizeConfig, raw.get("binarize"), "boltzmann.binarize"),
-            rbm=_rbm_params(dict(section(params, "boltzmann.rbm"))),
-            structured=_structured_params(dict(section(params, "boltzmann.structured"))),
+            rbm=_rbm_params(_mapping(params, "boltzmann.rbm")),
+            structured=_structured_params(_mapping(params, "boltzmann.structured")),
             threads=threads,
         )
+
+
+def _mapping(params: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A section that must be a mapping, copied; ``rbm: null`` is an error naming the key."""
+    value = section(params, key)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    return dict(value)
 
 
 def _rbm_params(raw: dict[str, Any]) -> RBMParams:
@@ -184,6 +203,13 @@ def _rbm_params(raw: dict[str, Any]) -> RBMParams:
 class _RBMShape:
     n_hidden: int = 500
     weight_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        # checked here, before train_rbms clears models/boltzmann/rbm, not by torch at the first draw
+        if self.n_hidden < 1:
+            raise ValueError(f"n_hidden must be ≥ 1, got {self.n_hidden}")
+        if not (math.isfinite(self.weight_std) and self.weight_std >= 0):
+            raise ValueError(f"weight_std must be a finite standard deviation ≥ 0, got {self.weight_std}")
 
 
 @dataclass(frozen=True)
@@ -277,10 +303,12 @@ def train_rbms(params: BoltzmannParams, paths: BoltzmannPaths, run: Any | None =
                 **to_dict(recipe.cd),
             },
         )
-        # the callback ran at this process's log steps: the last rows of a history that a resume may extend
-        offset = len(result.history) - len(reconstruction)
+        # Matched by step: the callback ran at this process's log steps only (a resumed run's history starts
+        # earlier), and a rollback discards logged steps that are then logged again (the last value wins).
+        by_step = {int(entry["step"]): entry["reconstruction_error"] for entry in reconstruction}
         history = [
-            row | (reconstruction[i - offset] if i >= offset else {}) for i, row in enumerate(result.history)
+            row | ({"reconstruction_error": by_step[int(row["step"])]} if int(row["step"]) in by_step else {})
+            for row in result.history
         ]
         _write_curves(paths.reports / "rbm_curves" / f"{variant}.csv", history, RBM_CURVE_COLUMNS)
         checkpoint.unlink(missing_ok=True)
@@ -300,14 +328,16 @@ def _reconstruction_callback(probe: torch.Tensor, rows: list[dict[str, float]]) 
     def record(trainer: Trainer, step: int, _metrics: dict[str, float]) -> None:
         model = trainer.energy
         assert isinstance(model, BernoulliRBM)
-        rows.append({"reconstruction_error": reconstruction_error(model, probe.to(model.weight.device))})
+        error = reconstruction_error(model, probe.to(model.weight.device))
+        rows.append({"step": float(step), "reconstruction_error": error})
 
     return record
 
 
 def _mlflow_callback(run: Any, prefix: str, extra: list[dict[str, float]]) -> MetricsCallback:
     def log(_trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        values = {k: v for k, v in metrics.items() if k != "step"} | (extra[-1] if extra else {})
+        latest = {k: v for k, v in extra[-1].items() if k != "step"} if extra else {}
+        values = {k: v for k, v in metrics.items() if k != "step"} | latest
         run.log_metrics({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
 
     return log
