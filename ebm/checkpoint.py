@@ -28,6 +28,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file could not be written or read; the message says which and why."""
 
 
+MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
+"""What ``torch.load`` accepts as ``map_location``."""
+
+
 FILE_MODE = 0o644
 """The mode of every file written atomically: ``mkstemp`` makes its temporary file owner-only (0600), but
 models, data and reports are for everyone who reads the repository (as ``save_figure`` and
@@ -85,11 +89,17 @@ def torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, write)
 
 
-def assert_finite_state(state_dict: Mapping[str, Any], what: str) -> None:
-    """Raise :class:`CheckpointError` if any floating tensor in ``state_dict`` is NaN or infinite."""
+def assert_finite_state(state_dict: Mapping[str, Any], what: str, *, action: str = "write") -> None:
+    """Raise :class:`CheckpointError` if any floating tensor in ``state_dict`` is NaN or infinite.
+
+    The message reads "refusing to ``action`` ``what``": ``"write"`` before saving, ``"load"`` when a file
+    read back holds a model that must not be used.
+    """
     for name, value in state_dict.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"refusing to write {what}: tensor {name!r} holds NaN or infinite values")
+            raise CheckpointError(
+                f"refusing to {action} {what}: tensor {name!r} holds NaN or infinite values"
+            )
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
@@ -98,7 +108,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     return torch_save(payload, path)
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], map_location: MapLocation = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; raise a clear error for a missing or foreign file."""
     path = Path(path)
     if not path.is_file():
@@ -115,30 +125,31 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 # --- model files: architecture spec + weights, rebuilt through an explicit registry ---------------
 
 
-def _image_energy(config: dict[str, Any]) -> nn.Module:
+def _image_energy(config: dict[str, Any], where: str) -> nn.Module:
     from ebm.images import ImageEnergySpec, build_image_energy  # the recipe imports this module
 
-    return build_image_energy(from_dict(ImageEnergySpec, config))
+    return build_image_energy(from_dict(ImageEnergySpec, config, where))
 
 
-def _rbm(config: dict[str, Any]) -> nn.Module:
+def _rbm(config: dict[str, Any], where: str) -> nn.Module:
     from ebm.boltzmann.rbm import BernoulliRBM, RBMConfig
 
-    return BernoulliRBM(from_dict(RBMConfig, config))
+    return BernoulliRBM(from_dict(RBMConfig, config, where))
 
 
-def _grid_crf(config: dict[str, Any]) -> nn.Module:
+def _grid_crf(config: dict[str, Any], where: str) -> nn.Module:
     from ebm.boltzmann.structured import GridCRFConfig, GridCRFEnergy
 
-    return GridCRFEnergy(from_dict(GridCRFConfig, config))
+    return GridCRFEnergy(from_dict(GridCRFConfig, config, where))
 
 
-MODEL_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
-    "mlp_energy": lambda config: MLPEnergy(from_dict(MLPEnergyConfig, config)),
+MODEL_BUILDERS: dict[str, Callable[[dict[str, Any], str], nn.Module]] = {
+    "mlp_energy": lambda config, where: MLPEnergy(from_dict(MLPEnergyConfig, config, where)),
     "image_energy": _image_energy,
     "rbm": _rbm,
     "grid_crf": _grid_crf,
 }
+"""Model kind → ``builder(config, where)``; ``where`` names the config in error messages."""
 
 
 def save_model(
@@ -165,16 +176,49 @@ def save_model(
     return save_checkpoint(path, payload)
 
 
-def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_model`, in eval mode."""
+def load_model(path: str | os.PathLike[str], map_location: MapLocation = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_model`, in eval mode, on the device ``map_location`` names.
+
+    ``map_location`` is passed to ``torch.load``; a ``str`` or ``torch.device`` also moves the rebuilt
+    model (its parameters and buffers) to that device. ``None`` leaves the model where the builder puts
+    it (the CPU), and so does a dict or a callable: those remap storages only, they name no one device.
+
+    Raises :class:`CheckpointError`, naming ``path``, for an unreadable or foreign file, a missing or
+    malformed ``config`` or ``state_dict``, a config the model's builder rejects (the message names the
+    key, as ``config.<key>``), weights that do not fit the model, and NaN or infinite weights: a file
+    written by :func:`save_model` never holds those, so one that does is not silently used.
+    """
+    path = Path(path)
     payload = load_checkpoint(path, map_location)
     kind = payload.get("kind")
     if kind not in MODEL_BUILDERS:
         raise CheckpointError(
             f"{path} holds a model of unknown kind {kind!r}; known: {sorted(MODEL_BUILDERS)}"
         )
-    model = MODEL_BUILDERS[kind](payload["config"])
-    model.load_state_dict(payload["state_dict"])
+    for key in ("config", "state_dict"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: model file has no {key!r} entry")
+        if not isinstance(payload[key], dict):
+            raise CheckpointError(
+                f"{path}: {key!r} must be a dict, got {type(payload[key]).__name__}: {payload[key]!r:.200}"
+            )
+    state_dict: dict[Any, Any] = payload["state_dict"]
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: state_dict entry {name!r} must be a tensor, got {type(value).__name__}"
+            )
+    assert_finite_state(state_dict, f"model file {path}", action="load")
+    try:
+        model = MODEL_BUILDERS[kind](payload["config"], "config")
+    except Exception as err:  # ConfigError from from_dict, or whatever a model's constructor raises
+        raise CheckpointError(f"{path}: cannot rebuild the {kind!r} model: {err}") from err
+    if isinstance(map_location, str | torch.device):
+        model = model.to(torch.device(map_location))
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: the weights do not fit the {kind!r} model: {err}") from err
     return model.eval()
 
 

@@ -368,3 +368,150 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     atomic_write(tmp_path / "out.txt", lambda tmp: Path(tmp).write_text("whole"))
     assert events == ["fsync", "replace", "fsync"]
     assert (tmp_path / "out.txt").read_text() == "whole"
+
+
+def rewrite_model_file(path: Path, change: Any) -> None:
+    """Load the model file's payload raw, let ``change`` edit it, and write it back."""
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch_save(payload, path)
+
+
+def set_config_key(payload: dict[str, Any], key: str, value: Any) -> None:
+    payload["config"][key] = value
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        pytest.param(
+            lambda p: set_config_key(p, "foo", 1), ["unknown key(s) ['config.foo']"], id="extra_config_key"
+        ),
+        pytest.param(
+            lambda p: set_config_key(p, "in_features", 2.5), ["config.in_features"], id="config_value_type"
+        ),
+        pytest.param(lambda p: p.pop("config"), ["no 'config' entry"], id="missing_config"),
+        pytest.param(lambda p: p.pop("state_dict"), ["no 'state_dict' entry"], id="missing_state_dict"),
+        pytest.param(
+            lambda p: p.update(config=[1, 2]), ["'config' must be a dict", "list"], id="config_list"
+        ),
+        pytest.param(
+            lambda p: p.update(state_dict=[1]), ["'state_dict' must be a dict"], id="state_dict_list"
+        ),
+        pytest.param(
+            lambda p: p["state_dict"].update({"net.0.weight": [1.0]}),
+            ["'net.0.weight' must be a tensor"],
+            id="state_dict_entry_not_a_tensor",
+        ),
+        pytest.param(
+            lambda p: set_config_key(p, "widths", [8, 16]),
+            ["weights do not fit", "size mismatch", "net.0.weight"],
+            id="weights_of_another_shape",
+        ),
+        pytest.param(
+            lambda p: p["state_dict"].pop("net.0.bias"),
+            ["weights do not fit", "Missing key", "net.0.bias"],
+            id="missing_weight",
+        ),
+    ],
+)
+def test_load_model_errors_name_the_file_and_the_key(
+    tmp_path: Path, change: Any, fragments: list[str]
+) -> None:
+    energy = tiny_energy()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+    rewrite_model_file(path, change)
+
+    with pytest.raises(CheckpointError) as raised:
+        load_model(path)
+
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ")
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_load_model_chains_the_builder_s_error(tmp_path: Path) -> None:
+    from ebm.config import ConfigError
+
+    energy = tiny_energy()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+    rewrite_model_file(path, lambda p: set_config_key(p, "foo", 1))
+
+    with pytest.raises(CheckpointError) as raised:
+        load_model(path)
+
+    assert isinstance(raised.value.__cause__, ConfigError)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_load_model_refuses_a_file_with_non_finite_weights(tmp_path: Path, bad_value: float) -> None:
+    # save_model never writes such a file, but one edited, corrupted or written elsewhere must not be used
+    energy = tiny_energy()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+    rewrite_model_file(path, lambda p: p["state_dict"]["net.2.weight"].__setitem__((0, 0), bad_value))
+
+    with pytest.raises(
+        CheckpointError, match=r"refusing to load .*'net\.2\.weight'.*NaN or infinite"
+    ) as raised:
+        load_model(path)
+    assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("map_location", ["cpu", torch.device("cpu"), None], ids=["str", "device", "none"])
+def test_load_model_accepts_a_cpu_map_location(tmp_path: Path, map_location: Any) -> None:
+    energy = tiny_energy().eval()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+
+    loaded = load_model(path, map_location=map_location)
+
+    assert {t.device for t in [*loaded.parameters(), *loaded.buffers()]} == {torch.device("cpu")}
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), energy(x))
+
+
+@pytest.mark.parametrize(
+    ("map_location", "moved_to"),
+    [
+        pytest.param("cpu", torch.device("cpu"), id="str"),
+        pytest.param(torch.device("cpu"), torch.device("cpu"), id="device"),
+        pytest.param(None, None, id="none"),
+        pytest.param({"cuda:0": "cpu"}, None, id="dict"),
+        pytest.param(lambda storage, _location: storage, None, id="callable"),
+    ],
+)
+def test_load_model_moves_the_model_to_the_device_map_location_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, map_location: Any, moved_to: torch.device | None
+) -> None:
+    # the builder makes parameters on the CPU and load_state_dict copies into them in place, so without
+    # an explicit .to(device) the model came back on the CPU whatever map_location said
+    energy = tiny_energy()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+    calls: list[Any] = []
+    real_to = torch.nn.Module.to
+
+    def recording_to(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        calls.append(args[0] if args else kwargs.get("device"))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+
+    loaded = load_model(path, map_location=map_location)
+
+    assert calls == ([] if moved_to is None else [moved_to])
+    assert isinstance(loaded, MLPEnergy) and not loaded.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("map_location", ["cuda", torch.device("cuda")], ids=["str", "device"])
+def test_load_model_puts_the_model_on_the_gpu_map_location_names(tmp_path: Path, map_location: Any) -> None:
+    energy = tiny_energy().eval()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+
+    loaded = load_model(path, map_location=map_location)
+
+    assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"cuda"}
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x.cuda()).cpu(), energy(x), atol=1e-5)
