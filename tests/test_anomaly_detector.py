@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import Tensor
 
 from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector, make_detector
+from ebm.anomaly.explain import attribute, reference_row, score_and_attribute, to_raw_columns
 from ebm.anomaly.metrics import detection_metrics
 from ebm.anomaly.validation import ValidationError
 from ebm.checkpoint import CheckpointError
@@ -194,3 +197,103 @@ def test_the_learned_residual_catches_broken_dependence_the_marginals_cannot_see
     assert auroc_score > auroc_marginal + 0.03  # at 0.3 of its weight it moves the score (measured +0.05)
     final = with_residual.history_[0][-1]
     assert final["energy_pos"] < final["energy_neg"]  # data sit lower than the model's own samples
+
+
+# --- explanations of categories ------------------------------------------------------------------
+
+LEVELS = ["grocery", "fuel", "travel"]
+
+
+def uniform_category_rows(n: int, seed: int) -> pd.DataFrame:
+    """Numeric columns as in ``make_rows`` and three categories, each on exactly a third of the rows (so
+    the fitted energy treats them alike), independent of the numbers: none of them is anomalous."""
+    rows = make_rows(n, seed)
+    rows["category"] = np.random.default_rng(seed + 100).permutation(np.resize(LEVELS, n))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def uniform_detector() -> EnergyAnomalyDetector:
+    rows = uniform_category_rows(1485, 30)
+    casino = make_rows(15, 35).assign(category="casino")  # 1 %: a rare level with its own indicator column
+    return EnergyAnomalyDetector(quick_config()).fit(pd.concat([rows, casino], ignore_index=True))
+
+
+def category_attributions(detector: EnergyAnomalyDetector, rows: pd.DataFrame) -> tuple[Tensor, Tensor]:
+    """Raw-column attributions (N, 4) of ``rows`` against the detector's typical row, and that row."""
+    assert detector.energy is not None
+    reference = reference_row(detector.preprocessor, detector.energy)
+    x = detector.transform(rows)
+    _, attributions = score_and_attribute(detector.energy, x, reference=reference)
+    return to_raw_columns(attributions, detector.preprocessor.encoded_source, 4), reference
+
+
+def test_a_common_category_is_rarely_the_top_reason(uniform_detector: EnergyAnomalyDetector) -> None:
+    rows = uniform_category_rows(1000, 31)
+    raw, _ = category_attributions(uniform_detector, rows)
+    category = uniform_detector.feature_names_in_.index("category")
+    # Against "no category at all" (x = 0) every level was credited ≈ log(3) ≈ 1.1 and the category was
+    # reason_1 for about half of such rows; against the modal level it is ≈ 0 for every common level.
+    assert (raw.argmax(1) == category).float().mean() < 0.10
+    assert raw[:, category].abs().median() < 0.1  # the learned residual's gradient adds a little noise
+
+
+def test_a_rare_or_unseen_category_raises_the_energy(uniform_detector: EnergyAnomalyDetector) -> None:
+    rows = uniform_category_rows(40, 32)
+    rows["category"] = ["casino", "lottery"] * 20  # 1 % of the training rows / never seen ("other")
+    raw, _ = category_attributions(uniform_detector, rows)
+    category = uniform_detector.feature_names_in_.index("category")
+    assert (raw[:, category] > 2.0).all()
+    assert (raw.argmax(1) == category).float().mean() > 0.9
+
+
+def test_the_typical_row_is_the_median_and_the_modal_level(uniform_detector: EnergyAnomalyDetector) -> None:
+    assert uniform_detector.energy is not None
+    preprocessor, marginal = uniform_detector.preprocessor, uniform_detector.energy.marginal
+    reference = reference_row(preprocessor, uniform_detector.energy)
+    names = preprocessor.encoded_names
+    block = [j for j, name in enumerate(names) if name.startswith("category=")]
+    numeric = [j for j in range(len(names)) if j not in block]
+    assert (reference[numeric] == 0).all()  # the numeric columns' medians
+    # The category block is a real row's: one level's scaled indicator vector, a common level's.
+    one_hot = reference[block] * preprocessor.scale[block] + preprocessor.center[block]
+    expected = torch.tensor([0.0] * (len(block) - 1) + [1.0], dtype=torch.float64)
+    assert torch.allclose(one_hot.sort().values, expected)
+    assert names[block[int(one_hot.argmax())]] in {f"category={level}" for level in LEVELS}
+    # The marginal energy of the category, relative to the typical row, is 0 for its level, ≥ 0 for all.
+    rows = make_rows(5, 36).assign(category=[*LEVELS, "casino", "lottery"])
+    x = uniform_detector.transform(rows)
+    with torch.no_grad():
+        block_energy = marginal.per_feature(x)[:, block].sum(1)
+        gap = block_energy - marginal.per_feature(reference[None].float())[:, block].sum(1)
+    typical = names[block[int(one_hot.argmax())]].removeprefix("category=")
+    assert gap[rows["category"].tolist().index(typical)] == 0
+    assert (gap >= 0).all() and (gap[3:] > 2).all()
+
+
+def test_integrated_gradients_add_up_to_the_score_above_the_typical_row(
+    uniform_detector: EnergyAnomalyDetector,
+) -> None:
+    assert uniform_detector.energy is not None
+    energy = copy.deepcopy(uniform_detector.energy).double()
+    reference = reference_row(uniform_detector.preprocessor, energy)
+    x = uniform_detector.transform(uniform_category_rows(64, 34)).double()
+    attributions = attribute(energy, x, method="integrated_gradients", n_steps=256, reference=reference)
+    with torch.no_grad():
+        gap = energy(x) - energy(reference[None])
+    assert torch.allclose(attributions.sum(1), gap, atol=0.02 * gap.abs().max().item())
+    scores, fast = score_and_attribute(energy, x, reference=reference)
+    assert torch.allclose(scores, energy(x).detach())
+    assert torch.allclose(fast, attribute(energy, x, method="gradient_x_input", reference=reference))
+
+
+def test_scored_reasons_are_measured_from_the_typical_row(uniform_detector: EnergyAnomalyDetector) -> None:
+    # score_frame is what `ebm score` and the served model write: it must pass the typical row too
+    from ebm.anomaly.scoring import score_frame
+
+    rows = uniform_category_rows(1000, 33)
+    scored = score_frame(uniform_detector, rows, top_k=1, reasons="all")
+    assert (scored["reason_1"] == "category").mean() < 0.10
+    rare = uniform_category_rows(20, 34).assign(category="casino")
+    rare_reasons = score_frame(uniform_detector, rare, top_k=1, reasons="all")["reason_1"]
+    assert (rare_reasons == "category").mean() > 0.9

@@ -12,7 +12,7 @@ import torch
 
 from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
 from ebm.anomaly.explain import attribute, plot_score_histogram, score_and_attribute, to_raw_columns
-from ebm.anomaly.scoring import score_file
+from ebm.anomaly.scoring import output_columns, score_file, score_frame
 from ebm.anomaly.transactions import (
     FEATURES,
     TransactionsConfig,
@@ -90,6 +90,35 @@ def test_scoring_refuses_to_overwrite_its_input(
 ) -> None:
     with pytest.raises(ValidationError, match="overwrite"):
         score_file(detector, files["csv"], files["csv"], progress=False)
+
+
+@pytest.mark.parametrize("column", ["anomaly_score", "is_anomaly", "reason_1", "contribution_3"])
+def test_an_input_column_named_like_an_output_column_is_refused_before_writing(
+    detector: EnergyAnomalyDetector, table: pd.DataFrame, tmp_path: Path, column: str
+) -> None:
+    source = write_table(table.assign(**{column: 1.0}), tmp_path / "scored_before.parquet")
+    target = tmp_path / "scored.csv"
+    target.write_text("previous results\n")
+    with pytest.raises(
+        ValidationError, match=rf"scored_before\.parquet: input column\(s\) '{column}'"
+    ) as caught:
+        score_file(detector, source, target, progress=False)
+    assert caught.value.column == column
+    assert target.read_text() == "previous results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored.csv", "scored_before.parquet"]
+
+
+def test_output_columns_name_what_score_frame_returns_and_only_those_collide(
+    detector: EnergyAnomalyDetector, table: pd.DataFrame, tmp_path: Path
+) -> None:
+    frame = detector.validate(table[FEATURES].head(20))
+    for top_k, reasons in ((3, "all"), (0, "all"), (2, "none"), (50, "flagged")):
+        scored = score_frame(detector, frame, top_k=top_k, reasons=reasons)
+        assert list(scored.columns) == output_columns(len(FEATURES), top_k=top_k, reasons=reasons)
+    source = write_table(table.head(50).assign(reason_1="old"), tmp_path / "input.csv")
+    out = tmp_path / "scored.parquet"
+    score_file(detector, source, out, top_k=0, progress=False)  # no reason columns: nothing collides
+    assert (pd.read_parquet(out).reason_1 == "old").all()
 
 
 def test_integrated_gradients_add_up_to_the_score_above_the_median_row(

@@ -6,6 +6,7 @@ One server per session (starting one takes seconds): the tests share it and leav
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -74,7 +75,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -
     config = DetectorConfig(n_members=1, widths=(8,), grid_size=128)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=3))
     EnergyAnomalyDetector(config).fit(table[FEATURES]).save(folder / "detector.pt")
-    previous_uri = mlflow.get_tracking_uri()
     previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # the registry functions use the global store, as a stage does
     try:
@@ -82,7 +82,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path) -
             folder / "detector.pt", table[FEATURES].head(3), metric_name="auprc", metric_value=0.5
         )
     finally:
-        mlflow.set_tracking_uri(previous_uri)
+        # Unset, not set back to the URI it resolved to: a global URI would pin later tests' stores, which
+        # come from MLFLOW_TRACKING_URI (the mlflow_tracking_uri fixture).
+        mlflow.set_tracking_uri(None)
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
@@ -228,3 +230,145 @@ def test_the_live_server_answers_every_malformed_body_with_4xx_or_a_score_per_ro
     else:
         assert 400 <= status < 500, (body[:300], status, answer, server.log.read_text()[-2000:])
         assert answer.get("message") or answer.get("error_code"), answer
+
+
+# --- registry policy and the logged model, in process ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_detector_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny fitted detector saved once for the registry tests (a few training steps: seconds)."""
+    from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector
+
+    config = DetectorConfig(n_members=1, widths=(8,), grid_size=64)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=3))
+    detector = EnergyAnomalyDetector(config).fit(_tiny_table()[FEATURES])
+    return detector.save(tmp_path_factory.mktemp("tiny") / "det.pt")
+
+
+def _variant(path: Path, folder: Path, shift: float) -> Path:
+    """The same detector with another threshold: another content hash, hence another model version."""
+    from ebm.anomaly.detector import EnergyAnomalyDetector
+
+    detector = EnergyAnomalyDetector.load(path)
+    detector.threshold_ += shift
+    return detector.save(folder / f"det_{shift:g}.pt")
+
+
+@functools.cache
+def _tiny_table() -> Any:
+    from ebm.anomaly.transactions import TransactionsConfig, generate_transactions
+
+    return generate_transactions(TransactionsConfig(n_customers=40, days=3, warmup_days=3, n_regions=3))
+
+
+def _example(rows: int = 3) -> Any:
+    return _tiny_table()[FEATURES].head(rows).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_register_detector_refuses_a_non_finite_metric_before_logging_anything(
+    tiny_detector_path: Path, mlflow_tracking_uri: str, value: float
+) -> None:
+    import mlflow
+
+    from ebm.anomaly.registry import register_detector
+
+    assert mlflow.get_tracking_uri() == mlflow_tracking_uri
+    with pytest.raises(ValueError, match=rf"metric 'auprc' of {tiny_detector_path}.*non-finite"):
+        register_detector(tiny_detector_path, _example(), metric_name="auprc", metric_value=value)
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    assert client.search_registered_models() == [] and client.search_logged_models(["0"]) == []
+
+
+@pytest.mark.slow
+def test_the_champion_moves_only_against_a_finite_value_of_the_same_metric(
+    tiny_detector_path: Path, mlflow_tracking_uri: str, tmp_path: Path
+) -> None:
+    import mlflow
+
+    from ebm.anomaly.registry import register_detector
+
+    assert mlflow.get_tracking_uri() == mlflow_tracking_uri
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    name, example = "policy", _example()
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias(name, "champion").version)
+
+    first = register_detector(
+        tiny_detector_path, example, metric_name="auprc", metric_value=0.5, model_name=name
+    )
+    assert first.alias_moved and champion() == "1"
+
+    # The metric changed (anomaly.register.metric): v1 has no validation_auroc, so no comparison is possible.
+    other = register_detector(
+        _variant(tiny_detector_path, tmp_path, 1.0),
+        example,
+        metric_name="auroc",
+        metric_value=0.9,
+        model_name=name,
+    )
+    assert (
+        other.version == "2" and not other.alias_moved and other.champion_version == "1" and champion() == "1"
+    )
+    assert "kept champion v1: it has no validation_auroc tag" in other.decision
+    assert client.get_model_version(name, "2").tags["champion_decision"] == other.decision
+
+    # A champion whose stored value is not finite (stored before the check) is not comparable either.
+    client.set_model_version_tag(name, "1", "validation_auprc", "nan")
+    third_path = _variant(tiny_detector_path, tmp_path, 2.0)
+    third = register_detector(third_path, example, metric_name="auprc", metric_value=0.9, model_name=name)
+    assert third.version == "3" and not third.alias_moved and champion() == "1"
+    assert "validation_auprc='nan', not a finite number" in third.decision
+
+    # Once the champion carries a finite value again, the better version takes over.
+    client.set_model_version_tag(name, "1", "validation_auprc", "0.5")
+    again = register_detector(third_path, example, metric_name="auprc", metric_value=0.9, model_name=name)
+    assert again.reused and again.version == "3" and again.alias_moved and champion() == "3"
+
+
+@pytest.mark.slow
+def test_the_logged_model_lists_tqdm_and_takes_float64_numbers_in_process(
+    tiny_detector_path: Path, mlflow_tracking_uri: str
+) -> None:
+    """``ebm.trainer`` imports tqdm, so the model's environment needs it; int64 columns must be cast first."""
+    import mlflow
+
+    from ebm.anomaly.registry import register_detector
+
+    assert mlflow.get_tracking_uri() == mlflow_tracking_uri
+    example = _example(4)
+    outcome = register_detector(tiny_detector_path, example, metric_name="auprc", metric_value=0.5)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(outcome.model_uri)).read_text().split()
+    assert {"tqdm", "torch", "pandas", "pyyaml"} <= set(requirements)
+
+    model = mlflow.pyfunc.load_model(outcome.model_uri)
+    numeric = [c for c in NUMERIC_FEATURES if c in example.columns]
+    floats = example.astype(dict.fromkeys(numeric, "float64"))
+    assert len(model.predict(floats)) == 4
+    as_int64 = floats.assign(**{numeric[0]: floats[numeric[0]].round().astype("int64")})
+    with pytest.raises(mlflow.exceptions.MlflowException, match="int64 to float64"):
+        model.predict(as_int64)
+    assert len(model.predict(as_int64.astype({numeric[0]: "float64"}))) == 4  # the documented remedy
+
+
+@pytest.mark.parametrize("entry", ["register_detector", "log_detector_model"])
+def test_registry_entry_points_switch_telemetry_off_themselves(
+    entry: str, mlflow_tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Called directly (not from a stage or flow), each sets the offline switches before MLflow starts."""
+    from ebm.anomaly.pyfunc import log_detector_model
+    from ebm.anomaly.registry import register_detector
+    from ebm.checkpoint import CheckpointError
+    from ebm.offline import OFFLINE_ENV
+
+    for switch in OFFLINE_ENV:
+        monkeypatch.delenv(switch, raising=False)
+    missing = tmp_path / "missing.pt"  # fails right after the switches are set, before any model is logged
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        if entry == "register_detector":
+            register_detector(missing, _example(), metric_name="auprc", metric_value=0.5)
+        else:
+            log_detector_model(missing, _example())
+    assert {switch: os.environ.get(switch) for switch in OFFLINE_ENV} == OFFLINE_ENV

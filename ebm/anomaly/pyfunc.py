@@ -10,10 +10,14 @@
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"dataframe_records": [{"amount": 12.5, "hour": 3.2, ...}]}'
 
-The model's signature has one column per feature: ``double`` for numeric columns (JSON numbers arrive
-as float64 or int64; the float32 conversion happens inside, at the torch boundary) and ``string`` for
-categories. The model is logged *from code* (``ebm/anomaly/mlflow_model.py``; nothing is pickled) with
-the ``ebm`` package in ``code_paths``, so it loads wherever MLflow and torch are installed. A malformed
+The model's signature has one column per feature: ``double`` for numeric columns and ``string`` for
+categories (the float32 conversion happens inside, at the torch boundary). Over REST the scoring server
+casts JSON numbers, integers included, to float64 by the signature before enforcing it. In process,
+``model.predict`` enforces the signature as given: a numeric column must be float64 (float32 and int32
+are widened), and an int64 column is refused (``Incompatible input types ... int64 to float64``: MLflow
+widens no integer wider than 6 bytes to double) — cast it first, ``frame.astype({column: "float64"})``.
+The model is logged *from code* (``ebm/anomaly/mlflow_model.py``; nothing is pickled) with the ``ebm``
+package in ``code_paths``, so it loads wherever MLflow and torch are installed. A malformed
 request (missing column, text where a number belongs, NaN/inf, an empty body) is refused by MLflow's
 schema enforcement or raises ``MlflowException(INVALID_PARAMETER_VALUE)``; the scoring server answers
 either with HTTP 400 and the message, and garbage never reaches the model.
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+from ebm.offline import apply_offline_env
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -67,6 +73,7 @@ def log_detector_model(
     detector_path: str | os.PathLike[str], example: pd.DataFrame, *, name: str = "model"
 ) -> ModelInfo:
     """Log the saved detector as a pyfunc model in the active MLflow run, with signature and input example."""
+    apply_offline_env()  # before MLflow's tracking client starts: its telemetry must stay off
     import mlflow.pyfunc
 
     from ebm.anomaly.detector import EnergyAnomalyDetector
@@ -80,5 +87,6 @@ def log_detector_model(
         code_paths=[os.fspath(PACKAGE_ROOT)],
         signature=make_signature(detector, example),
         input_example=example,
-        pip_requirements=["torch", "numpy", "pandas", "scipy", "pyarrow", "pyyaml", "mlflow"],
+        # Everything the ebm package imports on the way to the detector (ebm.trainer imports tqdm).
+        pip_requirements=["torch", "numpy", "pandas", "scipy", "pyarrow", "pyyaml", "tqdm", "mlflow"],
     )

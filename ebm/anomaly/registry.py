@@ -10,6 +10,12 @@
   ``validation_<metric>`` (higher is better). The alias ``champion`` moves to the new version only
   if it beats the current champion's value strictly; otherwise the version gets the tag
   ``champion_decision`` saying why not, and the outcome says so too.
+- **Only comparable values decide.** A non-finite metric (NaN, ±inf) is refused with ``ValueError``
+  before anything is logged. A champion that has no finite ``validation_<metric>`` tag (it was
+  registered under another metric, ``anomaly.register.metric`` having changed since, or with a value
+  stored before finiteness was checked) cannot be compared: the alias stays where it is and
+  ``champion_decision`` says why, so the register stage still succeeds; move the alias by hand
+  (``MlflowClient().set_registered_model_alias``) once you have compared the versions.
 
 ``models:/ebm-anomaly-detector@champion`` then loads with ``mlflow.pyfunc.load_model`` anywhere MLflow
 and torch are installed (the ``ebm`` package travels inside the model).
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +34,7 @@ import pandas as pd
 import torch
 
 from ebm.checkpoint import load_checkpoint
+from ebm.offline import apply_offline_env
 
 CHAMPION = "champion"
 HASH_TAG = "model_hash"
@@ -95,10 +103,20 @@ def register_detector(
         detector_path: a file written by ``EnergyAnomalyDetector.save``.
         example: a few raw rows: the model's input example and the source of its signature.
         metric_name: the validation metric deciding the champion (higher is better), e.g. ``auprc``.
-        metric_value: this detector's value of it.
+        metric_value: this detector's value of it; must be finite.
         model_name: the registered model.
         run_id: the MLflow run to log the model into (default: the active run, else a new one).
+
+    Raises:
+        ValueError: ``metric_value`` is NaN or infinite (nothing is logged or registered).
     """
+    if not math.isfinite(float(metric_value)):
+        raise ValueError(
+            f"register_detector: validation metric {metric_name!r} of {os.fspath(detector_path)} is "
+            f"{metric_value!r}; a non-finite value cannot be compared with the champion's, so the "
+            "detector is not registered (check the evaluation that produced it)"
+        )
+    apply_offline_env()  # before MLflow's tracking client starts: its telemetry must stay off
     import mlflow
     from mlflow import MlflowClient
 
@@ -121,16 +139,27 @@ def register_detector(
         )
         version = str(registered.version)
     else:
-        stored = client.get_model_version(model_name, version).tags.get(metric_tag)
-        metric_value = float(stored) if stored is not None else float(metric_value)
+        stored = _finite_tag(client.get_model_version(model_name, version).tags, metric_tag)
+        metric_value = stored if stored is not None else float(metric_value)
 
     champion = _champion(client, model_name)
     if champion is None:
         moved, decision = True, f"v{version} is the first champion ({metric_name} {metric_value:.4f})"
     elif str(champion.version) == version:
         moved, decision = False, f"v{version} is already the champion"
+    elif (best := _finite_tag(champion.tags, metric_tag)) is None:
+        moved = False
+        found = champion.tags.get(metric_tag)
+        why = (
+            f"has no {metric_tag} tag (registered under another metric?)"
+            if found is None
+            else f"has {metric_tag}={found!r}, not a finite number"
+        )
+        decision = (
+            f"kept champion v{champion.version}: it {why}, so v{version} ({metric_name} {metric_value:.4f}) "
+            f"cannot be compared with it; compare them and move the alias {CHAMPION!r} by hand"
+        )
     else:
-        best = float(champion.tags.get(metric_tag, "-inf"))
         moved = metric_value > best
         decision = (
             f"v{version} ({metric_name} {metric_value:.4f}) beats champion v{champion.version} ({best:.4f})"
@@ -154,6 +183,15 @@ def register_detector(
         metric_value=float(metric_value),
         decision=decision,
     )
+
+
+def _finite_tag(tags: dict[str, str], tag: str) -> float | None:
+    """The tag's value as a finite float, or ``None`` when it is missing, not a number, NaN or infinite."""
+    try:
+        value = float(tags[tag])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _version_with_hash(client: Any, model_name: str, model_hash: str) -> str | None:

@@ -12,7 +12,8 @@ Output columns: every input column that is not a feature (ids, timestamps, label
 with ``top_k > 0``, ``reason_1 … reason_k`` / ``contribution_1 … contribution_k``: the raw columns that
 pushed the score up most and by how much (see :mod:`ebm.anomaly.explain`), for the flagged rows by
 default (``reasons="all"`` for every row: one more backward pass over everything, about half the
-throughput).
+throughput). An input column that is not a feature but carries one of these names (a scored file fed
+back in, say) is refused with :class:`~ebm.anomaly.validation.ValidationError` before anything is written.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pandas as pd
 import torch
 
 from ebm.anomaly.detector import BATCH_ROWS, EnergyAnomalyDetector
-from ebm.anomaly.explain import score_and_attribute, to_raw_columns, top_attributions
+from ebm.anomaly.explain import reference_row, score_and_attribute, to_raw_columns, top_attributions
 from ebm.anomaly.validation import TableSchema, ValidationError, file_format, iter_table, read_header
 from ebm.checkpoint import atomic_write
 
@@ -80,9 +81,12 @@ def score_frame(
         categories = pd.Index(["", *features])
         codes = np.zeros((len(x), k), dtype=np.int32)
         values = np.full((len(x), k), np.nan)
+        # measured from a typical row (numbers at their medians, each category at its commonest level),
+        # not from all zeros, which for one-hot categories is a row with no category at all
+        reference = reference_row(detector.preprocessor, energy)
         for start in range(0, len(rows), BATCH_ROWS):
             chosen = rows[start : start + BATCH_ROWS]
-            _, attributions = score_and_attribute(energy, x[torch.from_numpy(chosen)])
+            _, attributions = score_and_attribute(energy, x[torch.from_numpy(chosen)], reference=reference)
             raw = to_raw_columns(attributions, detector.preprocessor.encoded_source, len(features))
             top_names, top_values = top_attributions(raw, features, k)
             codes[chosen] = np.stack([categories.get_indexer(names) for names in top_names], axis=1)
@@ -91,6 +95,13 @@ def score_frame(
             out[f"reason_{rank + 1}"] = pd.Categorical.from_codes(codes[:, rank], categories=categories)
             out[f"contribution_{rank + 1}"] = values[:, rank]
     return pd.DataFrame(out, index=frame.index)
+
+
+def output_columns(n_features: int, *, top_k: int = 3, reasons: Reasons = "flagged") -> list[str]:
+    """The names of the columns :func:`score_frame` returns for a detector with ``n_features`` features."""
+    k = min(top_k, n_features) if top_k > 0 and reasons != "none" else 0
+    ranks = [name for rank in range(1, k + 1) for name in (f"reason_{rank}", f"contribution_{rank}")]
+    return ["anomaly_score", "is_anomaly", *ranks]
 
 
 def score_file(
@@ -107,7 +118,9 @@ def score_file(
 
     Raises:
         ValidationError: the input does not hold the detector's columns or has bad values (the message
-            names the column and the first bad rows); nothing is written.
+            names the column and the first bad rows), or a column that is not a feature has the name of
+            an output column (``anomaly_score``, ``is_anomaly``, ``reason_k``, ``contribution_k``);
+            nothing is written.
         FileNotFoundError: no input file.
     """
     import pyarrow as pa
@@ -126,6 +139,14 @@ def score_file(
     header = read_header(source)
     features = set(detector.feature_names_in_)
     passthrough = tuple(dict.fromkeys(c for c in header if c not in features))
+    outputs = set(output_columns(len(features), top_k=top_k, reasons=reasons))
+    clashes = [c for c in passthrough if c in outputs]
+    if clashes:
+        raise ValidationError(
+            f"{source}: input column(s) {', '.join(map(repr, clashes))} would collide with the output "
+            "column(s) of the same name; rename or drop them (is this an already scored file?)",
+            column=clashes[0],
+        )
     schema = TableSchema(
         numeric=detector.schema.numeric, categorical=detector.schema.categorical, passthrough=passthrough
     )
