@@ -34,8 +34,7 @@ MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
 
 FILE_MODE = 0o644
 """The mode of every file written atomically: ``mkstemp`` makes its temporary file owner-only (0600), but
-models, data and reports are for everyone who reads the repository (as ``save_figure`` and
-``atomic_table_write`` also set)."""
+models, data, tables and figures are for everyone who reads the repository."""
 
 
 def atomic_write(

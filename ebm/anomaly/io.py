@@ -25,6 +25,5 @@ def atomic_table_write(table: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
             pq.write_table(arrow, tmp)
         else:
             pacsv.write_csv(arrow, tmp, pacsv.WriteOptions(quoting_style="needed"))
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; data files are for everyone who reads the repo
 
     return atomic_write(path, write)

@@ -181,7 +181,6 @@ def score_file(
             bar.close()
             if writer is not None:
                 writer.close()
-        os.chmod(tmp, 0o644)
 
     atomic_write(destination, write)
     return ScoreSummary(counts["rows"], counts["flagged"], time.perf_counter() - start, destination)
