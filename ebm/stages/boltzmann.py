@@ -61,7 +61,7 @@ from ebm.boltzmann.training import (
 from ebm.checkpoint import atomic_write, load_model, save_model
 from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.images import ImageSplit, load_image_split
-from ebm.stages.common import StagePaths, read_seed, stage_arguments
+from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer
 
 EXPERIMENT = "boltzmann"
@@ -157,7 +157,7 @@ class BoltzmannParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> BoltzmannParams:
-        raw = _mapping(params, "boltzmann")
+        raw = read_mapping(params, "boltzmann")
         known = {"threads", "binarize", "rbm", "structured"}
         if unknown := sorted(set(raw) - known):
             raise ConfigError(
@@ -170,18 +170,10 @@ class BoltzmannParams:
             seed=read_seed(params),
             dataset=str(section(params, "images.data.dataset")),
             binarize=from_dict(BinarizeConfig, raw.get("binarize"), "boltzmann.binarize"),
-            rbm=_rbm_params(_mapping(params, "boltzmann.rbm")),
-            structured=_structured_params(_mapping(params, "boltzmann.structured")),
+            rbm=_rbm_params(read_mapping(params, "boltzmann.rbm")),
+            structured=_structured_params(read_mapping(params, "boltzmann.structured")),
             threads=threads,
         )
-
-
-def _mapping(params: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """A section that must be a mapping, copied; ``rbm: null`` is an error naming the key."""
-    value = section(params, key)
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{key} must be a mapping, got {value!r}")
-    return dict(value)
 
 
 def _rbm_params(raw: dict[str, Any]) -> RBMParams:
@@ -224,10 +216,8 @@ class _StructuredSizes:
 
 
 def _check_limit(key: str, value: int | None) -> None:
-    """A cap on images used is ``None`` (all) or a whole number ≥ 1: ``images[:-3]`` would drop the last
-    three and ``images[:0]`` all of them, silently."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{key} must be a whole number ≥ 1 or null (all images), got {value!r}")
+    """A cap on the images used: ``None`` for all of them, else a whole number ≥ 1."""
+    check_count(key, value, null="all images")
 
 
 def _structured_params(raw: dict[str, Any]) -> StructuredParams:

@@ -63,3 +63,30 @@ def read_seed(params: Mapping[str, Any]) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be a whole number, got {seed!r}")
     return seed
+
+
+def read_mapping(params: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The section at dotted ``key``, copied; one that is not a mapping (``rbm: null``) is an error naming it.
+
+    Raises:
+        ConfigError: The key is missing or its value is not a mapping.
+    """
+    value = section(params, key)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def check_count(key: str, value: Any, *, null: str | None = None) -> None:
+    """A count read from the params is a whole number ≥ 1 (``True`` is not one); with ``null`` (what the
+    stage does without a value, e.g. "all images") ``None`` is allowed too. Slicing with a cap of -3 would
+    drop the last three rows, and one of 0 all of them, silently.
+
+    Raises:
+        ValueError: ``value`` is not such a number; the message names ``key``.
+    """
+    if value is None and null is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = f" or null ({null})" if null is not None else ""
+        raise ValueError(f"{key} must be a whole number ≥ 1{allowed}, got {value!r}")

@@ -61,7 +61,7 @@ from ebm.images import (
     uniform_images,
 )
 from ebm.jem import JEMConfig
-from ebm.stages.common import StagePaths, read_seed, stage_arguments
+from ebm.stages.common import StagePaths, check_count, read_seed, stage_arguments
 from ebm.trainer import resolve_device
 
 EXPERIMENT = "images"
@@ -107,10 +107,7 @@ class ImageEvaluationConfig:
     def __post_init__(self) -> None:
         if self.ood_score not in OOD_SCORES:
             raise ValueError(f"unknown OOD score {self.ood_score!r}; choose one of {list(OOD_SCORES)}")
-        limit = self.max_test
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            # test images[:-2] would silently drop the last two, and n_test = -2 reach the metrics
-            raise ValueError(f"max_test must be a whole number ≥ 1 or null (all test images), got {limit!r}")
+        check_count("max_test", self.max_test, null="all test images")  # -2 would drop the last two
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from ebm.checkpoint import atomic_write, load_model, save_model
-from ebm.config import ConfigError, from_dict, load_params, section, to_dict
+from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
 from ebm.distributed import init_from_env, process_group_context
-from ebm.stages.common import StagePaths, read_seed, stage_arguments
+from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
 from ebm.toy import Toy2DConfig, evaluate_energy, train_energy
 
 EXPERIMENT = "toy2d"
@@ -74,10 +74,8 @@ class ToyDataParams:
                 )
         if len(set(self.datasets)) != len(self.datasets):
             raise ValueError(f"datasets names a dataset twice: {list(self.datasets)}")
-        for key in ("n_train", "n_test"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a whole number ≥ 1, got {value!r}")
+        check_count("n_train", self.n_train)
+        check_count("n_test", self.n_test)
 
 
 @dataclass(frozen=True)
@@ -92,9 +90,7 @@ class ToyParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ToyParams:
-        toy = section(params, "toy")
-        if not isinstance(toy, Mapping):
-            raise ConfigError(f"toy must be a mapping, got {toy!r}")
+        toy = read_mapping(params, "toy")
         for key in ToyDataParams.KEYS:
             section(params, f"toy.{key}")  # a missing key is an error naming it, not a bare KeyError
         recipe = {k: v for k, v in toy.items() if k not in ToyDataParams.KEYS}
