@@ -9,6 +9,7 @@ process leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -63,6 +64,12 @@ def atomic_write(
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         _fsync(path.parent, os.O_DIRECTORY)
     return path
+
+
+def write_json(path: str | os.PathLike[str], value: Any) -> Path:
+    """``value`` as indented JSON with sorted keys and a final newline, written by :func:`atomic_write`."""
+    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _fsync(path: str | os.PathLike[str], flags: int = 0) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,13 +41,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {value}")
     return value
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """``--json`` output, written atomically: a failed write leaves the previous file whole."""
-    from ebm.checkpoint import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2)))
 
 
 def _toy_recipe(args: argparse.Namespace) -> Any:
@@ -129,7 +121,9 @@ def cmd_toy_evaluate(args: argparse.Namespace) -> int:
     for key, value in values.items():
         print(f"{key:>16}: {value:.5g}")
     if args.json is not None:
-        _write_json(args.json, values)
+        from ebm.checkpoint import write_json  # atomic: a failed write keeps the previous file whole
+
+        write_json(args.json, values)
     return 0
 
 
@@ -263,7 +257,9 @@ def cmd_anomaly_evaluate(args: argparse.Namespace) -> int:
     for key, value in report.as_dict().items():
         print(f"{key:>20}: {value:.4f}")
     if args.json is not None:
-        _write_json(args.json, report.as_dict())
+        from ebm.checkpoint import write_json
+
+        write_json(args.json, report.as_dict())
     return 0
 
 

@@ -42,7 +42,7 @@ from ebm.anomaly.transactions import (
     split_by_time,
     write_table,
 )
-from ebm.checkpoint import atomic_write
+from ebm.checkpoint import write_json
 from ebm.config import from_dict, load_params, section
 from ebm.stages.common import StagePaths, read_seed, stage_arguments
 
@@ -153,7 +153,7 @@ def train(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, float]:
         "final_gap": float(np.mean([h["gap"] for h in finals])) if finals else float("nan"),
         "acceptance_rate": float(np.mean([h["acceptance_rate"] for h in finals])) if finals else float("nan"),
     }
-    _write_json(paths.reports / "train.json", metrics)
+    write_json(paths.reports / "train.json", metrics)
     return metrics
 
 
@@ -186,7 +186,7 @@ def evaluate(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, dict[str, 
         labels=labels,
         title="Synthetic transactions, test period",
     )
-    _write_json(paths.reports / "metrics.json", metrics)
+    write_json(paths.reports / "metrics.json", metrics)
     return metrics
 
 
@@ -204,15 +204,11 @@ def register(params: AnomalyParams, paths: AnomalyPaths, run_id: str) -> dict[st
         model_name=params.register.model_name,
         run_id=run_id,
     )
-    _write_json(paths.reports / "registration.json", outcome.as_dict())
+    write_json(paths.reports / "registration.json", outcome.as_dict())
     return outcome.as_dict()
 
 
 # --- helpers and entry point ----------------------------------------------------------------------
-
-
-def _write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
 
 
 def _flat(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

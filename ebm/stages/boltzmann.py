@@ -58,7 +58,7 @@ from ebm.boltzmann.training import (
     sample_rbm,
     train_rbm,
 )
-from ebm.checkpoint import atomic_write, load_model, save_model
+from ebm.checkpoint import atomic_write, load_model, save_model, write_json
 from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.images import ImageSplit, load_image_split
 from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
@@ -310,7 +310,7 @@ def train_rbms(params: BoltzmannParams, paths: BoltzmannPaths, run: Any | None =
             "k": recipe.cd.n_steps,
             "persistent": recipe.cd.persistent,
         }
-    _write_json(paths.reports / "rbm_train.json", metrics)
+    write_json(paths.reports / "rbm_train.json", metrics)
     return metrics
 
 
@@ -370,7 +370,7 @@ def evaluate_rbms(params: BoltzmannParams, paths: BoltzmannPaths) -> dict[str, A
         _save_grid(
             torch.cat([originals, rbm.reconstruct(originals)]), figures / f"{variant}_reconstructions.png"
         )
-    _write_json(paths.reports / "rbm_metrics.json", metrics)
+    write_json(paths.reports / "rbm_metrics.json", metrics)
     return metrics
 
 
@@ -417,7 +417,7 @@ def train_structured(
         "coupling_right": float(compatibility[0].trace() - compatibility[0].fliplr().trace()),
         "coupling_down": float(compatibility[1].trace() - compatibility[1].fliplr().trace()),
     }
-    _write_json(paths.reports / "structured_train.json", metrics)
+    write_json(paths.reports / "structured_train.json", metrics)
     return metrics
 
 
@@ -447,7 +447,7 @@ def evaluate_structured(params: BoltzmannParams, paths: BoltzmannPaths) -> dict[
         "table_order": [row.key for row in rows],
         "panel_rows": ["noisy input", "true mask", *labels],
     }
-    _write_json(paths.reports / "structured_metrics.json", metrics)
+    write_json(paths.reports / "structured_metrics.json", metrics)
     return metrics
 
 
@@ -472,10 +472,6 @@ def _save_grid(images: torch.Tensor, path: Path) -> Path:
     from ebm.images import save_image_grid  # atomic: a unique temporary file, removed if the write fails
 
     return save_image_grid(images, path)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
 
 
 RBM_CURVE_COLUMNS = (

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ebm.checkpoint import atomic_write, load_model, save_model, torch_save
+from ebm.checkpoint import atomic_write, load_model, save_model, torch_save, write_json
 from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
 from ebm.evaluation.images import (
@@ -209,7 +209,7 @@ def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> di
         "final_gap": final.get("gap", float("nan")),
         "final_train_accuracy": final.get("accuracy", float("nan")),
     }
-    _write_json(paths.reports / "train.json", metrics)
+    write_json(paths.reports / "train.json", metrics)
     return metrics
 
 
@@ -330,7 +330,7 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
         start=proposal_start,
     )
     _save_tensors(samples / "restoration.pt", **panels)
-    _write_json(paths.reports / "metrics.json", metrics)
+    write_json(paths.reports / "metrics.json", metrics)
     return metrics
 
 
@@ -385,10 +385,6 @@ def _fingerprint(recipe: ImageRecipe, data_file: Path) -> str:
 def _save_tensors(path: Path, **tensors: torch.Tensor) -> None:
     payload = {name: t.detach().cpu() for name, t in tensors.items()}
     torch_save(payload, path)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
 
 
 CURVE_COLUMNS = (

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ebm.checkpoint import atomic_write, load_model, save_model
+from ebm.checkpoint import atomic_write, load_model, save_model, write_json
 from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
 from ebm.distributed import init_from_env, process_group_context
@@ -158,7 +158,7 @@ def train(params: ToyParams, paths: ToyPaths, run: Any | None = None) -> dict[st
             "final_gap": final.get("gap", float("nan")),
         }
     if context.is_main:
-        _write_json(paths.reports / "train.json", metrics)
+        write_json(paths.reports / "train.json", metrics)
     return metrics
 
 
@@ -174,7 +174,7 @@ def evaluate(params: ToyParams, paths: ToyPaths) -> dict[str, dict[str, float]]:
         )
         _save_npz(paths.reports / "samples" / f"{name}.npz", samples=samples.numpy())
         metrics[name] = {key: float(value) for key, value in dataclasses.asdict(report).items()}
-    _write_json(paths.reports / "metrics.json", metrics)
+    write_json(paths.reports / "metrics.json", metrics)
     return metrics
 
 
@@ -232,10 +232,6 @@ def _save_npz(path: Path, **arrays: Any) -> None:
             np.savez(handle, **arrays)
 
     atomic_write(path, write)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n"))
 
 
 def _write_curves(path: Path, history: Sequence[Mapping[str, float]]) -> None:
