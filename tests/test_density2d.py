@@ -194,34 +194,29 @@ def test_true_nll_raises_on_a_non_finite_true_log_density(value: float) -> None:
         true_nll(log_prob_with_a_hole(value), x)
 
 
-def test_evaluate_density_raises_on_a_nan_true_log_density_instead_of_reporting_a_nan_gap() -> None:
+def evaluate_small_mixture(true_log_prob: LogProbFn | None = None) -> None:
+    """``evaluate_density`` of the 8-gaussian mixture's own energy on small sets (its true density unless
+    ``true_log_prob`` is given)."""
     mixture, generator = eight_gaussians(), torch.Generator().manual_seed(0)
     x_train, x_test, samples = (sample_mixture(mixture, n, generator) for n in (200, 100, 100))
+    evaluate_density(
+        mixture,
+        bounds=BOUNDS,
+        x_test=x_test,
+        true_log_prob=true_log_prob or (lambda x: -mixture(x)),
+        x_train=x_train,
+        samples=samples,
+        tol=1e-2,
+        max_resolution=256,
+    )
+
+
+def test_evaluate_density_raises_on_a_nan_true_log_density_instead_of_reporting_a_nan_gap() -> None:
     with pytest.raises(ValueError, match="true log-densities are not finite"):
-        evaluate_density(
-            mixture,
-            bounds=BOUNDS,
-            x_test=x_test,
-            true_log_prob=log_prob_with_a_hole(math.nan),
-            x_train=x_train,
-            samples=samples,
-            tol=1e-2,
-            max_resolution=256,
-        )
+        evaluate_small_mixture(log_prob_with_a_hole(math.nan))
 
 
 def test_evaluate_density_raises_on_a_non_finite_kde_log_density(monkeypatch: pytest.MonkeyPatch) -> None:
-    mixture, generator = eight_gaussians(), torch.Generator().manual_seed(0)
-    x_train, x_test, samples = (sample_mixture(mixture, n, generator) for n in (200, 100, 100))
     monkeypatch.setattr(KDEBaseline, "log_prob", lambda self, x: torch.full((len(x),), -math.inf))
     with pytest.raises(ValueError, match=r"100 of 100 KDE log-densities are not finite"):
-        evaluate_density(
-            mixture,
-            bounds=BOUNDS,
-            x_test=x_test,
-            true_log_prob=lambda x: -mixture(x),
-            x_train=x_train,
-            samples=samples,
-            tol=1e-2,
-            max_resolution=256,
-        )
+        evaluate_small_mixture()

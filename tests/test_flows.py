@@ -29,6 +29,18 @@ def _write_params(root: Path, params: dict[str, Any]) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+def _one_stage_pipeline(root: Path, stage: str, code: str, out: str) -> None:
+    """A ``dvc.yaml`` of one stage that runs the Python ``code`` and outputs ``out``."""
+    (root / "dvc.yaml").write_text(
+        textwrap.dedent(f"""
+        stages:
+          {stage}:
+            cmd: {sys.executable} -c "{code}"
+            outs: [{out}]
+        """)
+    )
+
+
 def _outcomes(stages: tuple[StageOutcome, ...]) -> dict[str, str]:
     return {stage.stage: stage.outcome for stage in stages}
 
@@ -162,14 +174,7 @@ def test_flow_fails_clearly_and_without_retrying_while_another_run_holds_the_dvc
 
 @pytest.mark.slow
 def test_stage_past_its_timeout_is_stopped(prefect_harness: None, dvc_project: Path) -> None:
-    (dvc_project / "dvc.yaml").write_text(
-        textwrap.dedent(f"""
-        stages:
-          sleepy:
-            cmd: {sys.executable} -c "import time; time.sleep(120)"
-            outs: [never.txt]
-        """)
-    )
+    _one_stage_pipeline(dvc_project, "sleepy", "import time; time.sleep(120)", "never.txt")
     _write_params(dvc_project, {"schedule": {"stages": {"sleepy": {"timeout_seconds": 1}}}})
 
     state = pipeline(project_root=str(dvc_project), return_state=True)
@@ -260,14 +265,7 @@ def test_a_stage_whose_command_ends_while_another_process_holds_the_lock_waits_a
         "[time.sleep(0.1) for _ in range(100) if not pathlib.Path('held').exists()]; "
         "pathlib.Path('out.txt').write_text('done')"
     )
-    (dvc_project / "dvc.yaml").write_text(
-        textwrap.dedent(f"""
-        stages:
-          work:
-            cmd: {sys.executable} -c "{command}"
-            outs: [out.txt]
-        """)
-    )
+    _one_stage_pipeline(dvc_project, "work", command, "out.txt")
 
     summary = pipeline(project_root=str(dvc_project))
 
