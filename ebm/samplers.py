@@ -677,6 +677,12 @@ class ReplayBuffer:
     device, filled from ``proposal`` at construction. :meth:`sample` draws ``n`` stored states, of
     which a fraction ``reinit_prob`` (in expectation) is replaced by fresh proposal draws;
     :meth:`update` writes the advanced chains back to the same slots.
+
+    The slots are drawn with replacement by default, as in Du & Mordatch's buffer: for a buffer much
+    larger than the batch, repeats are rare. With ``replacement=False`` they are distinct, so that a
+    batch as large as the buffer advances every chain once (Tieleman's PCD, where the chains *are* the
+    batch); drawn with replacement, ~37 % of such a batch would be repeats and a third of the chains
+    would stand still each step.
     """
 
     def __init__(
@@ -685,6 +691,7 @@ class ReplayBuffer:
         proposal: Proposal,
         *,
         reinit_prob: float = 0.05,
+        replacement: bool = True,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -695,6 +702,7 @@ class ReplayBuffer:
             raise ValueError(f"reinit_prob must lie in [0, 1], got {reinit_prob}")
         self.proposal = proposal
         self.reinit_prob = reinit_prob
+        self.replacement = replacement
         self.states = proposal.sample(capacity, generator=generator, device=device, dtype=dtype)
 
     @property
@@ -702,9 +710,21 @@ class ReplayBuffer:
         return self.states.shape[0]
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Return ``(x, slots)``: ``n`` chain states (a copy) and the buffer slots they came from."""
+        """Return ``(x, slots)``: ``n`` chain states (a copy) and the buffer slots they came from.
+
+        Raises:
+            ValueError: the slots are to be distinct (``replacement=False``) and ``n`` exceeds the capacity.
+        """
         device = self.states.device
-        slots = torch.randint(self.capacity, (n,), generator=generator, device=device)
+        if self.replacement:
+            slots = torch.randint(self.capacity, (n,), generator=generator, device=device)
+        elif n > self.capacity:
+            raise ValueError(
+                f"cannot draw {n} distinct chains from a replay buffer of {self.capacity}: make the "
+                f"buffer at least as large as the batch"
+            )
+        else:
+            slots = torch.randperm(self.capacity, generator=generator, device=device)[:n]
         x = self.states[slots].clone()
         fresh = torch.rand(n, generator=generator, device=device) < self.reinit_prob
         noise = self.proposal.sample(n, generator=generator, device=device, dtype=x.dtype)

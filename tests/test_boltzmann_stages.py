@@ -231,6 +231,12 @@ def test_a_failed_image_grid_write_keeps_the_previous_png_and_leaves_no_temporar
             "rbm.evaluation.exact_max_units", 30, "exact_max_units must lie in [0, 26]", id="too_many_units"
         ),
         pytest.param("rbm.evaluation.sample_steps", -1, "sample_steps ≥ 0", id="negative_steps"),
+        pytest.param(
+            "rbm.variants.pcd.n_chains",
+            31,
+            r"variants\.pcd: .* n_chains \(31\) must be at least the batch size \(32\)",
+            id="fewer_chains_than_the_batch",
+        ),
     ],
 )
 def test_bad_boltzmann_values_are_errors_naming_the_key_before_any_stage_runs(

@@ -428,6 +428,16 @@ def test_replay_buffer_sample_is_a_copy_and_update_writes_back_its_slots() -> No
     assert buffer.states.dtype == torch.float32 and not buffer.states.requires_grad
 
 
+def test_replay_buffer_without_replacement_draws_distinct_slots_and_refuses_more_than_it_holds() -> None:
+    buffer = ReplayBuffer(12, UniformBox((2,)), reinit_prob=0.0, replacement=False, generator=seeded(23))
+    generator = seeded(24)
+    for n in (5, 12):
+        _, slots = buffer.sample(n, generator=generator)
+        assert slots.unique().numel() == n and int(slots.min()) >= 0 and int(slots.max()) < 12
+    with pytest.raises(ValueError, match="cannot draw 13 distinct chains from a replay buffer of 12"):
+        buffer.sample(13, generator=generator)
+
+
 def test_replay_buffer_state_dict_round_trips_through_torch_save() -> None:
     saved = ReplayBuffer(20, UniformBox((3,)), reinit_prob=0.2, generator=seeded(20))
     state = saved.state_dict()

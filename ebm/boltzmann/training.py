@@ -74,7 +74,8 @@ class RBMTrainingConfig:
     Attributes:
         n_steps: k, Gibbs steps per training step.
         persistent: negatives from persistent chains (PCD) instead of chains started at the batch (CD-k).
-        n_chains: persistent chains kept (PCD); each step advances a batch of them drawn at random.
+        n_chains: persistent chains kept (PCD), at least the batch size; each step advances a batch of
+            distinct chains drawn at random (every chain, when there are as many as the batch).
     """
 
     n_steps: int = 1
@@ -113,6 +114,13 @@ class RBMRecipe:
     cd: RBMTrainingConfig = field(default_factory=RBMTrainingConfig)
     train: TrainConfig = field(default_factory=_default_train)
 
+    def __post_init__(self) -> None:
+        if self.cd.persistent and self.cd.n_chains < self.train.batch_size:
+            raise ValueError(
+                f"PCD advances a batch of distinct persistent chains: n_chains ({self.cd.n_chains}) must be "
+                f"at least the batch size ({self.train.batch_size})"
+            )
+
 
 def build_rbm_objective(
     cd: RBMTrainingConfig, event_shape: Sequence[int], *, device: torch.device, generator: torch.Generator
@@ -121,9 +129,12 @@ def build_rbm_objective(
     buffer = None
     if cd.persistent:
         # Chains start uniform in [0, 1]: their first Gibbs step draws h from p(h | v) of that point and
-        # returns a binary v. reinit_prob = 0: Tieleman's chains are never restarted.
+        # returns a binary v. reinit_prob = 0: Tieleman's chains are never restarted, and each step
+        # advances distinct chains (all of them when there are as many as the batch).
         proposal = UniformBox(tuple(event_shape), 0.0, 1.0)
-        buffer = ReplayBuffer(cd.n_chains, proposal, reinit_prob=0.0, generator=generator, device=device)
+        buffer = ReplayBuffer(
+            cd.n_chains, proposal, reinit_prob=0.0, replacement=False, generator=generator, device=device
+        )
     return ContrastiveDivergence(Gibbs(), n_steps=cd.n_steps, alpha=0.0, offset_weight=0.0, buffer=buffer)
 
 

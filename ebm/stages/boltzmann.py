@@ -188,7 +188,13 @@ def _rbm_params(raw: dict[str, Any]) -> RBMParams:
     train = _train_config(RBMRecipe().train, raw.pop("train", None), f"{where}.train")
     evaluation = from_dict(RBMEvaluationConfig, raw.pop("evaluation", None), f"{where}.evaluation")
     shape = from_dict(_RBMShape, raw, where)
-    return RBMParams(shape.n_hidden, shape.weight_std, variants, train, evaluation)
+    rbm = RBMParams(shape.n_hidden, shape.weight_std, variants, train, evaluation)
+    for name in variants:  # a recipe's own checks (PCD's chains against the batch), before any stage runs
+        try:
+            rbm.recipe(name)
+        except ValueError as error:
+            raise ConfigError(f"{where}.variants.{name}: {error}") from None
+    return rbm
 
 
 @dataclass(frozen=True)
