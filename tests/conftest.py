@@ -43,11 +43,17 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite store migrated once per session (seconds); copy it, never write to it."""
-    import mlflow
+    """An MLflow SQLite store migrated once per session (seconds); copy it, never write to it.
 
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    Its Default experiment keeps artifacts in a temporary folder: MLflow's own default is ``./mlruns``
+    relative to the working directory, so a test logging a model outside a project experiment (the
+    registry called without an active run) wrote into the checkout.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    path = folder / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{path}", (folder / "artifacts").as_uri()).search_experiments()
     return path
 
 
