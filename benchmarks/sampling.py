@@ -888,7 +888,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
         ylabel="ms per Langevin step",
         title="cost vs batch size",
     )
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below, clear of lines
     ax = axes[1]
     rows = results["image_size"]
     if rows:
