@@ -320,9 +320,9 @@ def _binary_labels(y: Tensor, n_points: int) -> Tensor:
     labels = torch.as_tensor(y).detach().cpu()
     if labels.shape != (n_points,):
         raise ValueError(f"y must have shape ({n_points},) to match x, got {tuple(labels.shape)}")
-    if not torch.isin(labels, torch.tensor([0, 1])).all():
+    if not ((labels == 0) | (labels == 1)).all():  # any dtype: isin refuses bool labels such as x[:, 0] < 0
         raise ValueError(f"y must hold binary labels 0/1, got values {labels.unique().tolist()}")
-    return labels
+    return labels.long()
 
 
 def _points_or_none(x: Tensor | None, what: str) -> Tensor | None:

@@ -220,3 +220,28 @@ def test_evaluate_density_raises_on_a_non_finite_kde_log_density(monkeypatch: py
     monkeypatch.setattr(KDEBaseline, "log_prob", lambda self, x: torch.full((len(x),), -math.inf))
     with pytest.raises(ValueError, match=r"100 of 100 KDE log-densities are not finite"):
         evaluate_small_mixture()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_mmd_names_a_non_finite_sample_row_instead_of_returning_nan(bad: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 2, generator=generator), torch.randn(60, 2, generator=generator)
+    y[17, 1] = bad
+    with pytest.raises(ValueError, match=r"1 of 60 rows of y are not finite, e.g. row 17"):
+        mmd(x, y)
+
+
+def test_mmd_of_a_collapsed_sampler_is_large_not_an_error_about_bandwidths() -> None:
+    # more than half the pooled pairs coincide: the median distance was 0, and so were the bandwidths
+    generator = torch.Generator().manual_seed(0)
+    test_points = torch.randn(100, 2, generator=generator)
+    collapsed = torch.zeros(400, 2)
+    assert mmd(collapsed, test_points) > 10 * mmd(torch.randn(400, 2, generator=generator), test_points)
+
+
+def test_nll_and_true_nll_refuse_an_empty_set_of_points() -> None:
+    mixture = eight_gaussians()
+    with pytest.raises(ValueError, match="no points"):
+        nll(mixture, torch.empty(0, 2), 0.0)
+    with pytest.raises(ValueError, match="no points"):
+        true_nll(lambda points: -mixture(points), torch.empty(0, 2))

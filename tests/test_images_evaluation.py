@@ -53,6 +53,65 @@ def test_accuracy_counts_argmax_logits() -> None:
     assert accuracy(energy, x, (predicted + 1) % 3) == 0.0
 
 
+def test_accuracy_refuses_labels_that_would_broadcast() -> None:
+    # before: an (N, 1) column compared N × N and returned 0.58 for a perfect classifier
+    energy = tiny_energy()
+    x = torch.rand(20, *SHAPE)
+    predicted = energy.classify(x)
+    for bad in (predicted[:, None], predicted[:1]):
+        with pytest.raises(ValueError, match=r"labels must have shape \(20,\)"):
+            accuracy(energy, x, bad)
+
+
+class _DropoutLogits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 16), nn.Dropout(0.5), nn.Linear(16, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def test_evaluation_is_in_eval_mode_whatever_mode_the_model_was_left_in() -> None:
+    # before: the logits of model_statistics, accuracy and penultimate_features ran with dropout on
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ImageEnergy(_DropoutLogits(), SHAPE)
+    x = torch.rand(40, *SHAPE)
+    model.eval()
+    expected_statistics = model_statistics(model, x)
+    expected_accuracy = accuracy(model, x, torch.zeros(40, dtype=torch.long))
+    expected_features = penultimate_features(model, x)
+    model.train()
+    torch.testing.assert_close(model_statistics(model, x), expected_statistics)
+    assert accuracy(model, x, torch.zeros(40, dtype=torch.long)) == expected_accuracy
+    torch.testing.assert_close(penultimate_features(model, x), expected_features)
+    assert model.training, "the caller's mode must come back"
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "message"),
+    [
+        (torch.randn(1, 4), torch.randn(10, 4), "features_a must be"),
+        (torch.randn(10, 4), torch.randn(10, 3), "differ in width"),
+        (torch.randn(10, 4).index_fill(0, torch.tensor([3]), math.nan), torch.randn(10, 4), "1 of 10 rows"),
+    ],
+)
+def test_frechet_distance_says_what_is_wrong_with_its_inputs(a: Tensor, b: Tensor, message: str) -> None:
+    # before: scipy's "Internal error in scipy.linalg.sqrtm: -102"
+    with pytest.raises(ValueError, match=message):
+        frechet_distance(a, b)
+
+
+@pytest.mark.parametrize("settings", [{"n_temperatures": 0}, {"n_chains": 1}, {"step_size": 0.0}])
+def test_ais_settings_that_cannot_estimate_are_refused(settings: dict[str, float]) -> None:
+    # before: n_temperatures 0 ran no step and reported log Z = 0 with a standard error of 0
+    with pytest.raises(ValueError, match="AIS"):
+        AISConfig(**settings)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_temperatures"):
+        sigmoid_schedule(0)
+
+
 def test_auroc_agrees_with_sklearn_and_in_distribution_is_the_positive_class() -> None:
     generator = torch.Generator().manual_seed(0)
     in_scores, out_scores = torch.randn(50, generator=generator) + 1, torch.randn(70, generator=generator)

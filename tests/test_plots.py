@@ -139,6 +139,15 @@ def test_decision_energy_evaluates_a_float64_classifier_in_float64() -> None:
     assert torch.allclose(difference, (-2 * centres).expand(RESOLUTION, -1), atol=1e-12)
 
 
+def test_decision_energy_takes_boolean_labels_as_they_come_from_a_comparison() -> None:
+    # before: torch.isin refused bool tensors with an internal RuntimeError
+    classifier = ClassConditionalEnergy(LinearLogits())
+    x = points(200)
+    fig = plot_decision_energy(classifier.joint, BOUNDS, x=x, y=x[:, 0] > 0, resolution=RESOLUTION)
+    counts = [len(c.get_offsets()) for c in fig.axes[0].collections if not isinstance(c, ContourSet)]
+    assert sorted(counts) == sorted([int((x[:, 0] <= 0).sum()), int((x[:, 0] > 0).sum())])
+
+
 @pytest.mark.parametrize(
     ("y", "message"), [(torch.zeros(5, dtype=torch.long), "shape"), (torch.full((10,), 2), "binary")]
 )

@@ -199,8 +199,9 @@ def nll(energy: EnergyFn, x: Tensor, log_z: float) -> float:
     """Negative log-likelihood mean E(x) + log Z of the model ``exp(−E)/Z``, in nats per point.
 
     Raises:
-        ValueError: if any energy on ``x`` is NaN or infinite.
+        ValueError: ``x`` holds no point, or an energy on ``x`` is NaN or infinite.
     """
+    _require_points(x, "nll")
     energies = evaluate_batched(energy, x)
     raise_if_not_finite(energies, torch.as_tensor(x), "energies")
     return float(energies.mean()) + log_z
@@ -211,21 +212,33 @@ def true_nll(log_prob_fn: LogProbFn, x: Tensor) -> float:
 
     Raises:
         ValueError: if any log p(x) is NaN or infinite; ``x`` is drawn from the density, so −inf there is a
-            bug too, not a zero-probability point.
+            bug too, not a zero-probability point; or ``x`` holds no point.
     """
+    _require_points(x, "true_nll")
     log_probs = evaluate_batched(log_prob_fn, x)
     raise_if_not_finite(log_probs, torch.as_tensor(x), "true log-densities")
     return -float(log_probs.mean())
+
+
+def _require_points(x: Tensor, what: str) -> None:
+    # the mean over no points is NaN, a number no caller should receive
+    if len(x) == 0:
+        raise ValueError(f"{what}: x holds no points")
 
 
 # --- maximum mean discrepancy ---------------------------------------------------------------------
 
 
 def median_bandwidth(x: Tensor, y: Tensor, *, max_points: int = 2000) -> float:
-    """Median pairwise distance of the pooled samples (evenly strided to at most ``max_points``)."""
+    """Median nonzero pairwise distance of the pooled samples (evenly strided to at most ``max_points``).
+
+    Coinciding points are left out: a sampler that collapsed onto a few points would otherwise give a
+    median of 0 and no kernel at all, instead of the large MMD it deserves. 1 when no two points differ.
+    """
     pooled = torch.cat([x, y]).double()
     pooled = pooled[:: max(1, math.ceil(len(pooled) / max_points))]
     distances = torch.pdist(pooled)
+    distances = distances[distances > 0]
     return float(distances.quantile(0.5)) if distances.numel() else 1.0  # numpy-style median
 
 
@@ -262,13 +275,21 @@ def mmd(
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or len(x) < 2 or len(y) < 2:
         raise ValueError(f"need x (n, d) and y (m, d) with n, m ≥ 2, got {tuple(x.shape)}, {tuple(y.shape)}")
+    for points, name in ((x, "x"), (y, "y")):  # one NaN row would make the whole estimate NaN
+        bad = ~points.isfinite().all(dim=1)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"mmd: {int(bad.sum())} of {len(points)} rows of {name} are not finite, e.g. row {row}: "
+                f"{points[row].tolist()}"
+            )
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
     x, y = x.to("cpu", dtype), y.to("cpu", dtype)
     if bandwidths is None:
         median = median_bandwidth(x, y)
         bandwidths = [median * factor for factor in (0.25, 0.5, 1.0, 2.0, 4.0)]
-    if not bandwidths or min(bandwidths) <= 0:
-        raise ValueError(f"bandwidths must be positive, got {bandwidths}")
+    if not bandwidths or not all(math.isfinite(h) and h > 0 for h in bandwidths):
+        raise ValueError(f"bandwidths must be positive and finite, got {bandwidths}")
     n, m, n_kernels = len(x), len(y), len(bandwidths)
     with torch.inference_mode():
         k_xx = _rbf_kernel_sum(x, x, bandwidths, chunk_size) - n * n_kernels  # drop the diagonal
@@ -395,7 +416,7 @@ def evaluate_density(
 
     Raises:
         ValueError: if an energy, a true log-density or a KDE log-density at a test point is NaN or
-            infinite (see :func:`nll`, :func:`true_nll`).
+            infinite (see :func:`nll`, :func:`true_nll`), or a row of ``samples`` is (see :func:`mmd`).
     """
     partition = converged_log_partition(energy, bounds, tol=tol, max_resolution=max_resolution)
     model_nll = nll(energy, x_test, partition.log_z)

@@ -70,9 +70,16 @@ def _device_of(model: nn.Module) -> torch.device:
 def accuracy(
     model: ClassConditionalEnergy, images: Tensor, labels: Tensor, *, batch_size: int = 1000
 ) -> float:
-    """Classification accuracy of ``argmax_y f_y(x)`` on [0, 1] ``images`` ``(N, C, H, W)``."""
+    """Classification accuracy of ``argmax_y f_y(x)`` on [0, 1] ``images`` ``(N, C, H, W)``, in eval mode.
+
+    Raises:
+        ValueError: ``labels`` is not ``(N,)`` (an ``(N, 1)`` column would broadcast to N × N).
+    """
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels must have shape ({len(images)},), one per image, got {tuple(labels.shape)}")
     device = _device_of(model)
-    logits = _batched(lambda x: model.logits(x.to(device)).float().cpu(), images, batch_size)
+    with frozen(model):  # dropout or spectral norm in training mode would make this a random number
+        logits = _batched(lambda x: model.logits(x.to(device)).float().cpu(), images, batch_size)
     return float((logits.argmax(dim=1) == labels.cpu()).float().mean())
 
 
@@ -181,6 +188,7 @@ def model_statistics(model: ClassConditionalEnergy, images: Tensor, *, batch_siz
     """``(N, 4)``: −E(x), log ‖∇ₓE(x)‖, max_y p(y | x) and argmax_y p(y | x) of [0, 1] ``images``.
 
     The first :data:`N_STATISTICS` columns describe x; the last is its predicted class (as a float).
+    All four come from the model in eval mode, whatever mode the caller left it in.
     """
     device = _device_of(model)
 
@@ -188,8 +196,8 @@ def model_statistics(model: ClassConditionalEnergy, images: Tensor, *, batch_siz
         x = x.to(device)
         with frozen(model):
             _, grad = energy_and_grad(model, x)
-        with torch.no_grad():
-            logits = model.logits(x).float()
+            with torch.no_grad():
+                logits = model.logits(x).float()
         log_grad = grad.flatten(1).float().norm(dim=1).clamp_min(1e-30).log()
         confidence, predicted = logits.softmax(dim=1).max(dim=1)
         return torch.stack(
@@ -361,13 +369,16 @@ def ood_aurocs(
 
 
 def penultimate_features(classifier: nn.Module, images: Tensor, *, batch_size: int = 500) -> Tensor:
-    """The input of ``classifier``'s last linear layer for [0, 1] ``images``: ``(N, features)``."""
+    """The input of ``classifier``'s last linear layer for [0, 1] ``images``: ``(N, features)``.
+
+    The classifier runs in eval mode, and each module gets its own mode back afterwards.
+    """
     last_linear = [m for m in classifier.modules() if isinstance(m, nn.Linear)][-1]
     captured: list[Tensor] = []
     hook = last_linear.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
     device = _device_of(classifier)
     try:
-        with torch.no_grad():
+        with frozen(classifier), torch.no_grad():
             for chunk in images.split(batch_size):
                 classifier(chunk.to(device))
     finally:
@@ -376,7 +387,20 @@ def penultimate_features(classifier: nn.Module, images: Tensor, *, batch_size: i
 
 
 def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between Gaussians fitted to two feature sets."""
+    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between Gaussians fitted to two feature sets.
+
+    Raises:
+        ValueError: a set is not ``(n, d)`` with n ≥ 2 (no covariance), the two differ in ``d``, or a
+            feature is NaN or infinite (from diverged samples, say).
+    """
+    for features, name in ((features_a, "features_a"), (features_b, "features_b")):
+        if features.ndim != 2 or len(features) < 2:
+            raise ValueError(f"{name} must be (n, d) with n ≥ 2, got shape {tuple(features.shape)}")
+        bad = ~features.isfinite().all(dim=1)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} of {len(features)} rows of {name} are not finite")
+    if features_a.shape[1] != features_b.shape[1]:
+        raise ValueError(f"feature sets differ in width: {features_a.shape[1]} and {features_b.shape[1]}")
     a, b = features_a.double().numpy(), features_b.double().numpy()
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -426,6 +450,16 @@ class AISConfig:
     step_size: float = 0.01
     mala_steps: int = 1
 
+    def __post_init__(self) -> None:
+        # n_temperatures 0 ran no step and reported log Z = 0 ± 0; one chain has no standard error
+        if self.n_chains < 2 or self.n_temperatures < 1 or self.mala_steps < 0:
+            raise ValueError(
+                f"AIS needs n_chains ≥ 2, n_temperatures ≥ 1 and mala_steps ≥ 0, got {self.n_chains}, "
+                f"{self.n_temperatures} and {self.mala_steps}"
+            )
+        if not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise ValueError(f"AIS step_size must be a positive number, got {self.step_size}")
+
 
 @dataclass(frozen=True)
 class AISResult:
@@ -439,6 +473,8 @@ class AISResult:
 
 def sigmoid_schedule(n_temperatures: int, sharpness: float = 4.0) -> Tensor:
     """β₀ = 0 < β₁ < … < β_T = 1, denser near both ends (Grosse et al. 2015), shape ``(T + 1,)``."""
+    if n_temperatures < 1:
+        raise ValueError(f"n_temperatures must be ≥ 1, got {n_temperatures}")
     s = torch.sigmoid(torch.linspace(-sharpness, sharpness, n_temperatures + 1, dtype=torch.float64))
     return (s - s[0]) / (s[-1] - s[0])
 
