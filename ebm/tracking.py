@@ -39,16 +39,22 @@ then records its run (params, tags, every metric with its step and time, artifac
 under ``.ebm/mlflow-pending/`` without importing MLflow, and the caller logs it with
 :func:`log_pending_runs` in its own process, where MLflow is imported once. The run keeps its real start
 and end times, so the UI shows the same run as a live one would; it appears when the stage ends rather
-than while it runs. A record left by a stage that was killed is logged as KILLED, never dropped.
+than while it runs. A record left by a stage that was killed is logged as KILLED, never dropped (a metrics
+line its writer was cut off in the middle of is left out). A record MLflow rejects (a param key it does not
+allow, say) is moved to ``.ebm/mlflow-pending/failed/`` with the reason in ``error.txt``, and its half-made
+run ends FAILED: it neither blocks the records after it nor is retried at every stage.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -80,7 +86,13 @@ PENDING_RUNS_DIR = Path(".ebm") / "mlflow-pending"
 RUN_LINKS_LOCK = Path(".ebm") / "mlflow_runs.lock"
 """The lock file that serialises updates of :data:`RUN_LINKS_FILE` (relative to the project root)."""
 
+FAILED_RUNS_DIR = PENDING_RUNS_DIR / "failed"
+"""Where, relative to the project root, deferred runs MLflow would not take are set aside (see
+:func:`log_pending_runs`)."""
+
 _PARTIAL = ".partial"
+
+_log = logging.getLogger(__name__)
 
 _LOCAL_STORE_SCHEMES = ("sqlite", "file", "")
 
@@ -339,6 +351,20 @@ def _get_or_create_experiment(client: MlflowClient, name: str, location: str | N
 
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        if existing.lifecycle_stage == "deleted":
+            # Deleted in the UI (a soft delete: the name stays taken), and MLflow refuses runs in it. The
+            # stage's run belongs in this experiment, so bring it back rather than fail every stage.
+            try:
+                client.restore_experiment(existing.experiment_id)
+            except MlflowException:
+                # Another stage process restored it first.
+                if client.get_experiment(existing.experiment_id).lifecycle_stage != "active":
+                    raise
+            _log.warning(
+                "MLflow experiment %r (id %s) was deleted; restored it to log this run",
+                name,
+                existing.experiment_id,
+            )
         return existing.experiment_id
     try:
         return client.create_experiment(name, artifact_location=location)
@@ -392,7 +418,8 @@ def start_run(
                 "run_name": run_name,
                 "dvc_stage": dvc_stage,
                 "params": flatten_params(params),
-                "tags": tags,
+                # What MLflow's default context gives a live run; only the stage's own process knows them.
+                "tags": tags | _source_tags(),
                 "pid": os.getpid(),
                 "start_time": int(time.time() * 1000),
                 "status": "RUNNING",
@@ -413,11 +440,22 @@ def start_run(
     active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     stage_run = MlflowRun(run_id=active.info.run_id, experiment_id=experiment_id, client=client)
     try:
-        mlflow.log_params(flatten_params(params))
+        # Params inside: a key MLflow rejects must end the run FAILED, not leave it RUNNING and active.
         with _finishing(lambda status: mlflow.end_run(status=status)):
+            mlflow.log_params(flatten_params(params))
             yield stage_run
     finally:
         record_run_link(root, dvc_stage, stage_run.url)
+
+
+def _source_tags() -> dict[str, str]:
+    """The user and source tags MLflow sets on a live run (``mlflow.user``, ``mlflow.source.*``)."""
+    try:
+        user = getpass.getuser()
+    except (ImportError, KeyError, OSError):  # no login name and no passwd entry (some containers)
+        user = "unknown"
+    source = sys.argv[0] if sys.argv and sys.argv[0] else "<console>"
+    return {"mlflow.user": user, "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
 
 
 @contextmanager
@@ -462,53 +500,110 @@ def pending_runs(project_root: Path) -> list[Path]:
     return ready
 
 
+class PendingRunsError(ValueError):
+    """Deferred run records that could not be logged; each was moved to :data:`FAILED_RUNS_DIR`.
+
+    Attributes:
+        failures: The set-aside record folder → what went wrong with it.
+    """
+
+    def __init__(self, failures: Mapping[Path, str]) -> None:
+        self.failures = dict(failures)
+        lines = [f"  {folder}: {error}" for folder, error in self.failures.items()]
+        super().__init__(
+            f"{len(lines)} deferred MLflow run record(s) could not be logged and were set aside "
+            "(the reason is also in each folder's error.txt):\n" + "\n".join(lines)
+        )
+
+
 def log_pending_runs(project_root: Path) -> list[str]:
     """Log every deferred run of ``project_root`` to MLflow (see :data:`DEFER_ENV`), then delete its record.
+
+    Each record is logged on its own: one that fails (unreadable, or MLflow rejects what it holds) has its
+    half-made run ended FAILED and is moved to :data:`FAILED_RUNS_DIR`, so it neither stops the others
+    nor is retried, and failing again, at every later call.
 
     Returns:
         The logged runs' links, relative to the MLflow UI root.
 
     Raises:
-        ValueError: A record is unreadable (its path is in the message; the record is kept).
+        PendingRunsError: Some records could not be logged; the message names each set-aside folder and
+            its error. The other records were logged all the same.
     """
     records = pending_runs(project_root)
     if not records:
         return []
     apply_offline_env()
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
 
     root = Path(project_root).resolve()
-    uri = tracking_uri(root)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(tracking_uri(root))
     links = []
+    failures: dict[Path, str] = {}
     for folder in records:
         try:
-            record = json.loads((folder / "run.json").read_text())
-            metrics_file = folder / "metrics.jsonl"
-            metric_rows = (
-                [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-                if metrics_file.exists()
-                else []
-            )
-            experiment, stage = str(record["experiment"]), str(record["dvc_stage"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"unreadable deferred MLflow run record {folder}: {err}") from err
-        stale = folder / "mlflow_run_id"
-        if stale.exists():  # an earlier attempt died half-way: replace its run
-            client.delete_run(stale.read_text().strip())
-        location = artifact_location(root, uri, experiment)
-        experiment_id = _get_or_create_experiment(client, experiment, location)
-        status = "KILLED" if record.get("status", "RUNNING") == "RUNNING" else str(record["status"])
-        tags = dict(record.get("tags", {}))
-        tags["dvc_deps"] = json.dumps(dvc_dep_hashes(root, stage), sort_keys=True)
-        run = client.create_run(
-            experiment_id,
-            start_time=int(record["start_time"]),
-            tags={key: str(value) for key, value in tags.items()},
-            run_name=record.get("run_name"),
-        )
-        run_id = run.info.run_id
+            links.append(_log_pending_run(client, root, folder))
+        except Exception as err:
+            failures[_set_aside(root, folder, err)] = f"{type(err).__name__}: {err}"
+    if failures:
+        raise PendingRunsError(failures)
+    return links
+
+
+def _read_metric_rows(metrics_file: Path) -> list[dict[str, Any]]:
+    """The rows of a record's ``metrics.jsonl``, less a last line its writer was killed in the middle of.
+
+    Raises:
+        ValueError: A line other than the last is not JSON (file and line number in the message).
+    """
+    if not metrics_file.exists():
+        return []
+    lines = metrics_file.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            if number == len(lines):  # a stage killed while appending: the values before it still count
+                _log.warning("%s: left out line %d, cut off when its stage was killed", metrics_file, number)
+                continue
+            raise ValueError(f"{metrics_file}, line {number}: not JSON ({err})") from err
+    return rows
+
+
+def _log_pending_run(client: MlflowClient, root: Path, folder: Path) -> str:
+    """Log one deferred run record, delete it and return the run's link.
+
+    A run this creates and cannot complete is ended FAILED before the error propagates.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    try:
+        record = json.loads((folder / "run.json").read_text())
+        metric_rows = _read_metric_rows(folder / "metrics.jsonl")
+        experiment, stage = str(record["experiment"]), str(record["dvc_stage"])
+        start_time = int(record["start_time"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"unreadable deferred MLflow run record: {err}") from err
+    stale = folder / "mlflow_run_id"
+    if stale.exists():  # an earlier attempt died half-way: replace its run
+        client.delete_run(stale.read_text().strip())
+    uri = tracking_uri(root)
+    experiment_id = _get_or_create_experiment(client, experiment, artifact_location(root, uri, experiment))
+    status = "KILLED" if record.get("status", "RUNNING") == "RUNNING" else str(record["status"])
+    tags = dict(record.get("tags", {}))
+    tags["dvc_deps"] = json.dumps(dvc_dep_hashes(root, stage), sort_keys=True)
+    # MlflowClient.create_run takes the run's user from the ``mlflow.user`` tag (the record has it).
+    run = client.create_run(
+        experiment_id,
+        start_time=start_time,
+        tags={key: str(value) for key, value in tags.items()},
+        run_name=record.get("run_name"),
+    )
+    run_id = run.info.run_id
+    try:
         stale.write_text(run_id)
         client.log_batch(
             run_id,
@@ -523,11 +618,37 @@ def log_pending_runs(project_root: Path) -> list[str]:
         if artifacts.is_dir() and any(artifacts.iterdir()):
             client.log_artifacts(run_id, os.fspath(artifacts))
         end_time = record.get("end_time") or int(
-            max((row["timestamp"] for row in metric_rows), default=record["start_time"])
+            max((row["timestamp"] for row in metric_rows), default=start_time)
         )
         client.set_terminated(run_id, status=status, end_time=int(end_time))
-        link = run_url(experiment_id, run_id)
-        record_run_link(root, stage, link)
-        links.append(link)
-        shutil.rmtree(folder)
-    return links
+    except Exception:
+        # Not left RUNNING: the UI would show it as still going, forever.
+        try:
+            client.set_terminated(run_id, status="FAILED")
+        except Exception as end_err:  # the store itself is failing; the first error says more
+            _log.warning("could not end the half-logged MLflow run %s as FAILED: %s", run_id, end_err)
+        raise
+    link = run_url(experiment_id, run_id)
+    record_run_link(root, stage, link)
+    shutil.rmtree(folder)
+    return link
+
+
+def _set_aside(root: Path, folder: Path, err: BaseException) -> Path:
+    """Move a record that failed to :data:`FAILED_RUNS_DIR`, its error in ``error.txt``; returns where.
+
+    A run it made keeps its id in ``mlflow_run_id``: moved back into the pending folder once fixed, the
+    record replaces that FAILED run instead of adding a second one.
+    """
+    target = root / FAILED_RUNS_DIR / folder.name
+    if target.exists():  # set aside before, moved back by hand, failed again
+        target = target.with_name(f"{folder.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, target)
+    except OSError as move_err:
+        # Left where it is (and retried next time) rather than losing the other records' outcome.
+        _log.warning("could not set aside the deferred MLflow run record %s: %s", folder, move_err)
+        return folder
+    (target / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
+    return target

@@ -60,6 +60,8 @@ def load_schedule(project_root: Path) -> Schedule:
     """The cron schedule in ``params.yaml`` (``schedule.cron``, ``schedule.timezone``), validated.
 
     Raises:
+        ValueError: ``schedule`` is not a mapping or has a key other than ``cron``, ``timezone`` and
+            ``stages`` (a misspelt ``timezone`` would otherwise leave the deployment on UTC unnoticed).
         pydantic.ValidationError: The cron string or the timezone is not valid.
     """
     section = load_schedule_config(project_root)

@@ -58,6 +58,7 @@ from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
+from prefect.exceptions import MissingContextError  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import State  # noqa: E402
 
@@ -124,18 +125,29 @@ class StageOutcome:
 
 @dataclass(frozen=True)
 class PipelineSummary:
-    """One flow run: the stages in order, the metrics files' values, and the MLflow run links."""
+    """One flow run: the stages in order, the metrics files' values, and the MLflow run links.
+
+    ``run_links`` holds only runs the stages logged during this flow run: a stage that failed before opening
+    its run has none (the link left by an earlier run would pass for this one's). ``previous_run_links``
+    holds, for stages DVC skipped, the run that last produced their outputs, shown marked "(previous)".
+    """
 
     stages: tuple[StageOutcome, ...]
     metrics: dict[str, dict[str, Any]]
     run_links: dict[str, str]
+    previous_run_links: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_markdown(self, mlflow_ui: str) -> str:
         """Render the summary; ``mlflow_ui`` is the UI base the relative run links hang off."""
         lines = ["# ebm pipeline", "", "| stage | DVC | seconds | MLflow run |", "|---|---|---:|---|"]
         for stage in self.stages:
-            link = self.run_links.get(stage.stage)
-            run = f"[run]({mlflow_ui.rstrip('/')}/{link})" if link else ""
+            link, previous = self.run_links.get(stage.stage), self.previous_run_links.get(stage.stage)
+            if link:
+                run = f"[run]({mlflow_ui.rstrip('/')}/{link})"
+            elif previous:
+                run = f"[run]({mlflow_ui.rstrip('/')}/{previous}) (previous)"
+            else:
+                run = ""
             lines.append(f"| {stage.stage} | {stage.outcome} | {stage.seconds:.1f} | {run} |")
         if self.metrics:
             lines += ["", "## Metrics", "", "| file | metric | value |", "|---|---|---:|"]
@@ -160,24 +172,65 @@ def _dvc_repo(project_root: Path | str, *, wait_for_lock: bool = False) -> Itera
         yield repo
 
 
+SCHEDULE_KEYS = ("cron", "stages", "timezone")
+"""The keys of ``schedule`` in ``params.yaml``: the deployment's ``cron`` and ``timezone``, stage policy."""
+
+
 def load_schedule_config(project_root: Path) -> dict[str, Any]:
-    """The ``schedule`` section of ``<root>/params.yaml``; empty when either is missing."""
+    """The ``schedule`` section of ``<root>/params.yaml``; empty when either is missing.
+
+    Raises:
+        ValueError: ``schedule`` is not a mapping, has a key not in :data:`SCHEDULE_KEYS` (a misspelt
+            ``timezone`` would leave the deployment on UTC without a word), or ``schedule.stages`` is not
+            a mapping.
+    """
     params_file = Path(project_root) / "params.yaml"
     if not params_file.exists():
         return {}
     params = yaml.safe_load(params_file.read_text()) or {}
-    return dict(params.get("schedule") or {})
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{params_file} must be a mapping of sections, got {type(params).__name__}")
+    schedule = params.get("schedule") or {}
+    if not isinstance(schedule, Mapping):
+        raise ValueError(
+            f"schedule must be a mapping with keys {list(SCHEDULE_KEYS)}, got {schedule!r} in {params_file}"
+        )
+    if unknown := sorted(set(schedule) - set(SCHEDULE_KEYS)):
+        raise ValueError(f"schedule: unknown keys {unknown}; valid keys: {list(SCHEDULE_KEYS)}")
+    _scheduled_stages(schedule)
+    return dict(schedule)
+
+
+def _scheduled_stages(schedule: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``schedule.stages`` (empty when absent).
+
+    Raises:
+        ValueError: It is not a mapping of stage name → policy.
+    """
+    stages = schedule.get("stages") or {}
+    if not isinstance(stages, Mapping):
+        raise ValueError(
+            f"schedule.stages must be a mapping of stage name → {{retries, retry_delay_seconds, "
+            f"timeout_seconds}}, got {stages!r}"
+        )
+    return stages
 
 
 def stage_policy(stage: str, schedule: Mapping[str, Any]) -> StagePolicy:
     """The policy for ``stage``: the default for its kind, overridden by ``schedule.stages.<stage>``.
 
     Raises:
-        ValueError: The override names a key :class:`StagePolicy` does not have.
+        ValueError: ``schedule.stages`` or its entry for ``stage`` is not a mapping, or the entry names a
+            key :class:`StagePolicy` does not have or gives one a bad value.
     """
     default = PREPARE_POLICY if stage.startswith("prepare") else StagePolicy()
-    overrides = dict((schedule.get("stages") or {}).get(stage) or {})
+    entry = _scheduled_stages(schedule).get(stage) or {}
     known = {field.name for field in dataclasses.fields(StagePolicy)}
+    if not isinstance(entry, Mapping):
+        raise ValueError(
+            f"schedule.stages.{stage} must be a mapping with keys {sorted(known)}, got {entry!r}"
+        )
+    overrides = dict(entry)
     if unknown := sorted(set(overrides) - known):
         raise ValueError(f"schedule.stages.{stage}: unknown keys {unknown}; valid keys: {sorted(known)}")
     try:
@@ -190,9 +243,9 @@ def check_scheduled_stages(schedule: Mapping[str, Any], stages: list[str]) -> No
     """``schedule.stages`` names only stages of the pipeline: a misspelt one would be ignored silently.
 
     Raises:
-        ValueError: A key of ``schedule.stages`` is not one of ``stages``.
+        ValueError: ``schedule.stages`` is not a mapping, or a key of it is not one of ``stages``.
     """
-    if unknown := sorted(set(schedule.get("stages") or {}) - set(stages)):
+    if unknown := sorted(set(_scheduled_stages(schedule)) - set(stages)):
         raise ValueError(f"schedule.stages names {unknown}, not stages of this pipeline; stages: {stages}")
 
 
@@ -318,14 +371,35 @@ def _watch_run_cache() -> Iterator[_RunCacheRestores]:
         dvc_cache_logger.setLevel(previous_level)
 
 
+def _logger() -> "logging.Logger | logging.LoggerAdapter[logging.Logger]":
+    """Prefect's run logger inside a flow or task run (its messages reach the UI), else this module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
 @contextmanager
 def _logging_deferred_runs(project_root: str) -> Iterator[None]:
-    """Log the MLflow runs the stage recorded (see ``ebm.tracking.DEFER_ENV``), whether it passed or not."""
+    """Log the MLflow runs the stage recorded (see ``ebm.tracking.DEFER_ENV``), whether it passed or not.
+
+    When the stage failed, its own exception is the one raised: a failure to log the runs is attached to it
+    as a note (and logged), never put in its place. When the stage passed, that failure fails the task.
+    """
     try:
         yield
-    finally:
-        for link in log_pending_runs(Path(project_root)):
-            get_run_logger().info("MLflow run logged: %s", link)
+    except BaseException as stage_error:
+        try:
+            links = log_pending_runs(Path(project_root))
+        except Exception as logging_error:
+            _logger().error("logging the stage's MLflow runs failed as well: %s", logging_error)
+            stage_error.add_note(f"logging the stage's MLflow runs failed as well: {logging_error}")
+            links = []
+        for link in links:
+            _logger().info("MLflow run logged: %s", link)
+        raise
+    for link in log_pending_runs(Path(project_root)):
+        _logger().info("MLflow run logged: %s", link)
 
 
 def _retry_unless_locked(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -460,8 +534,11 @@ def _run_stages(root: Path, stages: list[str] | None, force: bool) -> PipelineSu
         check_scheduled_stages(schedule, stage_order(root))
     planned = [(stage, stage_policy(stage, schedule)) for stage in stage_order(root, stages)]
     outcomes: list[StageOutcome] = []
+    links: dict[str, str] = {}
+    previous_links: dict[str, str] = {}
     try:
         for stage, policy in planned:
+            link_before = read_run_links(root).get(stage)
             run_stage = reproduce_stage.with_options(
                 name=f"dvc-{stage}",
                 retries=policy.retries,
@@ -482,9 +559,23 @@ def _run_stages(root: Path, stages: list[str] | None, force: bool) -> PipelineSu
             except Exception:
                 outcomes.append(StageOutcome(stage, "failed", time.perf_counter() - started))
                 raise
+            finally:
+                # Run ids are unique: a link that changed is one this stage logged now.
+                link_after = read_run_links(root).get(stage)
+                if link_after and link_after != link_before:
+                    links[stage] = link_after
+                elif (
+                    link_after
+                    and outcomes
+                    and (outcomes[-1].stage, outcomes[-1].outcome) == (stage, "skipped")
+                ):
+                    previous_links[stage] = link_after
     finally:
         summary = PipelineSummary(
-            stages=tuple(outcomes), metrics=collect_metrics(root), run_links=read_run_links(root)
+            stages=tuple(outcomes),
+            metrics=collect_metrics(root),
+            run_links=links,
+            previous_run_links=previous_links,
         )
         create_markdown_artifact(
             markdown=summary.to_markdown(_mlflow_ui_base(root)),
@@ -513,8 +604,8 @@ def where_results_are(root: Path, summary: PipelineSummary) -> str:
     ui = _mlflow_ui_base(root).rstrip("/")
     lines = ["", "ebm pipeline finished:"]
     for stage in summary.stages:
-        link = summary.run_links.get(stage.stage)
-        run = f"{ui}/{link}" if link else ""
+        link, previous = summary.run_links.get(stage.stage), summary.previous_run_links.get(stage.stage)
+        run = f"{ui}/{link}" if link else f"{ui}/{previous} (previous)" if previous else ""
         lines.append(f"  {stage.stage:<22} {stage.outcome:<8} {stage.seconds:7.1f} s  {run}")
     plots = (
         sorted(p.relative_to(root) for p in (root / "reports").rglob("*.png"))

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+import flows.pipeline
 from flows.deploy import DEFAULT_CRON, load_schedule, nightly_deployment
 from flows.pipeline import (
     PREPARE_POLICY,
@@ -17,8 +18,11 @@ from flows.pipeline import (
     StageOutcome,
     StagePolicy,
     StageTimeoutError,
+    _logging_deferred_runs,
     _one_flow_at_a_time,
+    _run_stages,
     check_scheduled_stages,
+    load_schedule_config,
     pipeline,
     stage_order,
     stage_policy,
@@ -229,6 +233,120 @@ def test_scheduled_stages_must_be_stages_of_the_pipeline() -> None:
     check_scheduled_stages({"stages": {"train": {"retries": 1}}}, ["prepare", "train"])
     with pytest.raises(ValueError, match=r"schedule.stages names \['train_mnist'\], not stages of this"):
         check_scheduled_stages({"stages": {"train_mnist": {"retries": 1}}}, ["prepare", "train"])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "complaint"),
+    [
+        ({"stages": {"train": 7200}}, "schedule.stages.train must be a mapping with keys \\['retries', "),
+        ({"stages": {"train": "7200"}}, "schedule.stages.train must be a mapping with keys"),
+        ({"stages": ["train"]}, "schedule.stages must be a mapping of stage name"),
+    ],
+)
+def test_a_stage_policy_that_is_not_a_mapping_is_an_error_naming_the_key(
+    schedule: dict[str, Any], complaint: str
+) -> None:
+    # used to be a raw TypeError, "dictionary update sequence" ValueError, or AttributeError
+    with pytest.raises(ValueError, match=f"^{complaint}"):
+        stage_policy("train", schedule)
+    if isinstance(schedule["stages"], list):
+        with pytest.raises(ValueError, match=f"^{complaint}"):
+            check_scheduled_stages(schedule, ["train"])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "complaint"),
+    [
+        (
+            {"cron": "30 3 * * 1", "timzone": "Europe/Paris"},
+            r"^schedule: unknown keys \['timzone'\]; valid keys: \['cron', 'stages', 'timezone'\]$",
+        ),
+        ({"crontab": "30 3 * * 1"}, r"^schedule: unknown keys \['crontab'\]; valid keys: \['cron', "),
+        ("0 2 * * *", r"^schedule must be a mapping with keys \['cron', 'stages', 'timezone'\], got '0 2"),
+        ({"stages": ["train"]}, "^schedule.stages must be a mapping of stage name"),
+    ],
+)
+def test_a_misspelt_or_misshapen_schedule_is_an_error_naming_the_key(
+    tmp_path: Path, schedule: Any, complaint: str
+) -> None:
+    # a misspelt key used to be ignored: the deployment ran at 02:00 UTC instead
+    _write_params(tmp_path, {"schedule": schedule})
+    with pytest.raises(ValueError, match=complaint):
+        load_schedule_config(tmp_path)
+    with pytest.raises(ValueError, match=complaint):
+        load_schedule(tmp_path)
+
+
+def _poisoned_deferred_run(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferred run record MLflow will reject (a param key with parentheses)."""
+    from ebm.tracking import DEFER_ENV, start_run
+
+    monkeypatch.setenv(DEFER_ENV, "1")
+    with start_run(project_root=root, experiment="toy2d", stage="train", params={"lr(init)": 0.5}):
+        pass
+    monkeypatch.delenv(DEFER_ENV)
+
+
+def test_a_failure_to_log_deferred_runs_is_noted_on_the_stage_error_not_raised_in_its_place(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ebm.tracking import PendingRunsError
+
+    _poisoned_deferred_run(tmp_path, monkeypatch)
+    with pytest.raises(StageTimeoutError, match="ran past its timeout") as raised:
+        with _logging_deferred_runs(str(tmp_path)):
+            raise StageTimeoutError("stage 'train' ran past its timeout of 1 s and was stopped")
+    (note,) = raised.value.__notes__
+    assert note.startswith("logging the stage's MLflow runs failed as well: 1 deferred MLflow run record")
+    assert "lr(init)" in note
+
+    _poisoned_deferred_run(tmp_path, monkeypatch)
+    with pytest.raises(PendingRunsError, match="lr\\(init\\)"):  # the stage passed: the task fails
+        with _logging_deferred_runs(str(tmp_path)):
+            pass
+    with _logging_deferred_runs(str(tmp_path)):  # set aside: later stages are not failed by it
+        pass
+
+
+def test_the_summary_links_only_runs_logged_during_this_flow_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ebm.tracking import read_run_links, record_run_link
+
+    for stage in ("prepare", "train", "report"):
+        record_run_link(tmp_path, stage, f"#/experiments/1/runs/old-{stage}")
+
+    def reproduce(root: str, stage: str, **_: Any) -> StageOutcome:
+        if stage == "train":
+            raise RuntimeError("failed before opening its MLflow run")
+        if stage == "report":
+            record_run_link(Path(root), stage, "#/experiments/1/runs/new-report")
+            return StageOutcome(stage, "ran", 1.0)
+        return StageOutcome(stage, "skipped", 0.1)
+
+    class FakeTask:
+        def with_options(self, **_: Any) -> Any:
+            return reproduce
+
+    published: list[str] = []
+    monkeypatch.setattr(flows.pipeline, "reproduce_stage", FakeTask())
+    monkeypatch.setattr(
+        flows.pipeline, "stage_order", lambda root, targets=None: ["prepare", "report", "train"]
+    )
+    monkeypatch.setattr(flows.pipeline, "collect_metrics", lambda root: {})
+    monkeypatch.setattr(
+        flows.pipeline, "create_markdown_artifact", lambda markdown, **_: published.append(markdown)
+    )
+
+    with pytest.raises(RuntimeError, match="failed before opening"):
+        _run_stages(tmp_path, None, False)
+
+    (markdown,) = published
+    assert "old-train" not in markdown  # the link an earlier flow run left is not this run's
+    assert "| train | failed |" in markdown
+    assert "/#/experiments/1/runs/new-report) |" in markdown
+    assert "/#/experiments/1/runs/old-prepare) (previous) |" in markdown
+    assert read_run_links(tmp_path)["train"] == "#/experiments/1/runs/old-train"
 
 
 @pytest.mark.slow

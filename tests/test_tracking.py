@@ -11,9 +11,11 @@ import pytest
 
 from ebm.tracking import (
     DEFER_ENV,
+    FAILED_RUNS_DIR,
     FLOW_RUN_ID_ENV,
     PENDING_RUNS_DIR,
     RUN_LINKS_FILE,
+    PendingRunsError,
     flatten_params,
     log_pending_runs,
     pending_runs,
@@ -233,6 +235,149 @@ def test_a_killed_stage_is_logged_killed_and_a_running_one_is_left_alone(
     assert [(m.step, m.value) for m in client.get_metric_history(logged.info.run_id, "loss")] == [(7, 3.0)]
     log_pending_runs(tmp_path)
     assert {run.info.status for run in client.search_runs([experiment_id])} == {"KILLED", "FINISHED"}
+
+
+def test_a_param_mlflow_rejects_ends_the_live_run_failed_and_leaves_no_active_run(
+    tmp_path: Path, mlflow_tracking_uri: str
+) -> None:
+    # params used to be logged outside the finishing context: the run stayed RUNNING and active, and the
+    # process's next start_run failed with "Run ... is already active"
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with (
+        pytest.raises(MlflowException, match="lr\\(init\\)"),
+        start_run(project_root=tmp_path, experiment="toy2d", stage="train", params={"lr(init)": 0.5}),
+    ):
+        pass
+    assert mlflow.active_run() is None
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    experiment_id = client.get_experiment_by_name("toy2d").experiment_id
+    assert [run.info.status for run in client.search_runs([experiment_id])] == ["FAILED"]
+    with start_run(project_root=tmp_path, experiment="toy2d", stage="train", params={"lr": 0.5}):
+        pass
+    assert sorted(run.info.status for run in client.search_runs([experiment_id])) == ["FAILED", "FINISHED"]
+
+
+def test_a_deferred_run_mlflow_rejects_is_set_aside_and_does_not_hold_up_the_others(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    monkeypatch.setenv(DEFER_ENV, "1")
+    with start_run(project_root=tmp_path, experiment="toy2d", stage="bad", params={"lr(init)": 0.5}) as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+    with start_run(project_root=tmp_path, experiment="toy2d", stage="good", params={"lr": 0.1}) as run:
+        run.log_metrics({"loss": 0.5}, step=1)
+    (bad_record, _) = pending_runs(tmp_path)
+
+    with pytest.raises(PendingRunsError, match="lr\\(init\\)") as raised:
+        log_pending_runs(tmp_path)
+
+    set_aside = tmp_path / FAILED_RUNS_DIR / bad_record.name
+    assert list(raised.value.failures) == [set_aside]
+    assert str(set_aside) in str(raised.value)
+    assert "lr(init)" in (set_aside / "error.txt").read_text()
+    assert (set_aside / "run.json").is_file()
+    assert pending_runs(tmp_path) == []
+    assert log_pending_runs(tmp_path) == []  # not retried, and failing again, at every later call
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    experiment_id = client.get_experiment_by_name("toy2d").experiment_id
+    runs = client.search_runs([experiment_id], run_view_type=3)  # deleted ones too
+    assert sorted((r.data.tags["dvc_stage"], r.info.status) for r in runs) == [
+        ("bad", "FAILED"),
+        ("good", "FINISHED"),
+    ]
+    assert set(read_run_links(tmp_path)) == {"good"}
+
+
+def test_a_stage_killed_in_the_middle_of_a_metric_line_is_still_logged_killed(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    monkeypatch.setenv(DEFER_ENV, "1")
+    script = (
+        "import os; from pathlib import Path; from ebm.tracking import start_run\n"
+        f"with start_run(project_root=Path({str(tmp_path)!r}), experiment='toy2d', stage='train', "
+        "params={}) as run:\n"
+        "    run.log_metrics({'loss': 3.0}, step=7)\n"
+        "    open(run.folder / 'metrics.jsonl', 'a').write('{\"key\": \"loss\", \"val')\n"
+        "    os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
+
+    (link,) = log_pending_runs(tmp_path)
+
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    run_id = link.rpartition("/")[2]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(7, 3.0)]
+
+
+def test_a_bad_metric_line_before_the_last_is_an_error_naming_the_file_and_line(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DEFER_ENV, "1")
+    with start_run(project_root=tmp_path, experiment="toy2d", stage="train", params={}) as run:
+        run.log_metrics({"loss": 1.0}, step=0)
+    metrics = run.folder / "metrics.jsonl"
+    metrics.write_text("not json\n" + metrics.read_text())
+
+    with pytest.raises(PendingRunsError, match=r"metrics\.jsonl, line 1: not JSON"):
+        log_pending_runs(tmp_path)
+    assert (tmp_path / FAILED_RUNS_DIR / run.folder.name / "metrics.jsonl").exists()
+
+
+def test_a_deferred_run_has_the_user_and_source_of_a_live_one(
+    tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import getpass
+
+    import mlflow
+
+    monkeypatch.setenv(DEFER_ENV, "1")
+    monkeypatch.setattr(sys, "argv", ["ebm/stages/toy2d.py", "--stage", "train"])
+    with start_run(project_root=tmp_path, experiment="toy2d", stage="train", params={}):
+        pass
+    monkeypatch.setattr(sys, "argv", ["flows/pipeline.py"])  # the process logging it is another one
+    (link,) = log_pending_runs(tmp_path)
+
+    logged = mlflow.MlflowClient(mlflow_tracking_uri).get_run(link.rpartition("/")[2])
+    assert logged.info.user_id == getpass.getuser()
+    tags = logged.data.tags
+    assert (tags["mlflow.user"], tags["mlflow.source.name"], tags["mlflow.source.type"]) == (
+        getpass.getuser(),
+        "ebm/stages/toy2d.py",
+        "LOCAL",
+    )
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_an_experiment_deleted_in_the_ui_is_restored_with_a_warning(
+    deferred: bool,
+    tmp_path: Path,
+    mlflow_tracking_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    client.delete_experiment(client.create_experiment("toy2d"))
+    if deferred:
+        monkeypatch.setenv(DEFER_ENV, "1")
+
+    with caplog.at_level("WARNING", logger="ebm.tracking"):
+        with start_run(project_root=tmp_path, experiment="toy2d", stage="train", params={}):
+            pass
+        log_pending_runs(tmp_path)
+
+    experiment = client.get_experiment_by_name("toy2d")
+    assert experiment.lifecycle_stage == "active"
+    assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == ["FINISHED"]
+    assert "MLflow experiment 'toy2d'" in caplog.text
+    assert "was deleted; restored it" in caplog.text
 
 
 RECORDER = """
