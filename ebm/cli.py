@@ -54,14 +54,8 @@ def _toy_recipe(args: argparse.Namespace) -> Any:
         for key in ("datasets", "n_train", "n_test"):
             toy.pop(key, None)
         config = from_dict(Toy2DConfig, toy, "toy")
-    train = dataclasses.replace(
-        config.train,
-        **{
-            k: v
-            for k, v in (("steps", args.steps), ("seed", args.seed), ("device", args.device))
-            if v is not None
-        },
-    )
+    overrides = (("steps", getattr(args, "steps", None)), ("seed", args.seed), ("device", args.device))
+    train = dataclasses.replace(config.train, **{k: v for k, v in overrides if v is not None})
     sampler = config.sampler
     if args.sampler == "langevin" and sampler.jump_every is not None:
         # The recipe's mode jumps are Metropolis moves, MALA's only: plain Langevin runs without them.
@@ -91,7 +85,7 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
     recipe = _toy_recipe(args)
     dataset = make_toy_dataset(args.dataset)
     x_train = _toy_data(args.dataset, args.n_train, recipe.train.seed)
-    checkpoint = args.out.with_suffix(".ckpt") if args.resume else None
+    checkpoint = _resume_checkpoint(args, recipe) if args.resume else None
     energy, result = train_energy(x_train, recipe, bounds=dataset.bounds, checkpoint_path=checkpoint)
     save_model(
         args.out,
@@ -100,6 +94,8 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
         config=recipe.model,
         metadata={"dataset": args.dataset, "steps": result.steps, "n_train": args.n_train},
     )
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # finished: the next --resume starts afresh, not at step N
     print(
         f"trained {args.dataset} for {result.steps} steps in {result.seconds:.1f} s "
         f"({result.recoveries} rollbacks); model written to {args.out}"
@@ -107,13 +103,35 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_toy_evaluate(args: argparse.Namespace) -> int:
+def _resume_checkpoint(args: argparse.Namespace, recipe: Any) -> Path:
+    """``--resume``'s checkpoint beside OUT, named by everything that decides the run.
+
+    Another dataset, number of points, seed or recipe written to the same OUT gets another file, so it
+    never resumes this run's state (it used to, and could train zero steps and label the weights wrong).
+    """
+    import hashlib
+    import json
+
+    from ebm.config import to_dict
+
+    run = {"recipe": to_dict(recipe), "dataset": args.dataset, "n_train": args.n_train}
+    digest = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:12]
+    return args.out.with_name(f"{args.out.stem}-{digest}.ckpt")
+
+
+def _load_on_device(args: argparse.Namespace, recipe: Any) -> Any:
     from ebm.checkpoint import load_model
+    from ebm.trainer import resolve_device
+
+    return load_model(args.model, map_location=resolve_device(recipe.train.device))
+
+
+def cmd_toy_evaluate(args: argparse.Namespace) -> int:
     from ebm.toy import evaluate_energy
 
     recipe = _toy_recipe(args)
     dataset = make_toy_dataset(args.dataset)
-    energy = load_model(args.model)
+    energy = _load_on_device(args, recipe)
     x_train = _toy_data(args.dataset, args.n_train, recipe.train.seed)
     x_test = _toy_data(args.dataset, args.n_test, recipe.train.seed + 10_000)
     report, _ = evaluate_energy(energy, dataset, recipe, x_train=x_train, x_test=x_test, seed=args.seed or 0)
@@ -130,16 +148,21 @@ def cmd_toy_evaluate(args: argparse.Namespace) -> int:
 def cmd_toy_render(args: argparse.Namespace) -> int:
     import torch
 
-    from ebm.checkpoint import load_model
     from ebm.plots import plot_energy_and_density, save_figure
     from ebm.toy import sample_energy
 
     recipe = _toy_recipe(args)
     dataset = make_toy_dataset(args.dataset)
-    energy = load_model(args.model)
-    data = _toy_data(args.dataset, 2000, recipe.train.seed)
+    energy = _load_on_device(args, recipe)
+    # the training points, as evaluate draws them: the mode jumps' proposal and the scatter (thinned there)
+    data = _toy_data(args.dataset, args.n_train, recipe.train.seed)
+    device = next(energy.parameters()).device
     samples = sample_energy(
-        energy, recipe, dataset.bounds, x_train=data, generator=torch.Generator().manual_seed(args.seed or 0)
+        energy,
+        recipe,
+        dataset.bounds,
+        x_train=data,
+        generator=torch.Generator(device).manual_seed(args.seed or 0),
     )
     figure = plot_energy_and_density(
         energy, dataset.bounds, data=data, samples=samples[:2000], title=args.dataset
@@ -448,7 +471,7 @@ def _add_anomaly_commands(commands: Any) -> None:
     score.set_defaults(handler=cmd_score)
 
 
-def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+def _add_recipe_options(parser: argparse.ArgumentParser, *, training: bool = False) -> None:
     parser.add_argument(
         "--params",
         type=Path,
@@ -456,9 +479,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         help="read the recipe from the `toy` section of this params file "
         "(default: the built-in 2D recipe, the same as params.yaml ships)",
     )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: the recipe's, 8000)"
-    )
+    if training:
+        parser.add_argument(
+            "--steps", type=_positive_int, default=None, help="training steps (default: the recipe's, 8000)"
+        )
     parser.add_argument(
         "--sampler",
         choices=["langevin", "mala"],
@@ -498,9 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="checkpoint to OUT.ckpt as training goes and resume from it if it exists",
+        help="checkpoint beside OUT as training goes (OUT-<hash of the run>.ckpt) and resume from it if "
+        "the same run left one; deleted once the model is written",
     )
-    _add_recipe_options(train)
+    _add_recipe_options(train, training=True)
     train.set_defaults(handler=cmd_toy_train)
 
     evaluate = toy_commands.add_parser(

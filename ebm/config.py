@@ -51,8 +51,14 @@ def section(params: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build the frozen dataclass ``cls`` from ``values``; missing keys keep their defaults."""
+def from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str = "", *, base: T | None = None) -> T:
+    """Build the frozen dataclass ``cls`` from ``values``; missing keys keep their defaults.
+
+    The defaults are ``base``'s values when it is given, else the class's. A nested section given in
+    part keeps the *parent's* default for it, not its own class's: ``toy: {train: {steps: 2000}}`` changes
+    the 2D recipe's step count and keeps the recipe's learning rate, schedule and EMA, where a fresh
+    ``TrainConfig()`` would have swapped in generic ones without a word.
+    """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     values = {} if values is None else values
@@ -65,19 +71,40 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str = "") -
         raise ConfigError(
             f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys: {sorted(fields)}"
         )
-    kwargs = {name: _coerce(hints[name], values[name], _join(where, name)) for name in values}
+    kwargs = {
+        name: _coerce(
+            hints[name],
+            values[name],
+            _join(where, name),
+            getattr(base, name) if base is not None else _default(fields[name]),
+        )
+        for name in values
+    }
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)  # type: ignore[type-var]
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    """A field's default value (its factory called), or None when it has none."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
 
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against the type hint, converting lists to tuples and ints to floats."""
+def _coerce(hint: Any, value: Any, where: str, default: Any = None) -> Any:
+    """Check ``value`` against the type hint, converting lists to tuples and ints to floats.
+
+    A mapping for a dataclass field is applied on top of ``default``, the field's default value, when
+    that is an instance of the same class (see :func:`from_dict`).
+    """
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -86,7 +113,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(arg, value, where)
+                return _coerce(arg, value, where, default)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError("; ".join(errors))
@@ -95,7 +122,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return from_dict(hint, value, where)
+        return from_dict(hint, value, where, base=default if type(default) is hint else None)
     if origin in (tuple, list, collections.abc.Sequence) or hint in (tuple, list):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be a list, got {value!r}")

@@ -33,6 +33,11 @@ class SamplingConfig:
     n_samples: int = 5000
     n_steps: int = 1000
 
+    def __post_init__(self) -> None:
+        # n_steps < 0 ran no step, and the uniform starting noise was scored as the model's samples
+        if self.n_samples < 1 or self.n_steps < 0:
+            raise ValueError(f"need n_samples ≥ 1 and n_steps ≥ 0, got {self.n_samples} and {self.n_steps}")
+
 
 @dataclass(frozen=True)
 class Toy2DConfig:

@@ -204,3 +204,48 @@ def test_langevin_from_the_command_line_drops_the_recipe_s_mala_only_mode_jumps(
         None,
     )
     assert type(sampler.build()).__name__ == "Langevin"  # before: "jump_every needs … mala"
+
+
+def test_resume_never_picks_up_another_run_s_checkpoint(tmp_path: Path) -> None:
+    # before: every --resume run wrote and read OUT.ckpt, so a rings run after a finished moons run trained
+    # zero steps and saved the moons weights labelled 'rings'
+    import torch
+
+    from ebm.checkpoint import load_model
+
+    out = tmp_path / "m.pt"
+    common = ["--params", QUICK, "--n-train", "300", "--steps", "20", "--out", str(out), "--resume"]
+    assert main(["toy", "train", "--dataset", "moons", *common]) == 0
+    moons = load_model(out).state_dict()
+    assert not list(tmp_path.glob("*.ckpt")), "a finished run leaves no checkpoint to resume"
+    assert main(["toy", "train", "--dataset", "rings", "--seed", "7", *common]) == 0
+    rings = load_model(out).state_dict()
+    assert any(not torch.equal(moons[name], rings[name]) for name in moons)
+
+
+def test_evaluate_and_render_load_the_model_on_the_device_they_are_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # before: --device was accepted and ignored (the model always came back on the CPU), even --device bogus
+    model = tmp_path / "moons.pt"
+    common = ["--dataset", "moons", "--params", QUICK, "--n-train", "300"]
+    assert main(["toy", "train", *common, "--steps", "5", "--out", str(model)]) == 0
+    for command in (["evaluate", "--n-test", "300"], ["render", "--out", str(tmp_path / "r.png")]):
+        assert main(["toy", *command, *common, "--model", str(model), "--device", "bogus"]) == 2
+        assert "bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # evaluate and render train nothing: --steps is not theirs
+        build_parser().parse_args(["toy", "render", "--model", str(model), "--steps", "3"])
+
+
+def test_a_negative_sampling_length_is_an_error_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # before: toy.sampling.n_steps: -5 ran no step and scored the uniform starting noise as samples
+    import yaml
+
+    params = yaml.safe_load(Path(QUICK).read_text())
+    params["toy"]["sampling"]["n_steps"] = -5
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    assert main(["toy", "render", "--dataset", "moons", "--params", str(bad), "--model", "m.pt"]) == 2
+    assert "toy.sampling: need n_samples ≥ 1 and n_steps ≥ 0" in capsys.readouterr().err

@@ -62,6 +62,22 @@ def test_missing_keys_keep_their_defaults() -> None:
     assert from_dict(RunConfig, {"train": {"steps": 3}}) == RunConfig(train=TrainConfig(steps=3))
 
 
+def test_a_nested_section_given_in_part_keeps_the_parents_defaults_not_its_own_class() -> None:
+    # before: toy: {train: {steps: 2000}} swapped the 2D recipe's lr, schedule and EMA for TrainConfig()'s,
+    # and the quick params ran the toy sets with SiLU and β₁ = 0 because they left those keys out
+    from ebm.toy import Toy2DConfig
+
+    recipe = Toy2DConfig()
+    config = from_dict(Toy2DConfig, {"train": {"steps": 2000}, "sampler": {"step_size": 0.03}}, "toy")
+    assert config.train == dataclasses.replace(recipe.train, steps=2000)
+    assert config.sampler == dataclasses.replace(recipe.sampler, step_size=0.03)
+    assert config.model == recipe.model and config.loss == recipe.loss
+    base = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, lr=0.1))
+    assert from_dict(Toy2DConfig, {"train": {"steps": 5}}, base=base).train.lr == 0.1
+    with pytest.raises(ConfigError, match=r"toy\.train\.stpes"):
+        from_dict(Toy2DConfig, {"train": {"stpes": 5}}, "toy")
+
+
 def test_optional_fields_take_none_or_a_value() -> None:
     config = from_dict(RunConfig, {"buffer_size": None, "sampler": {"clamp": [-2, 2], "noise_scale": None}})
     assert config.buffer_size is None
