@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ebm.energies import seed_linear_layers_
+from ebm.energies import energy_and_grad, seed_linear_layers_
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
 from ebm.jem import JEMConfig, JEMObjective
 from ebm.losses import CDConfig
@@ -135,6 +135,8 @@ class MixedPrecisionImageEnergy(ImageEnergy):
 
 # --- the recipe -----------------------------------------------------------------------------------
 
+_DEFAULT_BUFFER_INIT_UNIFORM_WEIGHT = 0.2
+
 
 @dataclass(frozen=True)
 class ImageSamplingConfig:
@@ -149,6 +151,9 @@ class ImageSamplingConfig:
             observation (PSNR falls again), so it is small.
         denoise_std: standard deviation of the Gaussian noise added to test images before denoising.
         batch_size: chains run at once.
+
+    The step counts may be 0 (the chains' starts are returned), not negative: ``range`` of a negative
+    count runs no step either, and a typo would pass as a run. The errors name the key.
     """
 
     n_steps: int = 200
@@ -157,6 +162,15 @@ class ImageSamplingConfig:
     denoise_steps: int = 10
     denoise_std: float = 0.3
     batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("n_steps", "buffer_steps", "inpaint_steps", "denoise_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0 (Langevin steps), got {getattr(self, name)}")
+        if self.batch_size < 1:  # Tensor.split(0) fails only at the evaluate stage, after training
+            raise ValueError(f"batch_size must be ≥ 1 (chains run at once), got {self.batch_size}")
+        if not (self.denoise_std >= 0 and math.isfinite(self.denoise_std)):
+            raise ValueError(f"denoise_std must be a finite standard deviation ≥ 0, got {self.denoise_std}")
 
 
 @dataclass(frozen=True)
@@ -181,14 +195,34 @@ class ImageRecipe:
     sampling: ImageSamplingConfig = field(default_factory=ImageSamplingConfig)
     grid_every: int = 500
     buffer_init: Literal["uniform", "class_gaussians"] = "uniform"
-    buffer_init_uniform_weight: float = 0.2
+    buffer_init_uniform_weight: float = _DEFAULT_BUFFER_INIT_UNIFORM_WEIGHT
 
     def __post_init__(self) -> None:
+        # Everything the train stage would otherwise find only when it uses it (after minutes of
+        # training) is checked here, so a params file fails as it is read.
+        if self.grid_every < 1:  # 0 divided by zero at the first log step; < 0 never wrote a grid
+            raise ValueError(
+                f"grid_every must be ≥ 1 (training steps between buffer grids), got {self.grid_every}"
+            )
         if self.buffer_init not in BUFFER_INITS:
             raise ValueError(f"unknown buffer_init {self.buffer_init!r}; choose one of {list(BUFFER_INITS)}")
         if not 0.0 <= self.buffer_init_uniform_weight <= 1.0:
             raise ValueError(
                 f"buffer_init_uniform_weight must lie in [0, 1], got {self.buffer_init_uniform_weight}"
+            )
+        if (
+            self.buffer_init == "uniform"
+            and self.buffer_init_uniform_weight != _DEFAULT_BUFFER_INIT_UNIFORM_WEIGHT
+        ):
+            raise ValueError(
+                "buffer_init_uniform_weight is the uniform share of the class_gaussians proposal; with "
+                "buffer_init: uniform every draw is uniform and it would be ignored: set buffer_init: "
+                "class_gaussians, or leave buffer_init_uniform_weight out"
+            )
+        if self.sampler.jump_every is not None:
+            raise ValueError(
+                "sampler.jump_every is not supported for images: the mode-jumping proposal is a kernel "
+                "density of the training data, which the image recipe does not build; leave it out"
             )
 
 
@@ -384,18 +418,45 @@ def inpaint(
 ) -> tuple[Tensor, Tensor]:
     """Fill the masked pixels by Langevin energy minimisation, the known pixels held fixed.
 
-    The masked pixels start as uniform noise; after every sampler step the known pixels are written
-    back, so the chain explores p(x_masked | x_known) ∝ exp(−E(x)).
+    The masked pixels start as uniform noise. The sampler runs on the energy of the chain state with the
+    known pixels put back, E(where(mask, x, images)): its gradient is zero on the known pixels, so only
+    the masked ones move, and a Metropolis test (MALA) compares energies of images that agree on the
+    known half. The chain then explores p(x_masked | x_known) ∝ exp(−E(x)) with either sampler. Writing
+    the known pixels back after each step of the joint kernel would not: under MALA the joint proposal
+    moves them too, and its Metropolis test prices that move. A clipped gradient (``grad_clip``) is
+    clipped by its norm over the masked pixels. What the chain state holds on the known pixels is never
+    looked at; they are restored at the end.
 
     Returns:
         ``(start, restored)``: the noise-filled input and the inpainted images.
     """
     start = torch.where(mask, torch.rand(images.shape, generator=generator, device=images.device), images)
-    x = start
-    for _ in range(n_steps):
-        x, _ = sampler.run(energy, x, 1, generator=generator)
-        x = torch.where(mask, x, images)
-    return start, x
+    conditional = _KnownPixelsEnergy(energy, images, mask)
+    x, _ = sampler.run(conditional, start, n_steps, generator=generator)
+    return start, torch.where(mask, x, images)
+
+
+class _KnownPixelsEnergy(nn.Module):
+    """``energy`` of ``x`` with the known pixels (``~mask``) taken from ``images``: a function of the
+    masked pixels only, whose gradient on the known ones is exactly zero.
+
+    A module holding ``energy`` (when that is one), so :func:`~ebm.energies.frozen` freezes and sets to
+    eval the real network; its ``frozen_energy_and_grad`` hands ``energy`` to
+    :func:`~ebm.energies.energy_and_grad`, so the CPU fast paths still apply to it.
+    """
+
+    def __init__(self, energy: Callable[[Tensor], Tensor], images: Tensor, mask: Tensor) -> None:
+        super().__init__()
+        self.energy = energy
+        self.images = images
+        self.mask = mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.energy(torch.where(self.mask, x, self.images))
+
+    def frozen_energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        values, grad = energy_and_grad(self.energy, torch.where(self.mask, x, self.images))
+        return values, grad.masked_fill(~self.mask, 0.0)
 
 
 def denoise(

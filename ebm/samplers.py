@@ -762,8 +762,9 @@ class SamplerConfig:
     tabulates that proposal on a grid of this many cells per coordinate (:class:`GridProposal`, for
     low dimensions): the same shape, and a table lookup instead of a sum over the kernel's centres
     at every move. ``jump_uniform_weight`` and ``jump_grid_bins`` without ``jump_every`` are an error,
-    as is a ``name`` not in :data:`SAMPLERS`: both are found when the config is made (a params file
-    fails as it is read), not when the sampler is built.
+    as are ``mala`` with ``noise_scale``, ``grad_clip`` or ``clamp`` and a ``name`` not in
+    :data:`SAMPLERS`: all are found when the config is made (a params file fails as it is read), not
+    when the sampler is built.
     """
 
     name: str = "langevin"
@@ -784,6 +785,21 @@ class SamplerConfig:
             raise ValueError(f"jump_every must be ≥ 1 or null (no jumps), got {self.jump_every}")
         if not 0.0 <= self.jump_uniform_weight < 1.0:
             raise ValueError(f"jump_uniform_weight must lie in [0, 1), got {self.jump_uniform_weight}")
+        if self.name != "langevin":
+            extras = [
+                name
+                for name, value in (
+                    ("noise_scale", self.noise_scale),
+                    ("grad_clip", self.grad_clip),
+                    ("clamp", self.clamp),
+                )
+                if value is not None
+            ]
+            if extras:
+                raise ValueError(
+                    f"sampler {self.name!r} takes no {extras} (langevin's knobs: MALA keeps exp(−E) "
+                    "invariant only unclipped and unclamped, with noise √(2·step_size)); leave them out"
+                )
         if self.jump_every is None:
             ignored = [
                 name
@@ -813,18 +829,7 @@ class SamplerConfig:
             if self.jump_every is not None:
                 raise ValueError("jump_every needs the Metropolis-adjusted sampler (name: mala)")
             return Langevin(self.step_size, self.noise_scale, self.grad_clip, self.clamp)
-        extras = {
-            k: v
-            for k, v in (
-                ("noise_scale", self.noise_scale),
-                ("grad_clip", self.grad_clip),
-                ("clamp", self.clamp),
-            )
-            if v is not None
-        }
-        if extras:
-            raise ValueError(f"sampler {self.name!r} takes no {sorted(extras)}")
-        if self.jump_every is None:
+        if self.jump_every is None:  # mala: __post_init__ refused langevin's noise_scale, grad_clip, clamp
             return make_sampler(self.name, step_size=self.step_size)
         if data is None or box is None:
             raise ValueError("jump_every is set: building the sampler needs the training data and its box")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ from ebm.images import (
 )
 from ebm.jem import JEMConfig
 from ebm.losses import CDConfig
-from ebm.samplers import Langevin, SamplerConfig
+from ebm.samplers import MALA, Langevin, SamplerConfig
 from ebm.trainer import TrainConfig
 
 TINY_CNN = ImageModelConfig(architecture="cnn28", channels=(4, 4, 4, 4), hidden=8)
@@ -136,6 +137,73 @@ def test_inpainting_keeps_the_known_half_and_restores_the_other_towards_the_ener
     )
     assert torch.equal(restored[~mask], images[~mask]) and torch.equal(start[~mask], images[~mask])
     assert psnr(restored, images).mean() > psnr(start, images).mean() + 10
+
+
+class GaussianEnergy2D(nn.Module):
+    """E(x) = ½ xᵀ P x on two coordinates: x₁ | x₂ is N(−P₁₂ x₂ / P₁₁, 1 / P₁₁)."""
+
+    def __init__(self, precision: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("precision", precision)
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * ((x @ self.precision) * x).sum(1) + 0 * self.anchor
+
+
+@pytest.mark.parametrize("sampler", [MALA(step_size=0.5), Langevin(step_size=0.01)], ids=["mala", "langevin"])
+def test_inpainting_samples_the_conditional_of_the_masked_pixels_with_either_sampler(sampler: Any) -> None:
+    # The known x₂ = 0.5 sits far out in a stiff direction (precision 100). MALA's joint proposal moved
+    # it, the Metropolis test priced that move and the write-back undid it: x₁ came out with variance
+    # 0.08 and mean 0.5 instead of the conditional's 1 and −0.25.
+    energy = GaussianEnergy2D(torch.tensor([[1.0, 0.5], [0.5, 100.0]]))
+    images = torch.zeros(4000, 2)
+    images[:, 1] = 0.5
+    mask = torch.zeros(4000, 2, dtype=torch.bool)
+    mask[:, 0] = True
+    generator = torch.Generator().manual_seed(0)
+    _, restored = inpaint(energy, images, mask, sampler=sampler, n_steps=300, generator=generator)
+    assert torch.equal(restored[:, 1], images[:, 1])
+    assert float(restored[:, 0].mean()) == pytest.approx(-0.25, abs=0.07)
+    assert float(restored[:, 0].var()) == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"grid_every": 0}, "grid_every must be ≥ 1"),  # divided by zero at the first log step
+        ({"grid_every": -5}, "grid_every must be ≥ 1"),  # never wrote a grid
+        ({"buffer_init_uniform_weight": 0.5}, "buffer_init_uniform_weight .*class_gaussians"),
+        ({"sampler": SamplerConfig(name="mala", jump_every=5)}, "sampler.jump_every"),
+    ],
+    ids=["grid_every-0", "grid_every-negative", "uniform-weight-unused", "jump_every"],
+)
+def test_the_recipe_refuses_settings_it_would_ignore_or_fail_on_in_training(
+    overrides: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        ImageRecipe(buffer_init="uniform", **overrides)
+    ImageRecipe(buffer_init="class_gaussians", buffer_init_uniform_weight=0.5)  # there it is used
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"n_steps": -200}, "n_steps must be ≥ 0"),
+        ({"buffer_steps": -1}, "buffer_steps must be ≥ 0"),
+        ({"inpaint_steps": -1}, "inpaint_steps must be ≥ 0"),
+        ({"denoise_steps": -10}, "denoise_steps must be ≥ 0"),
+        ({"batch_size": 0}, "batch_size must be ≥ 1"),
+        ({"denoise_std": -0.3}, "denoise_std must be"),
+        ({"denoise_std": float("nan")}, "denoise_std must be"),
+    ],
+)
+def test_sampling_settings_that_would_run_no_steps_or_fail_late_are_refused(
+    overrides: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        ImageSamplingConfig(**overrides)
+    ImageSamplingConfig(n_steps=0, buffer_steps=0, inpaint_steps=0, denoise_steps=0, denoise_std=0.0)
 
 
 def test_denoising_by_energy_minimisation_raises_psnr_and_restore_images_reports_it() -> None:

@@ -193,6 +193,61 @@ def test_an_evaluation_cap_below_one_is_an_error_naming_the_key(value: Any) -> N
     assert "images.evaluation" in message and "max_test" in message and str(value) in message
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("images.sampling.n_steps", -200, "images.sampling: n_steps"),
+        ("images.sampling.denoise_steps", -10, "images.sampling: denoise_steps"),
+        ("images.sampling.inpaint_steps", -1, "images.sampling: inpaint_steps"),
+        ("images.sampling.batch_size", 0, "images.sampling: batch_size"),
+        ("images.sampling.denoise_std", -0.3, "images.sampling: denoise_std"),
+        ("images.evaluation.n_buffer_samples", -2, "images.evaluation: n_buffer_samples"),
+        ("images.evaluation.n_noise_samples", 0, "images.evaluation: n_noise_samples"),
+        ("images.evaluation.n_restore", -3, "images.evaluation: n_restore"),
+        ("images.classifier.batch_size", 0, "images.classifier: batch_size"),
+        ("images.classifier.steps", 0, "images.classifier: steps"),
+        ("images.classifier.lr", 0.0, "images.classifier: lr"),
+        ("images.grid_every", 0, "images: grid_every"),
+        ("images.sampler.name", "mala", "images.sampler: sampler 'mala' takes no ['noise_scale'"),
+        ("images.sampler.jump_every", 5, "images: sampler.jump_every"),
+    ],
+)
+def test_a_setting_the_stages_would_ignore_or_fail_on_late_is_an_error_naming_the_key(
+    key: str, value: Any, named: str
+) -> None:
+    # Each was accepted as read, then ran no steps, sliced off samples, or failed after the JEM training
+    # (sampler name mala: with quick.yaml's langevin noise_scale, grad_clip and clamp).
+    raw = quick_params()
+    *parents, name = key.split(".")
+    section = raw
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
+    with pytest.raises(ConfigError) as raised:
+        ImagesParams.from_params(raw)
+    assert named in str(raised.value)
+
+
+def test_buffer_init_uniform_weight_without_class_gaussians_is_an_error() -> None:
+    raw = quick_params()
+    raw["images"].update(buffer_init="uniform", buffer_init_uniform_weight=0.5)
+    with pytest.raises(ConfigError, match="images: buffer_init_uniform_weight"):
+        ImagesParams.from_params(raw)
+    raw["images"]["buffer_init_uniform_weight"] = 0.2  # the default: nothing set that is ignored
+    ImagesParams.from_params(raw)
+
+
+def test_the_fd_classifier_trains_without_the_jem_runs_lag_guard() -> None:
+    # It runs no chains: its gap E(data) − E(noise) goes negative as it learns, and the guard rolled it
+    # back until the run raised TrainingDivergedError, after the whole JEM training.
+    raw = quick_params()
+    raw["images"]["train"]["max_lag"] = 0.5
+    params = ImagesParams.from_params(raw)
+    assert params.recipe.train.max_lag == 0.5
+    classifier = params.classifier_recipe()
+    assert classifier.train.max_lag is None and classifier.jem.generative_weight == 0.0
+
+
 def test_a_failed_render_keeps_the_previous_pngs_and_leaves_no_temporary_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

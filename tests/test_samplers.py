@@ -680,6 +680,19 @@ def test_sampler_config_rejects_bad_jump_settings_when_made(overrides: dict[str,
         SamplerConfig(name="mala", **{"jump_every": 5, **overrides})
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{"noise_scale": 0.01}, {"grad_clip": 1.0}, {"clamp": (0.0, 1.0)}],
+    ids=lambda o: next(iter(o)),
+)
+def test_sampler_config_rejects_langevin_knobs_for_mala_when_made(overrides: dict[str, Any]) -> None:
+    # Found only by build(), at the start of training, a params file with them used to pass as read.
+    (knob,) = overrides
+    with pytest.raises(ValueError, match=f"sampler 'mala' takes no \\['{knob}'\\]"):
+        SamplerConfig(name="mala", **overrides)
+    assert isinstance(SamplerConfig(name="langevin", **overrides).build(), Langevin)
+
+
 def test_the_shipped_sampler_configs_are_accepted() -> None:
     from pathlib import Path
 

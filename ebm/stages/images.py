@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from ebm.checkpoint import atomic_write, load_model, save_model, torch_save, write_json
-from ebm.config import from_dict, load_params, section, to_dict
+from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
 from ebm.evaluation.images import (
     OOD_SCORES,
@@ -76,11 +77,21 @@ class ImagePaths(StagePaths):
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """The plain classifier whose penultimate features define the Fréchet distance (``images.classifier``)."""
+    """The plain classifier whose penultimate features define the Fréchet distance (``images.classifier``).
+
+    Checked when the params are read: the classifier trains after the JEM run, and a bad value found
+    only then would throw that run's minutes away.
+    """
 
     steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_count("steps", self.steps)
+        check_count("batch_size", self.batch_size)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite learning rate, got {self.lr!r}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,9 @@ class ImageEvaluationConfig:
         if self.ood_score not in OOD_SCORES:
             raise ValueError(f"unknown OOD score {self.ood_score!r}; choose one of {list(OOD_SCORES)}")
         check_count("max_test", self.max_test, null="all test images")  # -2 would drop the last two
+        # n_buffer_samples -2 sliced off the last two buffer states and put -2 in metrics.json.
+        for name in ("n_buffer_samples", "n_noise_samples", "n_restore"):
+            check_count(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -131,14 +145,24 @@ class ImagesParams:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"images.threads must be a positive integer or null, got {threads!r}")
         recipe = from_dict(ImageRecipe, images, "images")
-        return cls(read_seed(params), data, recipe, classifier, evaluation, threads)
+        parsed = cls(read_seed(params), data, recipe, classifier, evaluation, threads)
+        try:  # built now, not after the JEM run: its train config merges both sections
+            parsed.classifier_recipe()
+        except ValueError as err:
+            raise ConfigError(f"images.classifier (with images.train): {err}") from err
+        return parsed
 
     def spec(self) -> ImageEnergySpec:
         dataset = image_dataset(self.data.dataset)
         return ImageEnergySpec(self.recipe.model, dataset.image_shape, dataset.n_classes)
 
     def classifier_recipe(self) -> ImageRecipe:
-        """The plain classifier: the same network, cross-entropy only, its own optimiser settings."""
+        """The plain classifier: the same network, cross-entropy only, its own optimiser settings.
+
+        No lag guard (``max_lag``): the classifier runs no chains, and the gap it reports, E(data) −
+        E(uniform noise), turns negative as soon as it learns, so the JEM run's guard would roll it back
+        and finally stop it.
+        """
         train = dataclasses.replace(
             self.recipe.train,
             steps=self.classifier.steps,
@@ -146,6 +170,7 @@ class ImagesParams:
             lr=self.classifier.lr,
             betas=(0.9, 0.999),
             ema_decay=None,
+            max_lag=None,
             seed=self.recipe.train.seed + 7,
         )
         return dataclasses.replace(self.recipe, jem=JEMConfig(generative_weight=0.0), train=train)
