@@ -254,7 +254,8 @@ class CDConfig:
         target_acceptance: adapt a Metropolis-adjusted sampler's step size towards this rate.
         persistent: negatives from a replay buffer (PCD) instead of chains started at the data (CD-k).
         buffer_size: replay-buffer capacity.
-        reinit_prob: fraction of buffer draws replaced by fresh uniform noise.
+        reinit_prob: fraction of buffer draws replaced by fresh draws from the buffer's proposal (uniform
+            noise over the box, or the class Gaussians of the image recipe's ``buffer_init``).
         max_steps: let the chain length grow up to this while the chains lag (see
             :class:`ContrastiveDivergence`); ``None``: fixed ``n_steps``.
         lag_threshold: dead band of that controller on the average E⁺ − E⁻, in energy units.
