@@ -762,9 +762,9 @@ class SamplerConfig:
     tabulates that proposal on a grid of this many cells per coordinate (:class:`GridProposal`, for
     low dimensions): the same shape, and a table lookup instead of a sum over the kernel's centres
     at every move. ``jump_uniform_weight`` and ``jump_grid_bins`` without ``jump_every`` are an error,
-    as are ``mala`` with ``noise_scale``, ``grad_clip`` or ``clamp`` and a ``name`` not in
-    :data:`SAMPLERS`: all are found when the config is made (a params file fails as it is read), not
-    when the sampler is built.
+    as are ``jump_every`` with ``langevin``, ``mala`` with ``noise_scale``, ``grad_clip`` or ``clamp``,
+    and a ``name`` not in :data:`SAMPLERS`: all are found when the config is made (a params file fails
+    as it is read), not when the sampler is built.
     """
 
     name: str = "langevin"
@@ -800,6 +800,11 @@ class SamplerConfig:
                     f"sampler {self.name!r} takes no {extras} (langevin's knobs: MALA keeps exp(−E) "
                     "invariant only unclipped and unclamped, with noise √(2·step_size)); leave them out"
                 )
+        if self.name == "langevin" and self.jump_every is not None:
+            raise ValueError(
+                "jump_every needs the Metropolis-adjusted sampler (name: mala): a mode jump is a Metropolis "
+                "move, which plain Langevin has no accept step for"
+            )
         if self.jump_every is None:
             ignored = [
                 name
@@ -825,9 +830,7 @@ class SamplerConfig:
     ) -> Sampler:
         """The sampler; ``data`` and ``box`` (what the jump proposal is built from) are needed when
         ``jump_every`` is set, and ignored otherwise."""
-        if self.name == "langevin":
-            if self.jump_every is not None:
-                raise ValueError("jump_every needs the Metropolis-adjusted sampler (name: mala)")
+        if self.name == "langevin":  # __post_init__ refused jump_every for it
             return Langevin(self.step_size, self.noise_scale, self.grad_clip, self.clamp)
         if self.jump_every is None:  # mala: __post_init__ refused langevin's noise_scale, grad_clip, clamp
             return make_sampler(self.name, step_size=self.step_size)

@@ -693,6 +693,13 @@ def test_sampler_config_rejects_langevin_knobs_for_mala_when_made(overrides: dic
     assert isinstance(SamplerConfig(name="langevin", **overrides).build(), Langevin)
 
 
+def test_sampler_config_rejects_mode_jumps_for_langevin_when_made() -> None:
+    # Found only by build(), at the start of training, a params file with them used to pass as read.
+    with pytest.raises(ValueError, match=r"jump_every needs the Metropolis-adjusted sampler \(name: mala\)"):
+        SamplerConfig(name="langevin", jump_every=5)
+    assert SamplerConfig(name="mala", jump_every=5).jump_every == 5
+
+
 def test_the_shipped_sampler_configs_are_accepted() -> None:
     from pathlib import Path
 
