@@ -74,6 +74,15 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+_RESUMABLE_CHANGES = frozenset({"steps", "device", "progress", "log_every", "checkpoint_every"})
+"""The :class:`TrainConfig` fields a resumed run may set otherwise than the run that wrote its checkpoint."""
+
+
+def _plain(value: Any) -> Any:
+    """Lists as tuples, so a config compares equal however its sequences were stored."""
+    return tuple(_plain(v) for v in value) if isinstance(value, list | tuple) else value
+
+
 class TrainingDivergedError(RuntimeError):
     """Training kept diverging after every allowed rollback; no diverged weights were written."""
 
@@ -198,7 +207,8 @@ class Trainer:
 
     Raises:
         ValueError: ``batch_size`` is not divisible by the number of data-parallel processes.
-        CheckpointError: the checkpoint to resume was written by a different number of processes.
+        CheckpointError: the checkpoint to resume was written by a different number of processes, or
+            by a run with other training settings (anything but steps, device and reporting).
     """
 
     def __init__(
@@ -444,6 +454,7 @@ class Trainer:
 
     def _rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
         """This rank's training state in a checkpoint: the shared state plus the rank's own part."""
+        self._check_same_run(saved)
         world_size = int(saved.get("world_size", 1))
         if world_size != self.context.world_size:
             raise CheckpointError(
@@ -455,6 +466,29 @@ class Trainer:
             return saved
         shared = {key: value for key, value in saved.items() if key != "ranks"}
         return shared | saved["ranks"][self.context.rank]
+
+    def _check_same_run(self, saved: dict[str, Any]) -> None:
+        """Refuse a checkpoint another run wrote: one with other training settings than this run's.
+
+        Only what a resumed run may change is left out: how long it runs (``steps``: train N, resume to
+        2N), where (``device``) and how it reports (``progress``, ``log_every``, ``checkpoint_every``).
+        Anything else, a seed or a learning rate, would continue another run under this one's name.
+        """
+        before = saved.get("config")
+        if not isinstance(before, dict):
+            return
+        now = asdict(self.config)
+        differing = sorted(
+            key
+            for key in now.keys() | before.keys()
+            if key not in _RESUMABLE_CHANGES and _plain(before.get(key)) != _plain(now.get(key))
+        )
+        if differing:
+            changes = ", ".join(f"{key} {before.get(key)!r} → {now.get(key)!r}" for key in differing)
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written by another run (its {changes}); resume it with the "
+                "same training settings, or pass another checkpoint path (or delete it) to start afresh"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import ebm.trainer
-from ebm.checkpoint import load_checkpoint
+from ebm.checkpoint import CheckpointError, load_checkpoint
 from ebm.energies import MLPEnergy, MLPEnergyConfig
 from ebm.losses import CDStats, ContrastiveDivergence
 from ebm.samplers import MALA, Langevin, ReplayBuffer, UniformBox
@@ -264,8 +264,20 @@ def test_a_spectrally_normalised_ema_run_resumes_exactly(tmp_path: Path, single_
 def test_resuming_an_ema_run_from_a_checkpoint_without_ema_fails(tmp_path: Path) -> None:
     checkpoint = tmp_path / "run.ckpt"
     small_trainer(small_config(steps=2), checkpoint_path=checkpoint).fit()
-    with pytest.raises(ValueError, match="no EMA weights"):
+    with pytest.raises(CheckpointError, match=r"written by another run .*ema_decay None → 0\.9"):
         small_trainer(small_config(steps=4, ema_decay=0.9), checkpoint_path=checkpoint)
+
+
+def test_a_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path: Path) -> None:
+    # before: any checkpoint at the path was loaded; another seed or learning rate continued that run
+    checkpoint = tmp_path / "run.ckpt"
+    small_trainer(small_config(steps=2), checkpoint_path=checkpoint).fit()
+    for other in ({"seed": 5}, {"lr": 0.5}, {"betas": (0.5, 0.9)}):
+        with pytest.raises(CheckpointError, match=f"another run .*{next(iter(other))}"):
+            small_trainer(small_config(steps=4, **other), checkpoint_path=checkpoint)
+    longer = small_config(steps=4, log_every=1, checkpoint_every=1)
+    resumed = small_trainer(longer, checkpoint_path=checkpoint)
+    assert resumed.step == 2  # longer, and reporting more often: the same run, resumed
 
 
 # --- small runs for the remaining tests ------------------------------------------------------------
