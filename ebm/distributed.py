@@ -103,7 +103,9 @@ def init_from_env(device: str = "auto", *, environ: Mapping[str, str] | None = N
 
     Args:
         device: the run's configured device (``"auto"``, ``"cpu"``, ``"cuda"``, ...).
-        environ: the environment to read (default ``os.environ``).
+        environ: where to read ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (default ``os.environ``). The
+            rendezvous itself is torch's ``env://``, which reads ``MASTER_ADDR`` and ``MASTER_PORT`` from
+            ``os.environ`` only (under ``torchrun`` it joins the launcher's store there).
 
     Raises:
         ValueError: a device with an explicit index under ``torchrun`` (each rank takes its own GPU).

@@ -240,3 +240,21 @@ def test_pcd_advances_every_persistent_chain_once_when_there_are_as_many_as_the_
         assert sorted(slots.tolist()) == list(range(100))
     with pytest.raises(ValueError, match=r"n_chains \(50\) must be at least the batch size \(100\)"):
         RBMRecipe(cd=RBMTrainingConfig(persistent=True, n_chains=50))
+
+
+def test_log_likelihoods_refuse_rows_that_are_not_binary() -> None:
+    # before: rows of 3.0 scored log p = +71 nats, which no probability over discrete states can be
+    rbm = BernoulliRBM(RBMConfig((1, 2, 3), 4))
+    for grey in (torch.full((2, 1, 2, 3), 3.0), torch.full((2, 1, 2, 3), 0.5)):
+        with pytest.raises(ValueError, match="binary"):
+            exact_log_probabilities(rbm, grey)
+        with pytest.raises(ValueError, match="binary"):
+            mean_log_likelihood(rbm, grey, 0.0)
+
+
+def test_a_batch_of_the_right_size_but_another_shape_is_refused() -> None:
+    # before: a channels-last (B, 4, 4, 3) batch for event shape (3, 4, 4) was reshaped, pixels scrambled
+    rbm = BernoulliRBM(RBMConfig((3, 4, 4), 5))
+    with pytest.raises(ValueError, match=r"got shape \(2, 4, 4, 3\)"):
+        rbm(torch.zeros(2, 4, 4, 3))
+    assert rbm(torch.zeros(2, 3, 4, 4)).shape == rbm(torch.zeros(2, 48)).shape == (2,)

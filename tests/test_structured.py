@@ -140,3 +140,26 @@ def test_the_crf_learns_to_segment_noisy_images_better_than_the_noisy_input_and_
     assert by_key["annealed_gibbs_icm"].energy <= by_key["gibbs_marginals"].energy + 1.0
     assert all(row.seconds >= 0 and math.isfinite(row.energy) for row in rows)
     assert set(labels) == {row.method for row in rows[1:-1]}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"batch_size": 0},
+        {"langevin_step_size": 0.0},
+        {"langevin_noise_scale": -1.0},
+        {"anneal_beta_end": math.inf},
+    ],
+)
+def test_inference_settings_that_fail_late_are_refused_when_made(settings: dict[str, float]) -> None:
+    # before: each failed inside compare_inference, some only after Gibbs and ICM had decoded everything
+    with pytest.raises(ValueError):
+        InferenceConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_segmentation_scores_refuse_labels_that_are_not_binary() -> None:
+    # before: a probability of 0.2 counted as foreground
+    with pytest.raises(ValueError, match="binary"):
+        segmentation_scores(torch.tensor([0.2, 0.2, 0.9]), torch.tensor([0.0, 1.0, 1.0]))
+    scores = segmentation_scores(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    assert scores == pytest.approx((2 / 3, 0.5))

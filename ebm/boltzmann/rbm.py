@@ -82,8 +82,11 @@ class BernoulliRBM(nn.Module):
         return self.weight.shape[1]
 
     def flat(self, v: Tensor) -> Tensor:
-        """``v`` of shape ``(B, *event_shape)`` (or ``(B, V)``) as ``(B, V)``; raises for any other shape."""
-        if v.ndim < 2 or math.prod(v.shape[1:]) != self.n_visible:
+        """``v`` of shape ``(B, *event_shape)`` (or ``(B, V)``) as ``(B, V)``; raises for any other shape.
+
+        A same-sized other shape, such as a channels-last batch, would be scrambled pixel by pixel.
+        """
+        if v.ndim < 2 or tuple(v.shape[1:]) not in (tuple(self.event_shape), (self.n_visible,)):
             raise ValueError(
                 f"an RBM with {self.n_visible} visible units (event shape {self.event_shape}) takes "
                 f"(B, *event) batches, got shape {tuple(v.shape)}"
@@ -136,7 +139,13 @@ class BernoulliRBM(nn.Module):
     def gibbs_sweep(
         self, state: Tensor, context: Any, beta: float, *, generator: torch.Generator | None = None
     ) -> Tensor:
-        """One block-Gibbs step v → h ~ p_β(h | v) → v′ ~ p_β(v | h), in ``state``'s shape and dtype."""
+        """One block-Gibbs step v → h ~ p_β(h | v) → v′ ~ p_β(v | h), in ``state``'s shape and dtype.
+
+        β tempers the *joint* energy E(v, h): at β = 1 the visible chain samples exp(−F(v)), the RBM's
+        energy; at β ≠ 1 it samples Σₕ exp(−β E(v, h)), not exp(−β F(v)), and β = ∞ (ICM) descends
+        minₕ E(v, h), not F. Annealed importance sampling (:mod:`ebm.boltzmann.ais`) tempers the
+        parameters instead and is not affected.
+        """
         hidden = self.sample_hidden(state, beta, generator=generator)
         return self.sample_visible(hidden, beta, generator=generator).view(state.shape).to(state.dtype)
 
@@ -215,8 +224,15 @@ def exact_log_probabilities(rbm: BernoulliRBM, visible: Tensor) -> Tensor:
 
 @torch.no_grad()
 def free_energy_float64(rbm: BernoulliRBM, visible: Tensor) -> Tensor:
-    """F(v) in float64 on the CPU, shape ``(B,)``: for log-likelihoods summed over many rows."""
+    """F(v) in float64 on the CPU, shape ``(B,)``: for log-likelihoods summed over many rows.
+
+    Raises:
+        ValueError: ``visible`` is not binary; a grey or unscaled row has no probability under the RBM
+            (rows of 3.0 scored log p = +71 nats).
+    """
     flat = rbm.flat(visible).double().cpu()
+    if not bool(((flat == 0) | (flat == 1)).all()):
+        raise ValueError("RBM log-likelihoods need binary (0/1) rows: binarise the images first")
     weight = rbm.weight.detach().double().cpu()
     preactivation = torch.addmm(rbm.hidden_bias.detach().double().cpu(), flat, weight)
     return -(flat @ rbm.visible_bias.detach().double().cpu()) - F.softplus(preactivation).sum(1)

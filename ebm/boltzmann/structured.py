@@ -315,8 +315,17 @@ class InferenceConfig:
         counts = (self.gibbs_sweeps, self.anneal_sweeps, self.icm_sweeps, self.langevin_steps)
         if min(counts) < 1 or not 0 <= self.gibbs_burn_in < self.gibbs_sweeps:
             raise ValueError("sweeps and steps must be ≥ 1 and 0 ≤ gibbs_burn_in < gibbs_sweeps")
-        if not self.anneal_beta_end >= 1.0:
-            raise ValueError(f"anneal_beta_end must be ≥ 1, got {self.anneal_beta_end}")
+        # finite: β = ∞ is ICM, which the annealing hands over to after its sweeps
+        if not (1.0 <= self.anneal_beta_end < math.inf):
+            raise ValueError(f"anneal_beta_end must be finite and ≥ 1, got {self.anneal_beta_end}")
+        # found otherwise inside compare_inference, after the earlier methods had decoded the test set
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if not (0 < self.langevin_step_size < math.inf) or not (0 <= self.langevin_noise_scale < math.inf):
+            raise ValueError(
+                "langevin_step_size must be positive and langevin_noise_scale ≥ 0, both finite; got "
+                f"{self.langevin_step_size} and {self.langevin_noise_scale}"
+            )
 
 
 Decoder = Callable[[GridCRFEnergy, Tensor, torch.Generator], Tensor]
@@ -475,11 +484,19 @@ class InferenceRow:
 
 
 def segmentation_scores(predicted: Tensor, truth: Tensor) -> tuple[float, float]:
-    """Per-pixel accuracy and foreground IoU of binary label tensors of the same shape."""
+    """Per-pixel accuracy and foreground IoU of binary label tensors of the same shape.
+
+    Raises:
+        ValueError: the shapes differ, or a tensor holds a value other than 0 and 1 (a probability of 0.2
+            would count as foreground).
+    """
     if predicted.shape != truth.shape:
         raise ValueError(
             f"prediction {tuple(predicted.shape)} and truth {tuple(truth.shape)} differ in shape"
         )
+    for labels, name in ((predicted, "prediction"), (truth, "truth")):
+        if not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError(f"the {name} must hold binary labels 0/1; threshold probabilities first")
     predicted, truth = predicted.bool(), truth.bool()
     accuracy = float((predicted == truth).float().mean())
     union = float((predicted | truth).sum())
