@@ -9,6 +9,7 @@ process leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -64,6 +65,18 @@ def atomic_write(
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         _fsync(path.parent, os.O_DIRECTORY)
     return path
+
+
+def run_fingerprint(settings: Mapping[str, Any], *payloads: bytes) -> str:
+    """12 hex digits of SHA-256 over ``settings`` (as sorted JSON) and then each payload's bytes.
+
+    Checkpoints are named by it, so that only the run they belong to (the same settings, the same data)
+    resumes them.
+    """
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for payload in payloads:
+        digest.update(payload)
+    return digest.hexdigest()[:12]
 
 
 def write_json(path: str | os.PathLike[str], value: Any) -> Path:

@@ -109,14 +109,11 @@ def _resume_checkpoint(args: argparse.Namespace, recipe: Any) -> Path:
     Another dataset, number of points, seed or recipe written to the same OUT gets another file, so it
     never resumes this run's state (it used to, and could train zero steps and label the weights wrong).
     """
-    import hashlib
-    import json
-
+    from ebm.checkpoint import run_fingerprint
     from ebm.config import to_dict
 
     run = {"recipe": to_dict(recipe), "dataset": args.dataset, "n_train": args.n_train}
-    digest = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:12]
-    return args.out.with_name(f"{args.out.stem}-{digest}.ckpt")
+    return args.out.with_name(f"{args.out.stem}-{run_fingerprint(run)}.ckpt")
 
 
 def _load_on_device(args: argparse.Namespace, recipe: Any) -> Any:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -58,7 +56,7 @@ from ebm.boltzmann.training import (
     sample_rbm,
     train_rbm,
 )
-from ebm.checkpoint import atomic_write, load_model, save_model, write_json
+from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, write_json
 from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.images import ImageSplit, load_image_split
 from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
@@ -283,7 +281,8 @@ def train_rbms(params: BoltzmannParams, paths: BoltzmannPaths, run: Any | None =
         callbacks: list[MetricsCallback] = [_reconstruction_callback(probe, reconstruction)]
         if run is not None:
             callbacks.append(_mlflow_callback(run, variant, reconstruction))
-        checkpoint = paths.checkpoints / f"rbm-{variant}-{_fingerprint(to_dict(recipe), data)}.ckpt"
+        fingerprint = run_fingerprint(to_dict(recipe), data.contiguous().numpy().tobytes())
+        checkpoint = paths.checkpoints / f"rbm-{variant}-{fingerprint}.ckpt"
         start = time.perf_counter()
         rbm, result = train_rbm(data, recipe, checkpoint_path=checkpoint, callbacks=callbacks)
         seconds = time.perf_counter() - start
@@ -400,7 +399,8 @@ def train_structured(
     states = structured_states(params, paths, "train")
     recipe = params.structured.recipe
     callbacks: list[MetricsCallback] = [] if run is None else [_mlflow_callback(run, "structured", [])]
-    checkpoint = paths.checkpoints / f"structured-{_fingerprint(to_dict(recipe), states)}.ckpt"
+    fingerprint = run_fingerprint(to_dict(recipe), states.contiguous().numpy().tobytes())
+    checkpoint = paths.checkpoints / f"structured-{fingerprint}.ckpt"
     start = time.perf_counter()
     model, result = train_grid_crf(states, recipe, checkpoint_path=checkpoint, callbacks=callbacks)
     seconds = time.perf_counter() - start
@@ -465,13 +465,6 @@ def _load(path: Path, kind: type[torch.nn.Module]) -> Any:
     if not isinstance(model, kind):
         raise TypeError(f"{path} holds a {type(model).__name__}, not a {kind.__name__}")
     return model
-
-
-def _fingerprint(recipe: Mapping[str, Any], data: torch.Tensor) -> str:
-    """Checkpoints are only resumed by the run they belong to: same recipe, same data."""
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
-    digest.update(data.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> Path:

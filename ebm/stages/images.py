@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -34,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ebm.checkpoint import atomic_write, load_model, save_model, torch_save, write_json
+from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, torch_save, write_json
 from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
 from ebm.evaluation.images import (
@@ -199,7 +197,8 @@ def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> di
 
     shutil.rmtree(paths.reports / "grids", ignore_errors=True)  # no stale grids from an earlier run
     grids = buffer_grid_callback(paths.reports / "grids", recipe.grid_every)
-    checkpoint = paths.checkpoints / f"jem-{_fingerprint(recipe, data_dir / 'train.pt')}.ckpt"
+    fingerprint = run_fingerprint(to_dict(recipe), (data_dir / "train.pt").read_bytes())
+    checkpoint = paths.checkpoints / f"jem-{fingerprint}.ckpt"
     start = time.perf_counter()
     energy, trainer, result = train_image_energy(
         split.images, split.labels, spec, recipe, checkpoint_path=checkpoint, callbacks=[log, grids]
@@ -398,13 +397,6 @@ def _mean_confidence(classifier: ImageEnergy, images: torch.Tensor) -> float:
         [classifier.logits(c.to(device)).softmax(1).max(1).values.cpu() for c in images.split(500)]
     )
     return float(probs.mean())
-
-
-def _fingerprint(recipe: ImageRecipe, data_file: Path) -> str:
-    """Checkpoints are only resumed by the run they belong to: same recipe, same data."""
-    digest = hashlib.sha256(json.dumps(to_dict(recipe), sort_keys=True).encode())
-    digest.update(data_file.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _save_tensors(path: Path, **tensors: torch.Tensor) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ebm.checkpoint import atomic_write, load_model, save_model, write_json
+from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, write_json
 from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
 from ebm.distributed import init_from_env, process_group_context
@@ -128,7 +127,8 @@ def train(params: ToyParams, paths: ToyPaths, run: Any | None = None) -> dict[st
     for name in params.datasets:
         x_train, _ = _load_split(paths, name)
         recipe = params.recipe
-        checkpoint = paths.checkpoints / f"{name}-{_fingerprint(recipe, paths.data / f'{name}.npz')}.ckpt"
+        fingerprint = run_fingerprint(to_dict(recipe), (paths.data / f"{name}.npz").read_bytes())
+        checkpoint = paths.checkpoints / f"{name}-{fingerprint}.ckpt"
 
         def log(_trainer: Any, step: int, values: dict[str, float], dataset: str = name) -> None:
             if run is not None:
@@ -209,13 +209,6 @@ def render(params: ToyParams, paths: ToyPaths) -> list[Path]:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _fingerprint(recipe: Toy2DConfig, data_file: Path) -> str:
-    """Checkpoints are only resumed by the run they belong to: same recipe, same data."""
-    digest = hashlib.sha256(json.dumps(to_dict(recipe), sort_keys=True).encode())
-    digest.update(data_file.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _load_split(paths: ToyPaths, name: str) -> tuple[torch.Tensor, torch.Tensor]:
