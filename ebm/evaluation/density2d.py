@@ -96,6 +96,17 @@ def raise_if_not_finite(values: Tensor, x: Tensor, what: str) -> None:
         )
 
 
+def raise_if_rows_not_finite(points: Tensor, what: str) -> None:
+    """Raise ``ValueError`` naming how many rows of ``points`` hold a NaN/inf, and the first of them."""
+    bad = ~points.isfinite().flatten(1).all(dim=1)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{int(bad.sum())} of {len(points)} rows of {what} are not finite, e.g. row {row}: "
+            f"{points[row].tolist()}"
+        )
+
+
 def energy_on_grid(
     energy: EnergyFn,
     bounds: tuple[float, float],
@@ -276,13 +287,7 @@ def mmd(
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or len(x) < 2 or len(y) < 2:
         raise ValueError(f"need x (n, d) and y (m, d) with n, m ≥ 2, got {tuple(x.shape)}, {tuple(y.shape)}")
     for points, name in ((x, "x"), (y, "y")):  # one NaN row would make the whole estimate NaN
-        bad = ~points.isfinite().all(dim=1)
-        if bad.any():
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"mmd: {int(bad.sum())} of {len(points)} rows of {name} are not finite, e.g. row {row}: "
-                f"{points[row].tolist()}"
-            )
+        raise_if_rows_not_finite(points, name)
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
     x, y = x.to("cpu", dtype), y.to("cpu", dtype)
     if bandwidths is None:

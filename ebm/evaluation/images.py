@@ -51,6 +51,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from ebm.energies import ClassConditionalEnergy, energy_and_grad, frozen
+from ebm.evaluation.density2d import raise_if_rows_not_finite
 from ebm.samplers import MALA
 
 OOD_SCORES = ("energy", "max_softmax", "grad_norm", "complexity", "typicality", "class_typicality")
@@ -396,9 +397,7 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     for features, name in ((features_a, "features_a"), (features_b, "features_b")):
         if features.ndim != 2 or len(features) < 2:
             raise ValueError(f"{name} must be (n, d) with n ≥ 2, got shape {tuple(features.shape)}")
-        bad = ~features.isfinite().all(dim=1)
-        if bad.any():
-            raise ValueError(f"{int(bad.sum())} of {len(features)} rows of {name} are not finite")
+        raise_if_rows_not_finite(features, name)
     if features_a.shape[1] != features_b.shape[1]:
         raise ValueError(f"feature sets differ in width: {features_a.shape[1]} and {features_b.shape[1]}")
     a, b = features_a.double().numpy(), features_b.double().numpy()
