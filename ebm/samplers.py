@@ -670,6 +670,15 @@ class GaussianMixtureProposal:
 Proposal = UniformBox | GaussianMixtureProposal
 
 
+def _require_generator_on(generator: torch.Generator | None, device: torch.device, where: str) -> None:
+    """Torch draws on a device only with a generator of that device type; say so in our words."""
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"{where}: the generator is on {generator.device.type} but the states are on {device}; "
+            f"seed a generator there, torch.Generator({device.type!r}).manual_seed(seed)"
+        )
+
+
 class ReplayBuffer:
     """A persistent store of chain states for PCD (Tieleman 2008; Du & Mordatch 2019).
 
@@ -700,6 +709,7 @@ class ReplayBuffer:
             raise ValueError(f"capacity must be ≥ 1, got {capacity}")
         if not 0.0 <= reinit_prob <= 1.0:
             raise ValueError(f"reinit_prob must lie in [0, 1], got {reinit_prob}")
+        _require_generator_on(generator, torch.device(device), "ReplayBuffer")
         self.proposal = proposal
         self.reinit_prob = reinit_prob
         self.replacement = replacement
@@ -716,6 +726,7 @@ class ReplayBuffer:
             ValueError: the slots are to be distinct (``replacement=False``) and ``n`` exceeds the capacity.
         """
         device = self.states.device
+        _require_generator_on(generator, device, "ReplayBuffer.sample")
         if self.replacement:
             slots = torch.randint(self.capacity, (n,), generator=generator, device=device)
         elif n > self.capacity:

@@ -214,7 +214,8 @@ def test_image_training_samples_through_the_hand_pass_and_trains_the_same_weight
         model=spec.model,
         loss=CDConfig(n_steps=3, alpha=0.1, buffer_size=16),
         jem=JEMConfig(generative_weight=1.0),
-        train=TrainConfig(steps=3, batch_size=8, log_every=3, ema_decay=0.9, progress=False),
+        # the hand pass is the CPU's (a GPU takes the autocast path), so pin the device
+        train=TrainConfig(steps=3, batch_size=8, log_every=3, ema_decay=0.9, progress=False, device="cpu"),
     )
     before = passes()
     trained, _, _ = train_image_energy(images, labels, spec, recipe)

@@ -380,7 +380,11 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 @pytest.mark.parametrize("device", DEVICES)
 def test_replay_buffer_shape_device_and_dtype(device: str) -> None:
     buffer = ReplayBuffer(
-        100, UniformBox((1, 4, 4)), generator=seeded(15), device=device, dtype=torch.float64
+        100,
+        UniformBox((1, 4, 4)),
+        generator=torch.Generator(device).manual_seed(15),
+        device=device,
+        dtype=torch.float64,
     )
 
     x, slots = buffer.sample(32, generator=torch.Generator(device).manual_seed(16))
@@ -389,6 +393,16 @@ def test_replay_buffer_shape_device_and_dtype(device: str) -> None:
     assert x.shape == (32, 1, 4, 4) and x.dtype == torch.float64 and x.device.type == device
     assert slots.shape == (32,) and slots.dtype == torch.long and slots.device.type == device
     assert slots.min() >= 0 and slots.max() < 100
+
+
+def test_a_replay_buffer_refuses_a_generator_of_another_device_type_by_name() -> None:
+    # the meta device stands in for a GPU here: torch would fail on it with its own message, or not at all
+    with pytest.raises(ValueError, match=r"ReplayBuffer: the generator is on cpu but the states are on meta"):
+        ReplayBuffer(10, UniformBox((2,)), generator=seeded(0), device="meta")
+    buffer = ReplayBuffer(10, UniformBox((2,)), generator=seeded(0))
+    buffer.states = buffer.states.to("meta")
+    with pytest.raises(ValueError, match=r"ReplayBuffer.sample: the generator is on cpu"):
+        buffer.sample(4, generator=seeded(1))
 
 
 @pytest.mark.parametrize("reinit_prob", [0.0, 0.05, 0.3, 1.0])
