@@ -17,6 +17,8 @@ from test_images_data import write_cifar_copy, write_mnist_copy
 
 import ebm
 from ebm.config import ConfigError
+from ebm.evaluation.images import bits_per_dim
+from ebm.jem import dequantise
 from ebm.stages.images import ImagePaths, ImagesParams, evaluate, main, prepare, render, train
 
 
@@ -113,6 +115,20 @@ def test_the_cifar10_path_runs_end_to_end_from_pickle_batches_to_a_loadable_mode
     model = ebm.load_model(paths.models / "energy.pt")
     x = torch.from_numpy(pixels[-40:]).float() / 255
     assert model.energy(x).shape == (40,)
+    # bits/dim scores the test pixels dequantised as in training, (k + u) / 256, not the lattice k / 255
+    with torch.no_grad():
+        draws = torch.stack(
+            [
+                model.energy(
+                    dequantise(torch.from_numpy(pixels[-40:]), generator=torch.Generator().manual_seed(s))
+                )
+                for s in range(20)
+            ]
+        )
+    assert abs(metrics["mean_energy_test_dequantised"] - float(draws.mean())) < 5 * float(draws.mean(1).std())
+    assert metrics["test_bits_per_dim_ais"] == pytest.approx(
+        bits_per_dim(metrics["mean_energy_test_dequantised"], metrics["ais"]["log_partition"], 3 * 32 * 32)
+    )
     assert (model.classify(x) == torch.from_numpy(labels[-40:])).float().mean() == metrics["accuracy"]
 
 

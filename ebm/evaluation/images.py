@@ -546,7 +546,10 @@ def _raise_if_not_finite_energies(energies: Tensor, *, step: int, n_steps: int, 
 def bits_per_dim(mean_energy: float, log_partition: float, n_dims: int, *, levels: int = 256) -> float:
     """Test NLL in bits per dimension of 8-bit data: (E + log Z) / (D ln 2) + log₂ 256.
 
-    The continuous density on [0, 1]^D of dequantised data gives a discrete probability of about
-    p(x) · (1/256)^D per 8-bit image, hence the + 8 bits per dimension.
+    ``mean_energy`` must be the mean energy of the test images *dequantised* as in training, pixel k
+    at (k + u) / 256 with u ~ U[0, 1): the continuous density p on [0, 1]^D then gives each 8-bit
+    image the probability ∫ p over its cell of volume 256^−D, and by Jensen's inequality
+    E_u[−log p((k + u)/256)] + D log 256 bounds its negative log from above. The energy at the
+    lattice points k / 255 themselves is no such bound.
     """
     return (mean_energy + log_partition) / (n_dims * math.log(2)) + math.log2(levels)

@@ -59,7 +59,7 @@ from ebm.images import (
     train_image_energy,
     uniform_images,
 )
-from ebm.jem import JEMConfig
+from ebm.jem import JEMConfig, dequantise
 from ebm.stages.common import StagePaths, check_count, read_seed, stage_arguments
 from ebm.trainer import resolve_device
 
@@ -257,9 +257,15 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
     aurocs = ood_aurocs(energy, x_test, out_sets, reference_images=validation.unit())
     digits = out_sets["sklearn_digits"]
 
+    # bits/dim scores the test pixels as training saw them, dequantised to (k + u) / 256; its own seeded
+    # stream, so the other metrics draw what they drew before
+    dequantised = dequantise(test.images[:n_test], generator=torch.Generator().manual_seed(params.seed + 1))
     with torch.no_grad():
         mean_test_energy = float(torch.cat([energy(c.to(device)).cpu() for c in x_test.split(500)]).mean())
         mean_digits_energy = float(torch.cat([energy(c.to(device)).cpu() for c in digits.split(500)]).mean())
+        mean_dequantised_energy = float(
+            torch.cat([energy(c.to(device)).cpu() for c in dequantised.split(500)]).mean()
+        )
 
     def run_chains(start: torch.Tensor, n_steps: int) -> torch.Tensor:
         return generate(
@@ -342,7 +348,8 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
         "n_fd_small": n_small,
         **sample_labels,
         "ais": dataclasses.asdict(ais),
-        "test_bits_per_dim_ais": bits_per_dim(mean_test_energy, ais.log_partition, n_dims),
+        "mean_energy_test_dequantised": mean_dequantised_energy,
+        "test_bits_per_dim_ais": bits_per_dim(mean_dequantised_energy, ais.log_partition, n_dims),
         "restoration": dataclasses.asdict(restoration),
     }
     samples = paths.reports / "samples"
