@@ -7,11 +7,16 @@ The writers here produce the original byte layouts, so torchvision's own ``MNIST
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
 import pickle
 import re
+import shutil
 import struct
 import tarfile
+import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from urllib.error import URLError
@@ -19,6 +24,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from torchvision import datasets
 
 from ebm.data.images import (
     IDX_FILES,
@@ -447,3 +453,194 @@ def test_a_broken_manifest_is_named(tmp_path: Path, text: str) -> None:
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "manifest.json"))):
         read_manifest(tmp_path)
+
+
+# --- torchvision's download folder: files already there are read and checked, never trusted ----------
+
+
+def _offline_downloads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Make torchvision's MNIST download fail as offline, recording each attempt."""
+    attempts: list[object] = []
+
+    def offline(*args: object, **_kwargs: object) -> None:
+        attempts.append(args)
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", offline)
+    return attempts
+
+
+def _publish_md5s(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make the ``.gz`` files in ``folder`` the ones torchvision's MNIST ``resources`` publish sums of."""
+    resources = [
+        (f"{name}.gz", hashlib.md5((folder / f"{name}.gz").read_bytes()).hexdigest()) for name in IDX_FILES
+    ]
+    monkeypatch.setattr(datasets.MNIST, "resources", resources)
+
+
+def _download_config() -> ImageDataConfig:
+    return ImageDataConfig(dataset="mnist", local_copy=None, download=True, n_validation=2)  # no system copy
+
+
+@pytest.mark.parametrize("case", ["plain-only", "gz-official", "plain-differs-from-gz", "gz-not-official"])
+def test_idx_files_already_in_the_download_folder_are_read_and_checked_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    attempts = _offline_downloads(monkeypatch)
+    raw = tmp_path / "data" / "downloads" / "MNIST" / "raw"
+    arrays = write_mnist_copy(raw, n_train=10, n_test=5, compress=False)
+    if case != "plain-only":  # torchvision keeps each .gz it downloaded beside the file it unpacked
+        write_mnist_copy(raw, n_train=10, n_test=5, compress=True)
+    if case in ("gz-official", "plain-differs-from-gz"):
+        _publish_md5s(monkeypatch, raw)
+    if case == "plain-differs-from-gz":
+        arrays = write_mnist_copy(raw, n_train=10, n_test=5, seed=1, compress=False)
+
+    original = load_original(_download_config(), project_root=tmp_path)
+
+    assert original.official_checksums is (case == "gz-official")
+    assert attempts == []  # nothing was downloaded: the files were there
+    assert original.source == "download folder data/downloads (files already there, not downloaded now)"
+    assert torch.equal(original.train_images[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
+
+
+def test_a_download_is_recorded_as_one_and_the_files_it_left_as_already_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mirror = tmp_path / "mirror"  # what the network would serve
+    arrays = write_mnist_copy(mirror, n_train=10, n_test=5, compress=True)
+    _publish_md5s(monkeypatch, mirror)
+    fetched: list[str] = []
+
+    def download_and_extract(url: str, download_root: str, filename: str, md5: str) -> None:
+        # torchvision's download_and_extract_archive, from the mirror folder: check the MD5, keep the .gz
+        assert hashlib.md5((mirror / filename).read_bytes()).hexdigest() == md5
+        fetched.append(filename)
+        shutil.copy(mirror / filename, Path(download_root) / filename)
+        with gzip.open(mirror / filename) as source:
+            (Path(download_root) / filename.removesuffix(".gz")).write_bytes(source.read())
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", download_and_extract)
+
+    first = load_original(_download_config(), project_root=tmp_path)
+    again = load_original(_download_config(), project_root=tmp_path)
+
+    assert fetched == [f"{name}.gz" for name in IDX_FILES]  # downloaded once
+    assert (first.source, first.official_checksums) == ("torchvision download", True)
+    assert again.source.startswith("download folder data/downloads") and again.official_checksums is True
+    assert torch.equal(again.test_labels, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]).long())
+
+
+def _bad_magic(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[3] = 7  # seven dimensions: torchvision asserts
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _seven_labels(path: Path) -> None:
+    write_idx(path, np.arange(7) % 10, compress=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "spoil", "message"),
+    [
+        ("t10k-labels-idx1-ubyte", _bad_magic, "is not a readable IDX file"),
+        ("train-images-idx3-ubyte", _truncate, "is not a readable IDX file"),
+        ("train-labels-idx1-ubyte", _seven_labels, "holds 7 labels for 10 images"),
+    ],
+    ids=["bad-magic", "truncated", "label-count"],
+)
+def test_a_corrupt_file_in_the_download_folder_is_named_not_blamed_on_the_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, spoil: Callable[[Path], None], message: str
+) -> None:
+    attempts = _offline_downloads(monkeypatch)
+    raw = tmp_path / "data" / "downloads" / "MNIST" / "raw"
+    write_mnist_copy(raw, n_train=10, n_test=5, compress=False)
+    spoil(raw / name)
+    with pytest.raises(
+        ImageDataUnavailableError,
+        match=rf"{re.escape(str(raw / name))} {message}.*delete the file named and rerun",
+    ) as info:
+        load_original(_download_config(), project_root=tmp_path)
+    assert "download failed" not in str(info.value) and attempts == []
+
+
+# --- a CIFAR-10 archive may not write outside the folder it is unpacked into ----------------------------
+
+
+def _cifar_archive(path: Path, staging: Path, extra: tarfile.TarInfo | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        if extra is not None:
+            tar.addfile(extra, io.BytesIO(b"x" * extra.size) if extra.isfile() else None)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["data-filter", "by-hand"])  # by hand: Python < 3.11.4 has no filter
+@pytest.mark.parametrize("kind", ["dotdot", "symlink-out"])
+def test_a_cifar_archive_member_leading_outside_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, kind: str
+) -> None:
+    temp = tmp_path / "tmp"  # the temporary folder the archive is unpacked into lies in here
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    if mode == "by-hand":
+        monkeypatch.delattr(tarfile, "data_filter")
+    written = write_cifar_copy(tmp_path / "staging", per_batch=2, n_test=2)
+    good = _cifar_archive(tmp_path / "good" / "cifar-10-python.tar.gz", tmp_path / "staging")
+    assert torch.equal(
+        load_original(_cifar_config(good.parent)).test_images, torch.from_numpy(written["images"][10:])
+    )
+
+    if kind == "dotdot":
+        member = tarfile.TarInfo("../escaped.txt")  # from <temp>/ebm-images-*/ to <temp>/escaped.txt
+        member.size = 5
+    else:
+        member = tarfile.TarInfo("cifar-10-batches-py/escape")
+        member.type, member.linkname = tarfile.SYMTYPE, "../../escaped.txt"
+    bad = _cifar_archive(tmp_path / "bad" / "cifar-10-python.tar.gz", tmp_path / "staging", member)
+    with pytest.raises(
+        ImageDataUnavailableError, match=rf"{re.escape(str(bad))} holds member {re.escape(repr(member.name))}"
+    ):
+        load_original(_cifar_config(bad.parent))
+    assert list(temp.iterdir()) == []  # nothing outside the (removed) extraction folder
+
+
+# --- a relative local copy lies under the project root, as the download folder does ------------------
+
+
+def test_a_relative_local_copy_lies_under_the_project_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    arrays = write_mnist_copy(project / "raw" / "mnist", n_train=10, n_test=5)
+    write_mnist_copy(tmp_path / "raw" / "mnist", n_train=10, n_test=5, seed=1)  # a decoy in the cwd
+    monkeypatch.chdir(tmp_path)  # the stages' --root need not be the current folder
+    config = ImageDataConfig(dataset="mnist", local_copy="raw/mnist", download=False, n_validation=2)
+
+    original = load_original(config, project_root=project)
+
+    assert torch.equal(original.train_images[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
+    assert original.source == "local copy raw/mnist"
+
+    (project / "raw" / "not-a-folder").write_bytes(b"")
+    for name, state in (("raw/missing", "does not exist"), ("raw/not-a-folder", "is a file, not a folder")):
+        missing = replace(config, local_copy=name)
+        with pytest.raises(
+            ImageDataUnavailableError, match=rf"{re.escape(str(project / name))} of mnist .*{state}"
+        ):
+            load_original(missing, project_root=project)
+
+    # The system copy named relative to the project root still falls back quietly to the download.
+    attempts = _offline_downloads(monkeypatch)
+    spec = IMAGE_DATASETS["fashion_mnist"]
+    monkeypatch.setitem(IMAGE_DATASETS, "fashion_mnist", replace(spec, system_copy=str(project / "absent")))
+    system = ImageDataConfig(dataset="fashion_mnist", local_copy="absent", download=True)
+    with pytest.raises(ImageDataUnavailableError, match="download failed"):
+        load_original(system, project_root=project)
+    assert attempts

@@ -8,9 +8,12 @@ of two places:
    the ``cifar-10-batches-py`` pickle batches (or the ``cifar-10-python.tar.gz`` archive) for CIFAR-10.
    They are arranged, in a temporary folder, the way torchvision expects them
    (``<root>/<ClassName>/raw/*-ubyte``; ``<root>/cifar-10-batches-py/``): uncompressed files are linked,
-   gzip'd ones decompressed. No network is touched.
+   gzip'd ones decompressed (a ``.tar.gz`` is unpacked refusing members that lead outside the folder).
+   No network is touched. A relative ``local_copy`` lies under the project root, as ``download_root`` does.
 2. **torchvision's download** into ``download_root`` when there is no local copy: none named and the
    system copy not installed. A ``local_copy`` named in the config that is not a folder is an error.
+   Files already in ``download_root`` are read without downloading, and recorded as the official release
+   (``official_checksums``) only when they match the MD5 sums torchvision publishes; a corrupt one is named.
 
 Offline with no local copy, :class:`ImageDataUnavailableError` says both ways out.
 
@@ -33,7 +36,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 from urllib.error import URLError
 
 import numpy as np
@@ -114,11 +117,12 @@ class ImageDataConfig:
 
     Attributes:
         dataset: ``mnist``, ``fashion_mnist`` or ``cifar10``.
-        local_copy: folder holding the original files; ``None`` means the dataset's system copy (Debian's
-            ``dataset-fashion-mnist`` for Fashion-MNIST) where there is one. A named folder that is missing
-            (or a file) is an error; only the system copy, when not installed, falls back to the download.
+        local_copy: folder holding the original files (relative: under the project root); ``None`` means the
+            dataset's system copy (Debian's ``dataset-fashion-mnist`` for Fashion-MNIST) where there is one. A
+            named folder that is missing (or a file) is an error; only the system copy, when not installed,
+            falls back to the download.
         download: let torchvision download the originals when no local copy is found.
-        download_root: torchvision's download folder.
+        download_root: torchvision's download folder (relative: under the project root).
         n_validation: images moved from the original training set into the validation split.
         max_train: keep at most this many training images (``None``: all); for quick runs.
         max_test: keep at most this many test images (``None``: all), a seeded subset.
@@ -147,7 +151,8 @@ class OriginalImages:
     test_images: Tensor
     test_labels: Tensor
     source: str
-    official_checksums: bool | None  # None: not checkable (re-compressed or uncompressed IDX files)
+    # None: not checkable (a local copy's re-compressed or uncompressed IDX files)
+    official_checksums: bool | None
     source_sha256: dict[str, str]  # SHA-256 of each (uncompressed) original file torchvision read
 
 
@@ -170,47 +175,127 @@ class ImageSplit:
 def load_original(config: ImageDataConfig, *, project_root: Path = Path(".")) -> OriginalImages:
     """Read the original train and test sets: from the local copy if there is one, else downloaded.
 
-    A ``local_copy`` named in the config must be a folder; only the dataset's system copy (the default,
-    whether left ``None`` or named) falls back quietly to the download when it is not installed.
+    A ``local_copy`` named in the config must be a folder (a relative one lies under ``project_root``, as
+    ``download_root`` does); only the dataset's system copy (the default, whether left ``None`` or named)
+    falls back quietly to the download when it is not installed. Files already in ``download_root`` are
+    read without downloading (torchvision's own rule), and are recorded as the official release only when
+    they match the MD5 sums torchvision publishes for it.
 
     Raises:
         ImageDataUnavailableError: the named local copy is not a folder; no local copy and the download is off
             or failed (offline); or a file of the originals is unreadable or inconsistent (named).
     """
     spec = image_dataset(config.dataset)
-    local = config.local_copy or spec.system_copy
+    named = project_root / config.local_copy if config.local_copy else None
+    local = named or (Path(spec.system_copy) if spec.system_copy else None)
     download_root = project_root / config.download_root
-    if local is not None and Path(local).is_dir():
+    if local is not None and local.is_dir():
         with tempfile.TemporaryDirectory(prefix="ebm-images-") as root:
-            checksums, origins = _arrange_local_copy(spec, Path(local), Path(root))
-            return _read_torchvision(
-                spec, Path(root), f"local copy {local}", checksums, origins, download=False
-            )
+            checksums, origins = _arrange_local_copy(spec, local, Path(root))
+            source = f"local copy {config.local_copy or spec.system_copy}"
+            return _read_torchvision(spec, Path(root), source, checksums, origins)
     how = (
         f"put the original files in a folder and name it in params.yaml (images.data.local_copy; "
         f"{_expected_files(spec)}), or let torchvision download them (images.data.local_copy: null, "
         f"images.data.download: true, needs the network) into {download_root}"
     )
-    if config.local_copy and not _is_system_copy(spec, config.local_copy):
-        state = "is a file, not a folder" if Path(config.local_copy).exists() else "does not exist"
+    if config.local_copy and named is not None and not _is_system_copy(spec, named):
+        state = "is a file, not a folder" if named.exists() else "does not exist"
+        given = "" if Path(config.local_copy).is_absolute() else f" {config.local_copy!r} in the project root"
         raise ImageDataUnavailableError(
-            f"the local copy {config.local_copy} of {spec.name} (images.data.local_copy) {state}: {how}"
+            f"the local copy {named} of {spec.name} (images.data.local_copy{given}) {state}: {how}"
         )
     where = f"no local copy of {spec.name} at {local}" if local else f"no local copy of {spec.name} named"
     if not config.download:
         raise ImageDataUnavailableError(f"{where} and downloading is off: {how}")
+    downloaded = _download(spec, download_root, f"{where}, and torchvision's download failed", how)
+    official: bool | None = None  # CIFAR-10: decided when reading, as torchvision checks the MD5 sums itself
+    if spec.file_format == "idx":
+        official = _official_idx_download(spec, download_root / spec.torchvision_class / "raw")
+    source = (
+        "torchvision download"
+        if downloaded
+        else f"download folder {config.download_root} (files already there, not downloaded now)"
+    )
+    try:
+        return _read_torchvision(spec, download_root, source, official, None)
+    except ImageDataUnavailableError as err:
+        raise ImageDataUnavailableError(
+            f"{err}; it lies in torchvision's download folder {download_root}: delete the file named and "
+            f"rerun, and torchvision downloads it again"
+        ) from err
+
+
+def _download(spec: ImageDatasetSpec, download_root: Path, failed: str, how: str) -> bool:
+    """Let torchvision download the originals into ``download_root`` unless they are there already.
+
+    torchvision skips its download when the files it reads exist (the MNIST family: the four IDX files,
+    whatever they hold; CIFAR-10: batches matching its MD5 sums); the same test is made here first, so a
+    file already there is read (and any fault in it named) rather than blamed on the network.
+
+    Returns:
+        Whether torchvision downloaded anything.
+
+    Raises:
+        ImageDataUnavailableError: the download was needed and failed (``failed`` and ``how`` say so).
+    """
+
+    def present() -> bool:
+        if spec.file_format == "idx":
+            raw = download_root / spec.torchvision_class / "raw"
+            return all((raw / name).is_file() for name in IDX_FILES)
+        folder = download_root / CIFAR_FOLDER
+        return all(
+            datasets.utils.check_integrity(str(folder / name), md5)
+            for name, md5 in (*datasets.CIFAR10.train_list, *datasets.CIFAR10.test_list)
+        )
+
     try:
         _self_ignoring_folder(download_root)
-        return _read_torchvision(spec, download_root, "torchvision download", True, None, download=True)
-    except ImageDataUnavailableError:
-        raise  # the download worked; a file it brought is inconsistent, and the error names it
-    except (RuntimeError, OSError, URLError) as err:
-        raise ImageDataUnavailableError(f"{where}, and torchvision's download failed ({err}): {how}") from err
+        if present():
+            return False
+        # Downloads every file of the dataset, then reads the (smaller) test set; a fault in reading is
+        # left to the reading that follows, which names the file.
+        getattr(datasets, spec.torchvision_class)(str(download_root), train=False, download=True)
+    except (*TORCHVISION_READ_ERRORS, OSError, URLError) as err:
+        if not present():
+            raise ImageDataUnavailableError(f"{failed} ({err}): {how}") from err
+    if not present():
+        raise ImageDataUnavailableError(
+            f"{failed} (it raised no error, yet {download_root} lacks the files: {_expected_files(spec)}): "
+            f"{how}"
+        )
+    return True
 
 
-def _is_system_copy(spec: ImageDatasetSpec, local: str) -> bool:
-    """Whether ``local`` names the dataset's system copy (``params.yaml`` names Debian's explicitly)."""
-    return spec.system_copy is not None and Path(local) == Path(spec.system_copy)
+def _official_idx_download(spec: ImageDatasetSpec, raw: Path) -> bool:
+    """Whether the IDX files in torchvision's download folder ``raw`` are the official release.
+
+    torchvision publishes MD5 sums of the ``.gz`` files (its class's ``resources``) and keeps each ``.gz``
+    beside the file it unpacked and reads: both must be there, the ``.gz`` must match its sum and unpack to
+    exactly the file read.
+    """
+    official_md5 = dict(getattr(datasets, spec.torchvision_class).resources)
+    for name in IDX_FILES:
+        packed = raw / f"{name}.gz"
+        if not packed.is_file() or _md5(packed) != official_md5.get(f"{name}.gz"):
+            return False
+        try:
+            with gzip.open(packed, "rb") as source:
+                unpacked = _digest_stream(source, hashlib.sha256())
+        except (OSError, EOFError, zlib.error):  # gzip.BadGzipFile is an OSError
+            return False
+        if unpacked != _sha256(raw / name):
+            return False
+    return True
+
+
+def _is_system_copy(spec: ImageDatasetSpec, local: Path) -> bool:
+    """Whether ``local`` (under the project root if relative) names the dataset's system copy.
+
+    ``params.yaml`` names Debian's explicitly; naming it is the same as leaving ``local_copy`` unset.
+    """
+    return spec.system_copy is not None and local == Path(spec.system_copy)
 
 
 def _expected_files(spec: ImageDatasetSpec) -> str:
@@ -283,12 +368,7 @@ def _arrange_cifar(local: Path, root: Path) -> tuple[bool | None, dict[str, str]
         origins = {name: str(local / name) for name in CIFAR_FILES}
     elif (local / CIFAR_ARCHIVE).is_file():
         archive = local / CIFAR_ARCHIVE
-        try:
-            datasets.utils.extract_archive(str(archive), str(root))
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-            raise ImageDataUnavailableError(
-                f"{archive} is not a readable tar.gz archive ({type(err).__name__}: {err})"
-            ) from err
+        _extract_tar(archive, root)
         origins = {name: f"{archive} (member {CIFAR_FOLDER}/{name})" for name in CIFAR_FILES}
     else:
         raise ImageDataUnavailableError(
@@ -304,29 +384,65 @@ def _arrange_cifar(local: Path, root: Path) -> tuple[bool | None, dict[str, str]
     return None, origins  # decided when reading: torchvision checks the batches' MD5 sums itself
 
 
+def _extract_tar(archive: Path, dest: Path) -> None:
+    """Unpack ``archive`` into ``dest``, refusing any member that would be written outside ``dest``.
+
+    tarfile's ``data`` filter (Python ≥ 3.11.4) refuses ``..`` paths, links leading out and device files;
+    before it, each member's resolved path is checked here and only plain files and folders are unpacked.
+
+    Raises:
+        ImageDataUnavailableError: the archive is unreadable, or a member is refused (both named).
+    """
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            if hasattr(tarfile, "data_filter"):
+                try:
+                    tar.extractall(dest, filter="data")
+                except tarfile.FilterError as err:
+                    _refuse_member(archive, err.tarinfo.name, str(err))
+                return
+            inside = dest.resolve()
+            members = tar.getmembers()
+            for member in members:
+                target = (inside / member.name).resolve()
+                if not (member.isfile() or member.isdir()):
+                    _refuse_member(archive, member.name, "not a plain file or folder")
+                if target != inside and inside not in target.parents:
+                    _refuse_member(archive, member.name, f"it would be extracted to {target}")
+            tar.extractall(dest, members=members)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise ImageDataUnavailableError(
+            f"{archive} is not a readable tar.gz archive ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _refuse_member(archive: Path, member: str, why: str) -> NoReturn:
+    """Refuse the archive for one member (a path or link leading out of the folder, or a device file)."""
+    raise ImageDataUnavailableError(
+        f"{archive} holds member {member!r}, which may not be unpacked ({why}): members must be files and "
+        f"folders that stay inside the folder they are unpacked into; nothing was written outside it. Use "
+        f"the official {CIFAR_ARCHIVE} or its unpacked {CIFAR_FOLDER}/"
+    )
+
+
 def _read_torchvision(
     spec: ImageDatasetSpec,
     root: Path,
     source: str,
     checksums: bool | None,
     origins: dict[str, str] | None,
-    *,
-    download: bool,
 ) -> OriginalImages:
     """Read the files under ``root`` with torchvision's class for ``spec``, and check what it read.
 
     ``origins`` maps each file name to where it came from (``None``: the files under ``root`` are the
-    originals); errors name those paths. torchvision's errors reading a local copy are re-raised as
-    :class:`ImageDataUnavailableError` naming the file; during a download they pass through unchanged.
+    originals); errors name those paths. torchvision never downloads here (:func:`_download` did that):
+    its errors are re-raised as :class:`ImageDataUnavailableError` naming the file.
     """
     dataset_class = getattr(datasets, spec.torchvision_class)
     if spec.file_format == "idx":
         raw = root / spec.torchvision_class / "raw"
         where = origins or {name: str(raw / name) for name in IDX_FILES}
-        train, test = (
-            _read_idx(dataset_class, root, raw, where, train=flag, download=download)
-            for flag in (True, False)
-        )
+        train, test = (_read_idx(dataset_class, root, raw, where, train=flag) for flag in (True, False))
         original = OriginalImages(
             train.data.unsqueeze(1).contiguous(),  # (N, 1, 28, 28)
             train.targets.to(torch.int64),
@@ -345,15 +461,12 @@ def _read_torchvision(
         return original
     folder = root / CIFAR_FOLDER
     where = origins or {name: str(folder / name) for name in CIFAR_FILES}
-    if not download:
-        for name in CIFAR_FILES:
-            _check_cifar_file(folder / name, where[name], spec.n_classes, meta=name == CIFAR_FILES[-1])
+    for name in CIFAR_FILES:
+        _check_cifar_file(folder / name, where[name], spec.n_classes, meta=name == CIFAR_FILES[-1])
     try:
-        train, test = (dataset_class(str(root), train=flag, download=download) for flag in (True, False))
+        train, test = (dataset_class(str(root), train=flag) for flag in (True, False))
         checksums = True
     except RuntimeError:
-        if download:
-            raise
         # Not the official release's bytes (a subset, a re-pickled copy): the same torchvision code reads
         # them with its MD5 checks off, and the manifest records that they differ.
         try:
@@ -381,15 +494,11 @@ def _read_torchvision(
     return original
 
 
-def _read_idx(
-    dataset_class: Any, root: Path, raw: Path, where: dict[str, str], *, train: bool, download: bool
-) -> Any:
+def _read_idx(dataset_class: Any, root: Path, raw: Path, where: dict[str, str], *, train: bool) -> Any:
     """torchvision's MNIST-family reader for one split; a file it cannot read is named in the error."""
     try:
-        return dataset_class(str(root), train=train, download=download)
+        return dataset_class(str(root), train=train)
     except TORCHVISION_READ_ERRORS as err:
-        if download:
-            raise
         prefix = "train" if train else "t10k"
         readers = (
             (f"{prefix}-images-idx3-ubyte", mnist.read_image_file),
@@ -403,8 +512,8 @@ def _read_idx(
                 culprit = where[name]
                 break
         raise ImageDataUnavailableError(
-            f"{culprit} is not a readable IDX file (truncated, or not in the IDX format): "
-            f"{type(err).__name__}: {err}"
+            f"{culprit} is not a readable IDX file (truncated, corrupt, or not in the IDX format): "
+            f"{type(err).__name__}{f': {err}' if str(err) else ''}"
         ) from err
 
 
@@ -503,8 +612,12 @@ def _sha256(path: Path) -> str:
 
 def _digest(path: Path, digest: Any) -> str:
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+        return _digest_stream(handle, digest)
+
+
+def _digest_stream(handle: Any, digest: Any) -> str:
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
