@@ -16,7 +16,7 @@ from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector, make_det
 from ebm.anomaly.explain import attribute, reference_row, score_and_attribute, to_raw_columns
 from ebm.anomaly.metrics import detection_metrics
 from ebm.anomaly.validation import ValidationError
-from ebm.checkpoint import CheckpointError
+from ebm.checkpoint import CheckpointError, load_checkpoint
 
 
 def quick_config(steps: int = 20, members: int = 1, **overrides: object) -> DetectorConfig:
@@ -131,6 +131,40 @@ def test_save_and_load_give_the_same_scores_from_a_weights_only_file(
     np.testing.assert_array_equal(loaded.decision_function(rows), detector.decision_function(rows))
     assert loaded.threshold_ == detector.threshold_ and loaded.config == detector.config
     np.testing.assert_allclose(loaded.score_quantiles_, detector.score_quantiles_)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "where", "kind"),
+    [
+        ({"source": Path("data.csv")}, "metadata['source']", "pathlib."),
+        ({"runs": [{"ok": 1}, {"scores": np.zeros(3)}]}, "metadata['runs'][1]['scores']", "numpy.ndarray"),
+        ({"weights": torch.ones(2)}, "metadata['weights']", "torch.Tensor"),
+        ({"when": np.datetime64("2024-01-01")}, "metadata['when']", "numpy.datetime64"),
+        ({"by_seed": {0: 0.9}}, "metadata['by_seed'] has the key 0", "int"),
+        ([("note", "x")], "metadata must be a dict", "list"),
+    ],
+)
+def test_save_refuses_metadata_that_load_would_refuse_and_keeps_the_old_file(
+    detector: EnergyAnomalyDetector, tmp_path: Path, metadata: object, where: str, kind: str
+) -> None:
+    path = detector.save(tmp_path / "detector.pt", metadata={"note": "the good one"})
+    before = path.read_bytes()
+    with pytest.raises(TypeError) as error:
+        detector.save(path, metadata=metadata)  # type: ignore[arg-type]
+    assert str(error.value).startswith(where) and kind in str(error.value)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["detector.pt"]
+    EnergyAnomalyDetector.load(path)
+
+
+def test_save_stores_numpy_scalars_in_metadata_as_python_values(
+    detector: EnergyAnomalyDetector, tmp_path: Path
+) -> None:
+    metadata = {"auroc": np.float64(0.93), "rows": np.int64(7), "ok": np.bool_(True), "cols": ("a", "b")}
+    path = detector.save(tmp_path / "detector.pt", metadata=metadata)
+    EnergyAnomalyDetector.load(path)  # weights_only: a numpy scalar in the file would be refused here
+    stored = load_checkpoint(path)["metadata"]
+    assert stored == {"auroc": 0.93, "rows": 7, "ok": True, "cols": ["a", "b"]}
+    assert [type(v) for v in stored.values()] == [float, int, bool, list]
 
 
 def test_load_refuses_other_files(tmp_path: Path) -> None:
@@ -285,6 +319,19 @@ def test_integrated_gradients_add_up_to_the_score_above_the_typical_row(
     scores, fast = score_and_attribute(energy, x, reference=reference)
     assert torch.allclose(scores, energy(x).detach())
     assert torch.allclose(fast, attribute(energy, x, method="gradient_x_input", reference=reference))
+
+
+@pytest.mark.parametrize("n_steps", [0, -2, True, 2.0, "16"])
+def test_integrated_gradients_refuse_a_number_of_steps_that_is_not_a_positive_int(
+    detector: EnergyAnomalyDetector, n_steps: object
+) -> None:
+    # n_steps = 0 averaged no gradients: every attribution came back NaN, with no error
+    energy = detector.energy
+    assert energy is not None and len(energy.members) and energy.scale != 0
+    x = detector.transform(make_rows(3, 40))
+    with pytest.raises(ValueError, match=f"^n_steps must be an int ≥ 1, got {n_steps!r} "):
+        attribute(energy, x, method="integrated_gradients", n_steps=n_steps)  # type: ignore[arg-type]
+    assert torch.isfinite(attribute(energy, x, method="integrated_gradients", n_steps=1)).all()
 
 
 def test_scored_reasons_are_measured_from_the_typical_row(uniform_detector: EnergyAnomalyDetector) -> None:

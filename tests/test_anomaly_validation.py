@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ebm.anomaly import validation
 from ebm.anomaly.preprocessing import PreprocessConfig, TabularPreprocessor
 from ebm.anomaly.validation import TableSchema, ValidationError, iter_table, read_table, validate_frame
 
@@ -137,6 +138,32 @@ def test_a_utf8_bom_before_the_header_is_dropped(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="non-numeric values at row 2") as error:
         read_table(tmp_path / "t.csv", schema)
     assert error.value.column == "amount"
+
+
+@pytest.mark.parametrize("cell", ["abc", "290.5\u00a0"])  # refused by both readers; refused by pyarrow only
+def test_the_slow_path_resumes_after_the_rows_already_read_not_after_as_many_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cell: str
+) -> None:
+    """pyarrow reads whole blocks and pandas takes over from the first row not yet handed out when a
+    cell fails to convert; blank lines and a quoted line break before that point are lines, not rows,
+    so they must neither repeat rows nor shift the row named in the message."""
+    monkeypatch.setattr(validation, "CSV_BLOCK_BYTES", 1 << 10)  # ~4 blocks here, not one of 16 MiB
+    lines = ["row_id,amount,note"] + [f"{i},{i}.5,n" for i in range(1, 301)]
+    lines[3] = '3,3.5,"two\nlines"'
+    lines[290] = f"290,{cell},n"  # data row 290, in the last block
+    lines[5:5] = ["", "", ""]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    schema = TableSchema(numeric=("amount",), passthrough=("row_id", "note"))
+    assert (tmp_path / "t.csv").stat().st_size > 3 * validation.CSV_BLOCK_BYTES
+    if cell == "abc":
+        with pytest.raises(ValidationError, match="non-numeric values at row 290 ") as error:
+            read_table(tmp_path / "t.csv", schema)
+        assert error.value.column == "amount" and error.value.rows == (290,)
+        return
+    table = read_table(tmp_path / "t.csv", schema)
+    assert table.row_id.astype(int).tolist() == list(range(1, 301))  # each row once, in order
+    assert table.amount.tolist() == [i + 0.5 for i in range(1, 301)]
+    assert table.note[2] == "two\nlines"
 
 
 def test_negative_values_in_a_log_column_are_refused_when_transforming(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -312,8 +313,19 @@ class EnergyAnomalyDetector:
         }
 
     def save(self, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
-        """Write the fitted detector atomically to a ``weights_only`` file."""
-        return save_checkpoint(path, {**self.state_dict(), "metadata": dict(metadata or {})})
+        """Write the fitted detector atomically to a ``weights_only`` file.
+
+        ``metadata`` must be JSON-like: ``None``, bools, ints, floats, strings, and lists, tuples and
+        str-keyed dicts of those. NumPy bool, integer, float and string scalars (a metric computed with
+        NumPy) are stored as the Python values they equal, tuples as lists. Anything else (a ``Path``,
+        an array, a tensor, a non-str key) would make a file that :meth:`load` refuses, so it raises
+        ``TypeError`` naming the key and the type before anything is written: a file already at
+        ``path`` is left as it was.
+        """
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict of plain values, not a {_type_name(metadata)}")
+        plain = _plain_metadata({} if metadata is None else metadata, "metadata", set())
+        return save_checkpoint(path, {**self.state_dict(), "metadata": plain})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EnergyAnomalyDetector:
@@ -345,6 +357,44 @@ class EnergyAnomalyDetector:
         detector.threshold_ = float(state["threshold"])
         detector.score_quantiles_ = state["score_quantiles"].double().numpy()
         return detector
+
+
+def _plain_metadata(value: Any, where: str, open_containers: set[int]) -> Any:
+    """``value`` as plain JSON-like data that a ``weights_only`` load accepts (see
+    :meth:`EnergyAnomalyDetector.save`); ``where`` names it in errors, e.g. ``metadata['runs'][2]``."""
+    if value is None or type(value) in (bool, int, float, str):  # not subclasses: np.float64 is a float
+        return value
+    if isinstance(value, np.bool_ | np.integer | np.floating | np.str_):
+        return value.item()
+    if not isinstance(value, Mapping | list | tuple):
+        raise TypeError(
+            f"{where} is a {_type_name(value)}; detector metadata may "
+            "hold only None, bool, int, float, str, and lists and str-keyed dicts of those "
+            "(convert it, e.g. str(path) or array.tolist())"
+        )
+    if id(value) in open_containers:
+        raise TypeError(f"{where} is a list or dict that holds itself; detector metadata must be a tree")
+    open_containers.add(id(value))
+    if isinstance(value, Mapping):
+        plain: Any = {}
+        for key, item in value.items():
+            if isinstance(key, np.str_):
+                key = key.item()
+            if type(key) is not str:
+                raise TypeError(
+                    f"{where} has the key {key!r} of type {_type_name(key)}; detector metadata keys "
+                    "must be str"
+                )
+            plain[key] = _plain_metadata(item, f"{where}[{key!r}]", open_containers)
+    else:
+        plain = [_plain_metadata(item, f"{where}[{i}]", open_containers) for i, item in enumerate(value)]
+    open_containers.discard(id(value))
+    return plain
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _numeric_column(values: pd.Series) -> bool:

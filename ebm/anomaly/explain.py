@@ -102,11 +102,21 @@ def attribute(
     """Per-row attributions to the energy's input columns, shape (B, C), against a typical row.
 
     Args:
+        method: ``"gradient_x_input"`` (one backward pass) or ``"integrated_gradients"``.
+        n_steps: points on the path from the reference row to ``x`` for integrated gradients (midpoint
+            rule), an int ≥ 1; checked whatever the method, unused by gradient × input.
         reference: the typical row ``x₀`` (C,), normally :func:`reference_row`; ``None``: ``x = 0``
             (the median row, typical only when no column is categorical).
+
+    Raises:
+        ValueError: for an unknown ``method``, or an ``n_steps`` that is not an int ≥ 1 (bools and
+            floats included: with 0 or fewer steps no gradient is averaged and every attribution is NaN).
     """
     if method not in ("gradient_x_input", "integrated_gradients"):
         raise ValueError(f"method must be 'gradient_x_input' or 'integrated_gradients', got {method!r}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int | np.integer) or n_steps < 1:
+        raise ValueError(f"n_steps must be an int ≥ 1, got {n_steps!r} ({type(n_steps).__name__})")
+    n_steps = int(n_steps)
     x = x.detach()
     baseline = _baseline(x, reference)
     with torch.no_grad():

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 MAX_ROWS_SHOWN = 5
+CSV_BLOCK_BYTES = 1 << 24  # pyarrow's CSV block: a bad cell past the first block falls back mid-file
 
 
 class ValidationError(ValueError):
@@ -352,7 +353,7 @@ def _csv_chunks(
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
-    read = pacsv.ReadOptions(block_size=1 << 24)
+    read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
     rows_done = 0
     try:
         reader = pacsv.open_csv(path, read_options=read, convert_options=convert)
@@ -365,21 +366,27 @@ def _csv_chunks(
         return
     except (pa.ArrowException, UnicodeDecodeError):
         pass
-    # Slow path from the first row not yet handed out: text cells, so validate_frame can say where.
+    # Slow path from the first row not yet handed out: text cells, so validate_frame can say where. It
+    # reads from the top and drops the rows already handed out: ``skiprows`` would count lines of the
+    # file, and blank lines and quoted line breaks are lines but not rows.
     _check_csv_records(path)
+    header, drop = read_header(path), rows_done
     try:
         reader_text = pd.read_csv(
             path,
             dtype=str,
             keep_default_na=False,
             chunksize=chunk_rows,
-            skiprows=range(1, rows_done + 1),
             encoding="utf-8-sig",
             on_bad_lines="error",
         )
         for chunk in reader_text:
-            if list(chunk.columns) != read_header(path):
+            if list(chunk.columns) != header:
                 raise ValidationError(f"{path.name}: malformed CSV (the header does not parse consistently)")
-            yield chunk[columns].replace("", np.nan)
+            if drop and drop >= len(chunk):
+                drop -= len(chunk)
+                continue
+            yield chunk.iloc[drop:][columns].replace("", np.nan)
+            drop = 0
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValidationError(f"{path.name}: malformed CSV ({err})") from err
