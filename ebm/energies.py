@@ -199,14 +199,28 @@ class GaussianMixtureEnergy(nn.Module):
         if weights is None:
             weights = torch.full((n_components,), 1.0 / n_components, dtype=means.dtype)
         weights = torch.as_tensor(weights, dtype=means.dtype)
-        if (stds <= 0).any() or (weights < 0).any() or weights.shape != (n_components,):
-            raise ValueError("stds must be positive and weights non-negative with one per component")
+        if weights.shape != (n_components,):
+            raise ValueError(
+                f"weights must have one per component, shape ({n_components},), got {tuple(weights.shape)}"
+            )
+        if not (torch.isfinite(means).all() and torch.isfinite(stds).all() and torch.isfinite(weights).all()):
+            raise ValueError("means, stds and weights must be finite (one holds a NaN or an infinity)")
+        if (stds <= 0).any() or (weights < 0).any() or not weights.sum() > 0:
+            raise ValueError(
+                "stds must be positive, and weights non-negative with a positive sum, got stds "
+                f"{stds.tolist()} and weights {weights.tolist()}"
+            )
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.register_buffer("log_weights", torch.log(weights / weights.sum()))
 
     def forward(self, x: Tensor) -> Tensor:
         dim = self.means.shape[1]
+        if x.ndim != 2 or x.shape[1] != dim:  # (B, 1) would broadcast to the points (x, x)
+            raise ValueError(
+                f"x must have shape (B, {dim}) for means of shape {tuple(self.means.shape)}, "
+                f"got {tuple(x.shape)}"
+            )
         # Not torch.cdist: above 25 rows it uses ‖x‖² + ‖μ‖² − 2x·μ, which cancels catastrophically near a
         # mean (∇ₓE off by ~100% within 1e-3 of a mode) and makes E depend on the batch size.
         sq_dist = (x[:, None, :] - self.means).square().sum(-1)  # (B, K)

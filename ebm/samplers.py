@@ -93,9 +93,10 @@ class Langevin:
 
     def __post_init__(self) -> None:
         _check_positive("step_size", self.step_size)
-        if self.noise_scale is not None and self.noise_scale < 0:
+        if self.noise_scale is not None and not (self.noise_scale >= 0 and math.isfinite(self.noise_scale)):
             raise ValueError(
-                f"noise_scale must be ≥ 0 or None (meaning √(2·step_size)), got {self.noise_scale}"
+                f"noise_scale must be a finite number ≥ 0 or None (meaning √(2·step_size)), "
+                f"got {self.noise_scale}"
             )
         if self.grad_clip is not None:
             _check_positive("grad_clip", self.grad_clip)
@@ -513,8 +514,9 @@ def _check_positive(name: str, value: float) -> None:
 
 
 def _check_box(box: tuple[float, float] | None) -> None:
-    if box is not None and not box[0] < box[1]:
-        raise ValueError(f"a box must be (low, high) with low < high, got {box}")
+    """A box is finite (a uniform draw from an infinite one is NaN) with low < high."""
+    if box is not None and not (box[0] < box[1] and math.isfinite(box[0]) and math.isfinite(box[1])):
+        raise ValueError(f"a box must be (low, high) with finite low < high, got {box}")
 
 
 SAMPLERS: dict[str, type[Langevin] | type[MALA]] = {"langevin": Langevin, "mala": MALA}
@@ -790,6 +792,11 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
             raise ValueError(f"unknown sampler name {self.name!r}; choose one of {sorted(SAMPLERS)}")
+        # the samplers' own checks (step size, noise, clipping, box) now, not when training starts
+        if self.name == "langevin":
+            Langevin(self.step_size, self.noise_scale, self.grad_clip, self.clamp)
+        else:
+            _check_positive("step_size", self.step_size)
         if self.jump_grid_bins is not None and self.jump_grid_bins < 1:
             raise ValueError(f"jump_grid_bins must be ≥ 1 or null, got {self.jump_grid_bins}")
         if self.jump_every is not None and self.jump_every < 1:

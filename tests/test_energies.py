@@ -310,3 +310,27 @@ def test_fourier_features_are_fixed_by_the_config_and_saved_with_the_model() -> 
 def test_fourier_feature_settings_are_validated(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         MLPEnergyConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("means", "stds", "weights", "match"),
+    [
+        (MIXTURE_MEANS, MIXTURE_STDS, torch.zeros(3), "positive sum"),
+        (MIXTURE_MEANS, torch.tensor([0.5, math.nan, 1.0]), MIXTURE_WEIGHTS, "must be finite"),
+        (MIXTURE_MEANS.clone().fill_(math.nan), MIXTURE_STDS, MIXTURE_WEIGHTS, "must be finite"),
+        (MIXTURE_MEANS, MIXTURE_STDS, torch.tensor([0.5, 0.5]), "one per component"),
+    ],
+    ids=["zero-weights", "nan-std", "nan-means", "too-few-weights"],
+)
+def test_a_gaussian_mixture_refuses_parameters_that_give_nan_energies(
+    means: torch.Tensor, stds: torch.Tensor, weights: torch.Tensor, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        GaussianMixtureEnergy(means, stds, weights)
+
+
+def test_a_gaussian_mixture_refuses_points_of_the_wrong_dimension() -> None:
+    # (3, 1) broadcast against 2-D means to the points (x, x) and gave finite energies
+    energy = GaussianMixtureEnergy(MIXTURE_MEANS, MIXTURE_STDS, MIXTURE_WEIGHTS)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 2\)"):
+        energy(torch.zeros(3, 1))

@@ -771,3 +771,29 @@ def test_the_class_gaussian_proposal_clamps_to_its_box_and_rejects_what_it_canno
         GaussianMixtureProposal.fit(wide, torch.cat([torch.zeros(99), torch.ones(1)]).long())
     with pytest.raises(ValueError, match="scale_trils"):
         GaussianMixtureProposal(torch.zeros(2, 4), torch.zeros(1, 4, 4), torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"name": "langevin", "noise_scale": math.nan}, "noise_scale must be a finite number ≥ 0"),
+        ({"name": "langevin", "noise_scale": math.inf}, "noise_scale must be a finite number ≥ 0"),
+        ({"name": "langevin", "noise_scale": -1.0}, "noise_scale must be a finite number ≥ 0"),
+        ({"name": "langevin", "step_size": -0.5}, "step_size must be a positive finite number"),
+        ({"name": "mala", "step_size": math.nan}, "step_size must be a positive finite number"),
+        ({"name": "langevin", "grad_clip": 0.0}, "grad_clip must be a positive finite number"),
+        ({"name": "langevin", "clamp": (0.0, math.inf)}, "finite low < high"),
+    ],
+    ids=["nan-noise", "inf-noise", "negative-noise", "negative-step", "nan-step", "zero-clip", "inf-clamp"],
+)
+def test_sampler_config_refuses_bad_hyperparameters_when_made(overrides: dict[str, Any], match: str) -> None:
+    # a NaN or infinite noise scale passed, turned every chain NaN and surfaced as a divergence of training;
+    # the others passed the params file and failed only when training built the sampler
+    with pytest.raises(ValueError, match=match):
+        SamplerConfig(**overrides)
+
+
+@pytest.mark.parametrize("box", [(-math.inf, math.inf), (0.0, math.inf), (math.nan, 1.0)])
+def test_an_infinite_box_is_refused_not_sampled_into_nan(box: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match="finite low < high"):
+        UniformBox((2,), *box)
