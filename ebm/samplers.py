@@ -745,7 +745,21 @@ class ReplayBuffer:
         return x, slots
 
     def update(self, slots: Tensor, x: Tensor) -> None:
-        self.states[slots] = x.detach().to(self.states.dtype)
+        """Write chains ``x`` back to their ``slots``; a slot drawn more than once keeps its last chain.
+
+        An indexed write with repeated indices leaves which row wins to the threads (torch promises
+        nothing there), and on two threads a slot could end up holding pixels of two chains, so seeded
+        training did not repeat. The repeats are dropped first, keeping each slot's last occurrence.
+        """
+        x = x.detach().to(self.states.dtype)
+        if slots.numel() > 1:
+            order = torch.arange(slots.numel(), device=slots.device)
+            last = torch.full((self.capacity,), -1, dtype=order.dtype, device=slots.device)
+            last.scatter_reduce_(0, slots, order, reduce="amax")  # max: the same whatever the thread order
+            keep = last[slots] == order
+            if not bool(keep.all()):
+                slots, x = slots[keep], x[keep]
+        self.states[slots] = x
 
     def state_dict(self) -> dict[str, Any]:
         return {"states": self.states.clone(), "reinit_prob": self.reinit_prob}

@@ -797,3 +797,23 @@ def test_sampler_config_refuses_bad_hyperparameters_when_made(overrides: dict[st
 def test_an_infinite_box_is_refused_not_sampled_into_nan(box: tuple[float, float]) -> None:
     with pytest.raises(ValueError, match="finite low < high"):
         UniformBox((2,), *box)
+
+
+def test_a_slot_drawn_twice_keeps_its_last_chain_whatever_the_threads() -> None:
+    # an indexed write with a repeated slot left the winner to the threads: on two threads about one
+    # update in thirty kept chain 0's image, or a mix of both, and seeded image training did not repeat
+    shape = (3, 32, 32)
+    buffer = ReplayBuffer(16, UniformBox(shape, 0.0, 1.0), generator=seeded(0))
+    slots = torch.tensor([3, 9, 5, 1, 7, 11, 12, 3])  # slot 3: chains 0 and 7
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, *shape).contiguous()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kept = set()
+        for _ in range(500):
+            buffer.update(slots, x)
+            kept.add(tuple(buffer.states[3].unique().tolist()))
+    finally:
+        torch.set_num_threads(previous)
+    assert kept == {(7.0,)}
+    assert torch.equal(buffer.states[slots[1:7]], x[1:7])  # the other slots hold their own chains
