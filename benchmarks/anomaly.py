@@ -57,6 +57,7 @@ from ebm.anomaly.transactions import (
     split_by_time,
     write_table,
 )
+from ebm.checkpoint import write_report_json
 from ebm.config import to_dict
 
 METHODS = ("ebm", *BASELINES)
@@ -374,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== {part} ===", flush=True)
             report[part] = runners[part](args)
     report["seconds"] = time.perf_counter() - start
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_report_json(args.json, report, default=float)
     bars = {
         f"{part}.{k}": v
         for part in PARTS

@@ -32,6 +32,7 @@ import torch
 from ebm.boltzmann.ais import RBMAISConfig, ais_log_partition
 from ebm.boltzmann.rbm import exact_log_partition
 from ebm.boltzmann.training import RBMRecipe, RBMTrainingConfig, train_rbm
+from ebm.checkpoint import write_report_json
 from ebm.config import load_params, to_dict
 from ebm.stages.boltzmann import (
     BoltzmannParams,
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "rbm_train_config": to_dict(params.rbm.train),
             "mnist_anchor_nats": MNIST_ANCHOR,
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        write_report_json(args.json, payload)
     return 0 if passed else 1
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ebm.checkpoint import write_report_json
 from ebm.config import load_params, to_dict
 from ebm.stages.images import ImagePaths, ImagesParams, evaluate, prepare, render, train
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "recipe": to_dict(params.recipe),
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        write_report_json(args.json, payload)
     return 0
 
 

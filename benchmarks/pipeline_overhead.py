@@ -50,6 +50,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ebm.checkpoint import write_report_json
 from ebm.offline import apply_offline_env
 from ebm.tracking import DEFER_ENV, log_pending_runs
 
@@ -481,8 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_at_end"] = os.getloadavg()
     results["benchmark_seconds"] = time.time() - started
     print_report(results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    write_report_json(args.json, _jsonable(results))
     print(f"\nwrote {args.json}")
     return 0
 

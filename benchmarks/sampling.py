@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ebm import fastconv
+from ebm.checkpoint import write_report_json
 from ebm.energies import MLPEnergy, MLPEnergyConfig, energy_and_grad, frozen
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
 from ebm.samplers import Langevin
@@ -1246,7 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: {note}; figures are preliminary, rerun on a quiet machine", file=sys.stderr)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write_report_json(args.json, results)
     if args.plot is not None:
         plot(args.plot, results)
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ebm.checkpoint import write_report_json
 from ebm.config import to_dict
 from ebm.data.toy2d import TOY_DATASETS, ToyDataset, make_toy_dataset
 from ebm.evaluation.density2d import converged_log_partition, nll
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_report_json(args.json, summary)
     if args.figure is not None:
         save_figure(plot_density_grid(panels), args.figure)
     return 0

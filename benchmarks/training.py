@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -48,6 +47,7 @@ from typing import Any
 import torch
 import toy_density
 
+from ebm.checkpoint import write_report_json
 from ebm.config import load_params
 from ebm.data.images import load_original, split_original
 from ebm.data.toy2d import TOY_DATASETS
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"load_average_start": load_start, "load_average_end": load_end, "warnings": warnings}
-        args.json.write_text(json.dumps({**payload, **results}, indent=2))
+        write_report_json(args.json, {**payload, **results})
     return 0
 
 

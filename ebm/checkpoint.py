@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,35 @@ def write_json(path: str | os.PathLike[str], value: Any) -> Path:
     """``value`` as indented JSON with sorted keys and a final newline, written by :func:`atomic_write`."""
     text = json.dumps(value, indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_report_json(path: str | os.PathLike[str], value: Any, *, default: Any = None) -> list[str]:
+    """A benchmark's report as indented JSON, written by :func:`atomic_write` (folders made as needed).
+
+    A NaN or infinite float (a measurement that failed) is written as ``null``: Python's bare ``NaN``
+    token is not JSON, and strict readers refuse the whole file. Returns the paths of those values
+    (``rows[2].ms``), which a warning names too. ``default`` converts other objects, as in ``json.dumps``.
+    """
+    missing: list[str] = []
+
+    def clean(item: Any, where: str) -> Any:
+        if type(item).__module__ == "numpy" and getattr(item, "ndim", None) == 0:
+            item = item.item()  # a numpy scalar, float32 included (not a float subclass)
+        if isinstance(item, float) and not math.isfinite(item):
+            missing.append(where or "(the report)")
+            return None
+        if isinstance(item, dict):
+            return {key: clean(v, f"{where}.{key}" if where else str(key)) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        return item
+
+    text = json.dumps(clean(value, ""), indent=2, default=default, allow_nan=False) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    if missing:
+        warnings.warn(f"{path}: no finite value for {', '.join(missing)}; written as null", stacklevel=2)
+    return missing
 
 
 def _fsync(path: str | os.PathLike[str], flags: int = 0) -> None:

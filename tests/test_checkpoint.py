@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,6 +23,7 @@ from ebm.checkpoint import (
     save_checkpoint,
     save_model,
     torch_save,
+    write_report_json,
 )
 from ebm.energies import MLPEnergy, MLPEnergyConfig
 from ebm.losses import ContrastiveDivergence
@@ -515,3 +518,24 @@ def test_load_model_puts_the_model_on_the_gpu_map_location_names(tmp_path: Path,
     x = torch.randn(8, 2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(loaded(x.cuda()).cpu(), energy(x), atol=1e-5)
+
+
+def test_a_benchmark_report_writes_a_failed_figure_as_null_and_names_it(tmp_path: Path) -> None:
+    # json.dumps wrote a bare NaN token, which strict JSON readers refuse for the whole file
+    path = tmp_path / "reports" / "bench.json"
+    report = {"rows": [{"ms": 1.5}, {"ms": float("nan")}], "ratio": np.float32("inf"), "n": np.int64(3)}
+    with pytest.warns(UserWarning, match=r"rows\[1\]\.ms, ratio; written as null"):
+        missing = write_report_json(path, report)
+    assert missing == ["rows[1].ms", "ratio"]
+    assert json.loads(path.read_text()) == {"rows": [{"ms": 1.5}, {"ms": None}], "ratio": None, "n": 3}
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+
+
+def test_a_benchmark_report_that_cannot_be_written_leaves_the_previous_one(tmp_path: Path) -> None:
+    # write_text truncated the previous good report before a failed or killed write
+    path = tmp_path / "bench.json"
+    write_report_json(path, {"figure": 1.0})
+    with pytest.raises(TypeError):
+        write_report_json(path, {"figure": object()})
+    assert json.loads(path.read_text()) == {"figure": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
