@@ -369,6 +369,19 @@ class ClassConditionalEnergy(nn.Module):
         return self.logits_net(self.network_input(x))
 
     def joint(self, x: Tensor, y: Tensor) -> Tensor:
+        """E(x, y) = −logit_y(x), shape ``(B,)``, for integer labels ``y`` of shape ``(B,)``.
+
+        Raises:
+            ValueError: ``y`` is not ``(B,)`` for x's batch of B (a wrong length or a 2-D label array
+                would be flattened and paired with the wrong rows), or holds floats.
+        """
+        if y.shape != (x.shape[0],):
+            raise ValueError(
+                f"joint needs labels of shape ({x.shape[0]},), one per row of x, got labels of shape "
+                f"{tuple(y.shape)} for x of shape {tuple(x.shape)}"
+            )
+        if y.is_floating_point():
+            raise ValueError(f"joint needs integer class labels, got {y.dtype}")
         return -self.logits(x).gather(1, y.long().view(-1, 1)).squeeze(1)
 
     def forward(self, x: Tensor) -> Tensor:

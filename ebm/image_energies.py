@@ -24,6 +24,15 @@ def _maybe_sn(layer: nn.Module, spectral_norm: bool) -> nn.Module:
     return nn.utils.parametrizations.spectral_norm(layer) if spectral_norm else layer
 
 
+def check_positive_sizes(owner: str, **sizes: object) -> None:
+    """Raise ``ValueError`` naming the first of ``sizes`` (a width, channel count, block count) that is
+    not an int ≥ 1 (a bool is not one): a zero width builds, then fails at the first forward pass with a
+    bare torch error, and zero residual blocks build a network with none."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be an int ≥ 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CNN28Config:
     """The UvA deep-learning tutorial 8 family: four strided convolutions with Swish, then an MLP head.
@@ -42,17 +51,25 @@ class CNN28Config:
     n_classes: int = 10
     spectral_norm: bool = False
 
+    def __post_init__(self) -> None:
+        if len(self.channels) != 4:
+            raise ValueError(f"CNN28 has four convolutions; channels must list 4 widths, got {self.channels}")
+        widths = {f"channels[{i}]": c for i, c in enumerate(self.channels)}
+        check_positive_sizes(
+            "CNN28Config",
+            in_channels=self.in_channels,
+            **widths,
+            hidden=self.hidden,
+            n_classes=self.n_classes,
+        )
+
 
 class CNN28(nn.Module):
     """Strided-conv logits for 28×28 images: ``(B, C, 28, 28) → (B, n_classes)``."""
 
     def __init__(self, config: CNN28Config) -> None:
         super().__init__()
-        if len(config.channels) != 4:
-            raise ValueError(
-                f"CNN28 has four convolutions; channels must list 4 widths, got {config.channels}"
-            )
-        c1, c2, c3, c4 = config.channels
+        c1, c2, c3, c4 = config.channels  # four ints ≥ 1: CNN28Config checks them
         sn = config.spectral_norm
         self.config = config
         self.features = nn.Sequential(
@@ -95,6 +112,15 @@ class ResNet32Config:
     blocks_per_stage: int = 1
     n_classes: int = 10
     spectral_norm: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_sizes(
+            "ResNet32Config",
+            in_channels=self.in_channels,
+            width=self.width,
+            blocks_per_stage=self.blocks_per_stage,
+            n_classes=self.n_classes,
+        )
 
 
 class _ResidualBlock(nn.Module):
@@ -154,6 +180,17 @@ class ImageEnergy(ClassConditionalEnergy):
         self.image_shape = tuple(image_shape)
 
     def network_input(self, x: Tensor) -> Tensor:
+        """``2x − 1`` for float [0, 1] images of this energy's shape.
+
+        Raises:
+            TypeError: ``x`` is not floating point (uint8 pixels 0–255 would score as values up to 509).
+            ValueError: ``x`` is not ``(B, *image_shape)``.
+        """
+        if not x.is_floating_point():
+            raise TypeError(
+                f"images must be float tensors in [0, 1], got dtype {x.dtype} (for uint8 pixels, divide "
+                "by 255: images.float() / 255)"
+            )
         if tuple(x.shape[1:]) != self.image_shape:
             shape = ", ".join(map(str, self.image_shape))
             raise ValueError(f"expected [0, 1] images of shape (B, {shape}), got {tuple(x.shape)}")

@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ebm.energies import energy_and_grad, seed_linear_layers_
-from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
+from ebm.image_energies import (
+    CNN28,
+    CNN28Config,
+    ImageEnergy,
+    ResNet32,
+    ResNet32Config,
+    check_positive_sizes,
+)
 from ebm.jem import JEMConfig, JEMObjective
 from ebm.losses import CDConfig
 from ebm.samplers import GaussianMixtureProposal, Proposal, ReplayBuffer, Sampler, SamplerConfig, UniformBox
@@ -60,6 +67,17 @@ class ImageModelConfig:
             raise ValueError(
                 f"unknown architecture {self.architecture!r}; choose one of {list(ARCHITECTURES)}"
             )
+        # every size is checked whichever architecture uses it: params.yaml sets all of them
+        if len(self.channels) != 4:
+            raise ValueError(f"channels must list the 4 CNN28 convolution widths, got {self.channels!r}")
+        widths = {f"channels[{i}]": c for i, c in enumerate(self.channels)}
+        check_positive_sizes(
+            "ImageModelConfig",
+            **widths,
+            hidden=self.hidden,
+            width=self.width,
+            blocks_per_stage=self.blocks_per_stage,
+        )
 
 
 @dataclass(frozen=True)
@@ -391,13 +409,49 @@ def uniform_images(
 
 
 def psnr(restored: Tensor, reference: Tensor) -> Tensor:
-    """Peak signal-to-noise ratio in dB of [0, 1] images, per image: 10 log₁₀(1 / MSE), shape ``(B,)``."""
+    """Peak signal-to-noise ratio in dB of [0, 1] images, per image: 10 log₁₀(1 / MSE), shape ``(B,)``.
+
+    Both are float images of the same shape ``(B, ...)`` on the [0, 1] scale (peak 1): the ``reference``
+    must lie in [0, 1], so 0–255 pixels are refused rather than scored at −40 dB.
+
+    Raises:
+        TypeError: either is not floating point.
+        ValueError: the shapes differ (no broadcasting), the reference leaves [0, 1] or holds NaN, or the
+            restored images hold NaN or infinite values.
+    """
+    if restored.shape != reference.shape:
+        raise ValueError(
+            f"psnr needs restored and reference images of the same shape, got {tuple(restored.shape)} "
+            f"and {tuple(reference.shape)}"
+        )
+    if not (restored.is_floating_point() and reference.is_floating_point()):
+        raise TypeError(
+            f"psnr needs float [0, 1] images, got {restored.dtype} (restored) and {reference.dtype} "
+            "(reference); divide uint8 pixels by 255"
+        )
+    if reference.numel() and not (reference.min() >= 0 and reference.max() <= 1):  # NaN fails both
+        raise ValueError(
+            f"psnr's reference images must lie in [0, 1], got values in [{reference.min().item():g}, "
+            f"{reference.max().item():g}]"
+        )
+    if not torch.isfinite(restored).all():
+        raise ValueError("psnr's restored images hold NaN or infinite values")
     mse = (restored - reference).flatten(1).square().mean(dim=1).clamp_min(1e-10)
     return -10.0 * torch.log10(mse)
 
 
+HALF_MASK_SIDES = ("bottom", "right")
+
+
 def half_mask(images: Tensor, *, side: Literal["bottom", "right"] = "bottom") -> Tensor:
-    """A boolean mask ``(B, C, H, W)`` that is True on the half of each image to be restored."""
+    """A boolean mask ``(B, C, H, W)`` that is True on the half of each image to be restored: the
+    ``bottom`` rows from ``H // 2`` or the ``right`` columns from ``W // 2``.
+
+    Raises:
+        ValueError: ``side`` is neither ``"bottom"`` nor ``"right"``.
+    """
+    if side not in HALF_MASK_SIDES:
+        raise ValueError(f"half_mask side must be one of {list(HALF_MASK_SIDES)}, got {side!r}")
     mask = torch.zeros_like(images, dtype=torch.bool)
     height, width = images.shape[-2:]
     if side == "bottom":

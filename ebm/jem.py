@@ -12,7 +12,9 @@ of −log p(x), with negatives x⁻ from persistent Langevin chains. The CD term
 Positives are dequantised: uint8 pixels k become x = (k + u) / 256 with u ~ U[0, 1) drawn from the
 training generator, a continuous density on [0, 1] whose integral over each pixel bin is the discrete
 probability (Theis et al. 2016, https://arxiv.org/abs/1511.01844); float images already in [0, 1] get
-the same jitter, x + (u − ½) / 256, clamped to [0, 1].
+the same jitter, x + (u − ½) / 256, clamped to [0, 1]. A random shift (``max_shift``) moves the raw
+pixels *before* dequantisation, so the pixels it shifts in are black pixels dequantised like any other,
+not a point mass at exactly 0.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class JEMConfig:
             not: a forward-backward per image against one per image per sampler step, so a larger
             classification batch costs little (``None``: the whole batch).
         max_shift: translate each positive by its own random (dy, dx), each uniform in
-            [−max_shift, max_shift] pixels, zero fill (:func:`random_shift`): the classic augmentation
-            against a classifier that memorises its training set; 0 for none.
+            [−max_shift, max_shift] pixels, zero fill (:func:`random_shift`), before dequantisation, so
+            the filled pixels are dequantised black ones: the classic augmentation against a classifier
+            that memorises its training set; 0 for none.
         label_smoothing: ε of the cross-entropy's smoothed targets (Szegedy et al. 2016): 1 − ε on the
             label and ε spread over all classes, which stops the classifier from growing its logit
             margins without end on images it already gets right; 0 for plain cross-entropy.
@@ -61,8 +64,10 @@ class JEMConfig:
     def __post_init__(self) -> None:
         if not (self.generative_weight >= 0 and math.isfinite(self.generative_weight)):
             raise ValueError(f"generative_weight must be a finite number ≥ 0, got {self.generative_weight}")
-        if self.noise_std < 0 or self.n_noise_probe < 1:
-            raise ValueError("noise_std ≥ 0 and n_noise_probe ≥ 1 are required")
+        if not (self.noise_std >= 0 and math.isfinite(self.noise_std)):
+            raise ValueError(f"noise_std must be a finite number ≥ 0, got {self.noise_std}")
+        if self.n_noise_probe < 1:
+            raise ValueError(f"n_noise_probe must be ≥ 1, got {self.n_noise_probe}")
         if self.generative_batch is not None and self.generative_batch < 1:
             raise ValueError(f"generative_batch must be ≥ 1 or null, got {self.generative_batch}")
         if self.max_shift < 0:
@@ -108,7 +113,8 @@ def dequantise(images: Tensor, *, generator: torch.Generator | None = None) -> T
 def random_shift(images: Tensor, max_shift: int, *, generator: torch.Generator | None = None) -> Tensor:
     """Each image of ``images`` ``(B, C, H, W)`` translated by its own (dy, dx), both uniform integers in
     [−max_shift, max_shift]; pixels shifted in from outside are 0 (the black background of MNIST-like
-    images). Returns a new contiguous tensor.
+    images). Any dtype (uint8 pixels included: :meth:`JEMObjective.positives` shifts before
+    dequantising). Returns a new contiguous tensor of the same dtype.
     """
     batch, _, height, width = images.shape
     if max_shift >= min(height, width):
@@ -146,10 +152,17 @@ class JEMObjective:
         self.cd = cd if self.config.generative_weight > 0 else None
 
     def positives(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """Dequantised (and optionally shifted and noised) [0, 1] float images from a batch of data."""
-        x = dequantise(images, generator=generator)
+        """Dequantised (and optionally shifted and noised) [0, 1] float images from a batch of data.
+
+        The shift runs first, on the raw pixels (uint8 or float), so the pixels it fills in with 0 are
+        dequantised like every black pixel of the data; shifting after dequantisation left them at
+        exactly 0.0, a point mass no dequantised pixel has. ``generator`` draws, in this order: the
+        shifts (only with ``max_shift > 0``), the dequantisation noise, the Gaussian noise (only with
+        ``noise_std > 0``); without a shift the draws are those of dequantisation alone.
+        """
         if self.config.max_shift > 0:
-            x = random_shift(x, self.config.max_shift, generator=generator)
+            images = random_shift(images, self.config.max_shift, generator=generator)
+        x = dequantise(images, generator=generator)
         if self.config.noise_std > 0:
             x = x + self.config.noise_std * torch.randn(x.shape, generator=generator, device=x.device)
         return x

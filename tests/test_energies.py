@@ -227,6 +227,24 @@ def test_class_conditional_energy_views_agree() -> None:
 
 
 @pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        pytest.param(torch.tensor([0, 1]), r"shape \(4,\).*\(2,\).*\(4, 2\)", id="too_few"),
+        pytest.param(torch.zeros(8, dtype=torch.long), r"shape \(4,\).*\(8,\)", id="too_many"),
+        pytest.param(torch.zeros(4, 3, dtype=torch.long), r"\(4, 3\)", id="two_dimensional"),
+        pytest.param(torch.tensor(1), r"shape \(\)", id="scalar"),
+        pytest.param(torch.tensor([0.0, 1.7, 2.0, 0.4]), "integer class labels", id="floats"),
+    ],
+)
+def test_joint_refuses_labels_that_are_not_one_integer_per_row(labels: torch.Tensor, match: str) -> None:
+    # two labels for a batch of four returned two energies, paired with the first two rows
+    energy = build(lambda: ClassConditionalEnergy(mlp_logits(MLPClassifierConfig(n_classes=3, widths=(8,)))))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match=match):
+        energy.joint(x, labels)
+
+
+@pytest.mark.parametrize(
     "make",
     [
         pytest.param(lambda: GaussianEnergy(torch.zeros(2), torch.eye(3)), id="gaussian_covariance_shape"),

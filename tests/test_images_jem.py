@@ -85,7 +85,32 @@ def test_positives_are_shifted_when_asked_and_only_then() -> None:
     x = plain.positives(images, generator=torch.Generator().manual_seed(0))
     y = shifting.positives(images, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x, dequantise(images, generator=torch.Generator().manual_seed(0)))
-    assert not torch.equal(x, y) and (y == 0).any() and not (x == 0).any()  # moved, zeros shifted in
+    # the raw pixels are shifted (the shifts drawn first), then dequantised: zeros shifted in are black
+    # pixels in [0, 1/256), not exactly 0
+    generator = torch.Generator().manual_seed(0)
+    expected = dequantise(random_shift(images, 3, generator=generator), generator=generator)
+    assert torch.equal(y, expected) and not torch.equal(x, y)
+    assert (y < 1 / 256).sum() > (x < 1 / 256).sum()  # moved: black pixels shifted in
+
+
+def test_pixels_shifted_in_are_dequantised_not_a_point_mass_at_zero() -> None:
+    # Shifting after dequantisation filled with exactly 0.0: 8% of the pixels of black images at
+    # max_shift 2, a value no dequantised pixel (k + u) / 256 takes (but with probability 0).
+    black = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    objective = JEMObjective(None, JEMConfig(generative_weight=0.0, max_shift=2))
+    x = objective.positives(black, generator=torch.Generator().manual_seed(0))
+    assert not (x == 0).any()
+    assert x.max() < 1 / 256  # every pixel, shifted in or not, is a dequantised black pixel
+    floats = torch.full((64, 1, 28, 28), 0.5)  # float [0, 1] images get the jitter on the filled pixels too
+    y = objective.positives(floats, generator=torch.Generator().manual_seed(0))
+    filled = y < 0.25
+    assert filled.any() and (y[filled] > 0).any()
+
+
+@pytest.mark.parametrize("noise_std", [float("nan"), float("inf"), -0.1])
+def test_a_noise_std_that_is_not_a_finite_number_at_least_zero_is_refused(noise_std: float) -> None:
+    with pytest.raises(ValueError, match="noise_std must be a finite number"):
+        JEMConfig(noise_std=noise_std)
 
 
 def test_label_smoothing_scores_against_the_smoothed_targets() -> None:

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 import ebm
 from ebm.checkpoint import save_model
-from ebm.image_energies import ImageEnergy
+from ebm.config import ConfigError
+from ebm.energies import frozen
+from ebm.image_energies import CNN28Config, ImageEnergy, ResNet32Config
 from ebm.images import (
     ImageEnergySpec,
     ImageModelConfig,
@@ -35,6 +37,7 @@ from ebm.images import (
 from ebm.jem import JEMConfig
 from ebm.losses import CDConfig
 from ebm.samplers import MALA, Langevin, SamplerConfig
+from ebm.stages.images import ImagesParams
 from ebm.trainer import TrainConfig
 
 TINY_CNN = ImageModelConfig(architecture="cnn28", channels=(4, 4, 4, 4), hidden=8)
@@ -65,6 +68,63 @@ def test_an_architecture_for_the_wrong_image_size_is_refused() -> None:
         build_image_energy(ImageEnergySpec(TINY_RESNET, (1, 28, 28), 10))
     with pytest.raises(ValueError, match="resnet32"):
         ImageModelConfig(architecture="vit")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"blocks_per_stage": 0}, "blocks_per_stage"),  # a ResNet32 without a residual block
+        ({"blocks_per_stage": -1}, "blocks_per_stage"),
+        ({"width": 0}, "width"),
+        ({"hidden": 0}, "hidden"),
+        ({"channels": (4, 0, 4, 4)}, r"channels\[1\]"),
+        ({"width": True}, "width"),
+    ],
+)
+def test_network_sizes_below_one_are_refused_when_the_config_is_built(
+    overrides: dict[str, Any], named: str
+) -> None:
+    # They were accepted, then built no residual blocks or failed at the first forward pass with a
+    # bare torch error.
+    with pytest.raises(ValueError, match=f"{named} must be an int ≥ 1"):
+        ImageModelConfig(**overrides)
+    with pytest.raises(ValueError, match=f"{named} must be an int ≥ 1"):  # the network configs too
+        if "channels" in overrides or "hidden" in overrides:
+            CNN28Config(**overrides)
+        else:
+            ResNet32Config(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("blocks_per_stage", 0), ("width", 0), ("hidden", 0), ("channels", [8, 16, 0, 32])]
+)
+def test_a_network_size_below_one_in_params_is_an_error_naming_the_key(key: str, value: Any) -> None:
+    from paramfiles import quick_params
+
+    raw = quick_params()
+    raw["images"]["model"][key] = value
+    with pytest.raises(ConfigError, match=rf"images\.model: .*{key}(\[2\])? must be an int ≥ 1, got 0"):
+        ImagesParams.from_params(raw)
+
+
+@pytest.mark.parametrize(("model", "shape"), [(TINY_CNN, (1, 28, 28)), (TINY_RESNET, (3, 32, 32))])
+def test_an_image_energy_refuses_integer_images(model: ImageModelConfig, shape: tuple) -> None:
+    # uint8 pixels were read as values 0-255, mapped to 2k − 1 up to 509, and scored without a word
+    torch.manual_seed(0)
+    energy = build_image_energy(ImageEnergySpec(model, shape, 3))
+    pixels = torch.randint(0, 256, (4, *shape), dtype=torch.uint8)
+    for call in (
+        energy,
+        energy.logits,
+        energy.classify,
+        lambda x: energy.joint(x, torch.zeros(4, dtype=torch.long)),
+    ):
+        with pytest.raises(TypeError, match=r"float tensors in \[0, 1\].*uint8.*divide by 255"):
+            call(pixels)
+    if model.architecture == "cnn28":  # a chain ebm.fastgrad's hand-written pass takes: checked there too
+        with frozen(energy), pytest.raises(TypeError, match="float tensors"):
+            energy.frozen_energy_and_grad(pixels)
+    assert energy(pixels.float() / 255).shape == (4,)
 
 
 @pytest.mark.parametrize("spectral_norm", [False, True])
@@ -128,6 +188,29 @@ def test_psnr_and_half_masks() -> None:
     mask = half_mask(reference)
     assert mask.sum() == 16 and mask[..., 2:, :].all() and not mask[..., :2, :].any()
     assert half_mask(reference, side="right")[..., :, 2:].all()
+
+
+def test_psnr_refuses_images_it_would_broadcast_or_score_on_the_wrong_scale() -> None:
+    reference = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"same shape.*\(2, 1, 4, 4\) and \(2, 3, 4, 4\)"):
+        psnr(reference[:, :1], reference)  # broadcast to (2, 3, 4, 4) before
+    with pytest.raises(ValueError, match=r"same shape.*\(2, 3, 4, 4\) and \(3, 4, 4\)"):
+        psnr(reference, reference[0])
+    with pytest.raises(TypeError, match="float"):
+        psnr((reference * 255).round().to(torch.uint8), (reference * 255).round().to(torch.uint8))
+    with pytest.raises(ValueError, match=r"reference images must lie in \[0, 1\]"):
+        psnr(reference, (reference * 255).round())  # 0–255 pixels: −43 dB before
+    with pytest.raises(ValueError, match=r"reference images must lie in \[0, 1\]"):
+        psnr(reference, torch.where(reference > 0.5, float("nan"), reference))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        psnr(torch.full_like(reference, float("nan")), reference)
+
+
+@pytest.mark.parametrize("side", ["top", "left", "Bottom", ""])
+def test_half_mask_refuses_a_side_it_does_not_know(side: str) -> None:
+    # every side but "bottom" masked the right half ("top" too)
+    with pytest.raises(ValueError, match=r"side must be one of \['bottom', 'right'\], got"):
+        half_mask(torch.zeros(2, 1, 4, 4), side=side)  # type: ignore[arg-type]
 
 
 def test_inpainting_keeps_the_known_half_and_restores_the_other_towards_the_energy_minimum() -> None:
