@@ -32,6 +32,17 @@ configure_openmp()  # the `ebm` command's process, before the imports below load
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset  # noqa: E402
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse ``type`` for a count that may be 0 (``--top-k 0``: no reasons)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """An argparse ``type`` for counts: a whole number ≥ 1 (``--max-test -1`` would drop the last image)."""
     try:
@@ -44,13 +55,14 @@ def _positive_int(text: str) -> int:
 
 
 def _toy_recipe(args: argparse.Namespace) -> Any:
-    from ebm.config import from_dict, load_params, section
+    from ebm.config import from_dict, load_params
     from ebm.samplers import SamplerConfig
+    from ebm.stages.common import read_mapping
     from ebm.toy import Toy2DConfig
 
     config = Toy2DConfig()
     if args.params is not None:
-        toy = dict(section(load_params(args.params), "toy"))
+        toy = read_mapping(load_params(args.params), "toy")
         for key in ("datasets", "n_train", "n_test"):
             toy.pop(key, None)
         config = from_dict(Toy2DConfig, toy, "toy")
@@ -455,7 +467,7 @@ def _add_anomaly_commands(commands: Any) -> None:
         "--chunk-rows", type=_positive_int, default=262_144, help="rows per chunk (default %(default)s)"
     )
     score.add_argument(
-        "--top-k", type=int, default=3, help="reasons per row; 0 for none (default %(default)s)"
+        "--top-k", type=_non_negative_int, default=3, help="reasons per row; 0 for none (default %(default)s)"
     )
     score.add_argument(
         "--reasons",

@@ -130,6 +130,33 @@ def test_counts_below_one_are_a_usage_error_naming_the_option(
     assert f"argument {option}" in err and "whole number ≥ 1" in err
 
 
+@pytest.mark.parametrize("value", ["null", "[a]"])
+def test_a_toy_section_that_is_not_a_mapping_is_an_error_naming_it(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # null ended in a TypeError traceback; a list in "dictionary update sequence element #0 ..."
+    params = tmp_path / "params.yaml"
+    params.write_text(f"toy: {value}\n")
+    assert (
+        main(["toy", "train", "--params", str(params), "--steps", "1", "--out", str(tmp_path / "m.pt")]) == 2
+    )
+    assert "toy must be a mapping" in capsys.readouterr().err
+
+
+def test_a_negative_top_k_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # --top-k -2 was taken as 0: no reason columns, exit code 0
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(
+            ["score", "--model", "m.pt", "--input", "a.csv", "--output", "b.csv", "--top-k", "-2"]
+        )
+    assert raised.value.code == 2
+    assert "argument --top-k" in capsys.readouterr().err
+    args = build_parser().parse_args(
+        ["score", "--model", "m.pt", "--input", "a.csv", "--output", "b.csv", "--top-k", "0"]
+    )
+    assert args.top_k == 0
+
+
 def test_counts_of_one_or_more_are_accepted() -> None:
     args = build_parser().parse_args(["rbm", "loglik", "--model", "m.pt", "--max-test", "1", "--chains", "3"])
     assert (args.max_test, args.chains) == (1, 3)

@@ -319,3 +319,21 @@ def test_every_stage_refuses_a_seed_that_is_not_a_whole_number(family: str, seed
     getattr(stages, reader).from_params(params)  # the shipped params load
     with pytest.raises(ConfigError, match=r"^seed must be a whole number, got "):
         getattr(stages, reader).from_params({**params, "seed": seed})  # before: 1.5 silently became 1
+
+
+@pytest.mark.parametrize("value", [None, [1], "text"])
+@pytest.mark.parametrize("family", ["toy", "images", "boltzmann", "anomaly"])
+def test_every_stage_refuses_a_section_that_is_not_a_mapping_naming_it(family: str, value: Any) -> None:
+    # `anomaly: null` ended in "TypeError: 'NoneType' object is not iterable", naming no key
+    import importlib
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    stages = importlib.import_module(f"ebm.stages.{family}")
+    reader = {
+        "toy": "ToyParams",
+        "images": "ImagesParams",
+        "boltzmann": "BoltzmannParams",
+        "anomaly": "AnomalyParams",
+    }[family]
+    with pytest.raises(ConfigError, match=rf"^{family} must be a mapping, got "):
+        getattr(stages, reader).from_params({**params, family: value})

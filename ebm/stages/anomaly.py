@@ -43,8 +43,8 @@ from ebm.anomaly.transactions import (
     write_table,
 )
 from ebm.checkpoint import write_json
-from ebm.config import from_dict, load_params, section
-from ebm.stages.common import StagePaths, read_seed, stage_arguments
+from ebm.config import from_dict, load_params
+from ebm.stages.common import StagePaths, read_mapping, read_seed, stage_arguments
 
 EXPERIMENT = "anomaly"
 
@@ -110,7 +110,7 @@ class AnomalyParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> AnomalyParams:
-        anomaly = dict(section(params, "anomaly"))
+        anomaly = read_mapping(params, "anomaly")
         return from_dict(cls, {"seed": read_seed(params), **anomaly}, "anomaly")
 
 

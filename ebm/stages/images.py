@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, torch_save, write_json
-from ebm.config import ConfigError, from_dict, load_params, section, to_dict
+from ebm.config import ConfigError, from_dict, load_params, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
 from ebm.evaluation.images import (
     OOD_SCORES,
@@ -60,7 +60,7 @@ from ebm.images import (
     uniform_images,
 )
 from ebm.jem import JEMConfig, dequantise
-from ebm.stages.common import StagePaths, check_count, read_seed, stage_arguments
+from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
 from ebm.trainer import resolve_device
 
 EXPERIMENT = "images"
@@ -135,7 +135,7 @@ class ImagesParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ImagesParams:
-        images = dict(section(params, "images"))
+        images = read_mapping(params, "images")
         data = from_dict(ImageDataConfig, images.pop("data", None), "images.data")
         classifier = from_dict(ClassifierConfig, images.pop("classifier", None), "images.classifier")
         evaluation = from_dict(ImageEvaluationConfig, images.pop("evaluation", None), "images.evaluation")
