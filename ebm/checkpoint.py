@@ -8,6 +8,7 @@ process leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -15,10 +16,12 @@ import math
 import os
 import tempfile
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -153,9 +156,134 @@ def assert_finite_state(state_dict: Mapping[str, Any], what: str, *, action: str
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
-    """Write a training checkpoint (nested dicts of tensors and plain data) atomically."""
-    payload = {"format_version": FORMAT_VERSION, **state}
+    """Write a training checkpoint (nested dicts of tensors and plain data) atomically.
+
+    ``state`` is first checked by :func:`loadable_state`: NumPy scalars are stored as the Python values
+    they equal, and anything a ``weights_only`` load would refuse (a ``Path``, an array, an object)
+    raises ``TypeError`` naming its key path and type before anything is written, so a file already at
+    ``path`` is left as it was.
+    """
+    payload = {"format_version": FORMAT_VERSION, **loadable_state(state, "state")}
     return torch_save(payload, path)
+
+
+_PLAIN_LEAVES = (type(None), bool, int, float, str)
+"""The leaf types of metadata and configs (exactly these, not subclasses: ``np.float64`` is a float)."""
+
+_STATE_LEAVES = (*_PLAIN_LEAVES, complex, bytes, torch.Size, torch.dtype, torch.device)
+"""Besides tensors, the leaf types a ``weights_only`` load accepts in a checkpoint (exactly these)."""
+
+_NUMPY_SCALARS = (np.bool_, np.integer, np.floating, np.str_)
+"""The NumPy scalars stored as the Python values they equal."""
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def plain_data(value: Any, where: str) -> Any:
+    """``value`` as plain JSON-like data that a ``weights_only`` load accepts: ``None``, bools, ints,
+    floats, strings, and lists and str-keyed dicts of those.
+
+    NumPy bool, integer, float and string scalars (a metric computed with NumPy) become the Python values
+    they equal, tuples become lists. Anything else (a ``Path``, an array, a tensor, a non-str key, a
+    container that holds itself) raises ``TypeError`` naming its key path, which starts with ``where``
+    (``metadata['runs'][2]``), and its type.
+    """
+    return _plain_tree(value, where, set())
+
+
+def plain_metadata(metadata: Mapping[str, Any] | None, where: str = "metadata") -> dict[str, Any]:
+    """``metadata`` (``None``: none) as a dict of :func:`plain_data`, for a model or detector file.
+
+    Raises:
+        TypeError: ``metadata`` is no mapping, or holds what a ``weights_only`` load would refuse; the
+            message names the key path and the type.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"{where} must be a dict of plain values, not a {_type_name(metadata)}")
+    return cast(dict[str, Any], plain_data(metadata, where))
+
+
+def _plain_tree(value: Any, where: str, open_containers: set[int]) -> Any:
+    if type(value) in _PLAIN_LEAVES:
+        return value
+    if isinstance(value, _NUMPY_SCALARS):
+        return value.item()
+    if not isinstance(value, Mapping | list | tuple):
+        raise TypeError(
+            f"{where} is a {_type_name(value)}; only None, bool, int, float, str, and lists and str-keyed "
+            "dicts of those can be stored (convert it, e.g. str(path) or array.tolist())"
+        )
+    if id(value) in open_containers:
+        raise TypeError(f"{where} is a list or dict that holds itself; only a tree can be stored")
+    open_containers.add(id(value))
+    if isinstance(value, Mapping):
+        plain: Any = {}
+        for key, item in value.items():
+            if isinstance(key, np.str_):
+                key = key.item()
+            if type(key) is not str:
+                raise TypeError(f"{where} has the key {key!r} of type {_type_name(key)}; keys must be str")
+            plain[key] = _plain_tree(item, f"{where}[{key!r}]", open_containers)
+    else:
+        plain = [_plain_tree(item, f"{where}[{i}]", open_containers) for i, item in enumerate(value)]
+    open_containers.discard(id(value))
+    return plain
+
+
+def loadable_state(state: Mapping[str, Any], where: str = "state") -> dict[str, Any]:
+    """``state`` as a checkpoint may hold it: what a ``weights_only`` load accepts.
+
+    Leaves may be tensors, ``None``, bools, ints, floats, complex numbers, strings, bytes,
+    ``torch.Size``, dtypes and devices; containers dicts (``OrderedDict`` too), lists, tuples and sets.
+    NumPy scalars become the Python values they equal; containers that need no change are kept as they
+    are (the same objects: a module's ``state_dict`` keeps its ``_metadata``).
+
+    Raises:
+        TypeError: anything else (a ``Path``, an array, an object), named by its key path from ``where``
+            (``state['config']['data']``) and its type; nothing is written then.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{where} must be a dict, not a {_type_name(state)}")
+    return cast(dict[str, Any], _state_tree(dict(state), where, set()))
+
+
+def _state_tree(value: Any, where: str, open_containers: set[int]) -> Any:
+    if type(value) in _STATE_LEAVES or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, _NUMPY_SCALARS):  # before the containers: np.str_ is a str, np.float64 a float
+        return value.item()
+    if type(value) not in (dict, OrderedDict, list, tuple, set):
+        raise TypeError(
+            f"{where} is a {_type_name(value)}; a checkpoint may hold only tensors, None, bool, int, float, "
+            "str, and lists, tuples and dicts of those (convert it, e.g. str(path) or array.tolist())"
+        )
+    if id(value) in open_containers:
+        raise TypeError(f"{where} is a container that holds itself; a checkpoint must hold a tree")
+    open_containers.add(id(value))
+    original, changed = value, False
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            new_key = _state_tree(key, f"{where} key {key!r}", open_containers)
+            new_item = _state_tree(item, f"{where}[{key!r}]", open_containers)
+            changed = changed or new_key is not key or new_item is not item
+            items.append((new_key, new_item))
+        if changed:
+            copied = copy.copy(value)  # the same type, and an OrderedDict keeps its attributes
+            copied.clear()
+            copied.update(items)
+            value = copied
+    else:
+        elements = [_state_tree(item, f"{where}[{i}]", open_containers) for i, item in enumerate(value)]
+        if any(new is not old for new, old in zip(elements, value, strict=True)):
+            value = type(value)(elements)
+    open_containers.discard(id(original))
+    return value
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: MapLocation = "cpu") -> dict[str, Any]:
@@ -210,8 +338,20 @@ def save_model(
     config: Any,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save ``model``'s weights with the spec that rebuilds it (``kind`` + its config dataclass)."""
-    if kind not in MODEL_BUILDERS:
+    """Save ``model``'s weights with the spec that rebuilds it (``kind`` + its config dataclass).
+
+    ``config`` and ``metadata`` are stored as :func:`plain_data`: NumPy scalars as the Python values they
+    equal, tuples as lists.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+        TypeError: ``config`` or ``metadata`` holds what :func:`load_model` could not read back (a
+            ``Path``, an array, an object); the message names the key path and the type.
+        CheckpointError: NaN or infinite weights.
+
+    Nothing is written when it raises: a file already at ``path`` is left as it was.
+    """
+    if not isinstance(kind, str) or kind not in MODEL_BUILDERS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODEL_BUILDERS)}")
     state_dict = model.state_dict()
     assert_finite_state(state_dict, f"model file {path}")
@@ -219,9 +359,9 @@ def save_model(
     config_dict = dataclasses.asdict(config) if is_instance else dict(config)
     payload = {
         "kind": kind,
-        "config": _plain(config_dict),
+        "config": plain_data(_plain(config_dict), "config"),
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "metadata": _plain(dict(metadata or {})),
+        "metadata": plain_metadata(metadata),
     }
     return save_checkpoint(path, payload)
 
@@ -241,7 +381,7 @@ def load_model(path: str | os.PathLike[str], map_location: MapLocation = "cpu") 
     path = Path(path)
     payload = load_checkpoint(path, map_location)
     kind = payload.get("kind")
-    if kind not in MODEL_BUILDERS:
+    if not isinstance(kind, str) or kind not in MODEL_BUILDERS:
         raise CheckpointError(
             f"{path} holds a model of unknown kind {kind!r}; known: {sorted(MODEL_BUILDERS)}"
         )
@@ -254,6 +394,11 @@ def load_model(path: str | os.PathLike[str], map_location: MapLocation = "cpu") 
             )
     state_dict: dict[Any, Any] = payload["state_dict"]
     for name, value in state_dict.items():
+        if not isinstance(name, str):
+            raise CheckpointError(
+                f"{path}: state_dict key {name!r} must be a str (a parameter or buffer name), "
+                f"got {type(name).__name__}"
+            )
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(
                 f"{path}: state_dict entry {name!r} must be a tensor, got {type(value).__name__}"

@@ -75,7 +75,25 @@ class Objective(Protocol):
 
 
 _RESUMABLE_CHANGES = frozenset({"steps", "device", "progress", "log_every", "checkpoint_every"})
-"""The :class:`TrainConfig` fields a resumed run may set otherwise than the run that wrote its checkpoint."""
+"""The :class:`TrainConfig` fields a resumed run may set otherwise than the run that wrote its checkpoint.
+A ``device`` of another type (cuda → cpu) is refused all the same: see :meth:`Trainer._check_same_device`."""
+
+_CHECKPOINT_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "recoveries": int,
+    "energy": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "history": list,
+}
+"""The entries every training checkpoint holds (besides each rank's ones), with their types."""
+
+_RANK_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "objective": dict,
+    "generator": Tensor,
+    "torch_rng": Tensor,
+}
+"""The per-rank entries every training checkpoint holds: at the top level, or in each of its ``ranks``."""
 
 
 def _plain(value: Any) -> Any:
@@ -107,17 +125,25 @@ class TrainConfig:
     """Optimisation and bookkeeping knobs of a training run.
 
     Attributes:
-        steps: total optimiser steps.
+        steps: total optimiser steps. A run resumed from a checkpoint may set another number (train N,
+            resume to 2N); its learning-rate schedule keeps the length of the run that started it (the
+            checkpoint stores it), so a longer run follows the original cosine to its end and then holds
+            at ``lr * final_lr_fraction``, and a shorter one stops part-way down it.
         batch_size: positives per step (drawn with replacement by the seeded generator); under DDP,
             over all ranks together, each drawing ``batch_size / world_size``.
-        lr: Adam learning rate; decays to ``lr * final_lr_fraction`` on a cosine after ``warmup_steps``.
-        betas: Adam betas; β₁ = 0 is the usual EBM choice (Du & Mordatch 2019).
+        lr: Adam learning rate (positive, finite); decays to ``lr * final_lr_fraction`` on a cosine after
+            ``warmup_steps``, over the steps the run was started with (see ``steps``).
+        betas: Adam betas, each in [0, 1); β₁ = 0 is the usual EBM choice (Du & Mordatch 2019).
+        weight_decay: Adam's L2 penalty (finite, ≥ 0).
         grad_clip: clip the parameters' gradient to this global L2 norm (``None``: off).
         ema_decay: keep an exponential moving average of the weights (``None``: off).
         checkpoint_every: every this many steps, keep the state as the divergence guard's rollback point
             and, with a checkpoint path, write it atomically (0: only at the end).
         log_every: record metrics (a host sync) every this many steps.
         seed: seed of the generator that draws positives and negatives; rank r of a DDP run uses seed + r.
+        device: ``"auto"`` (see :func:`resolve_device`) or a torch device name (``"cpu"``, ``"cuda:1"``).
+            A checkpoint resumes only on a device of the type it was written on (its random streams are
+            that type's).
         max_abs_energy: divergence guard; |E| above this on data or negatives counts as divergence.
         max_lag: lag guard (``None``: off). Short-run chains that keep up with the energy sit a little
             below the data in energy (E⁺ − E⁻ ≳ 0); when training sharpens the energy faster than the
@@ -163,6 +189,22 @@ class TrainConfig:
             )
         if not (self.lr > 0 and 0 < self.final_lr_fraction <= 1 and 0 < self.recovery_factor < 1):
             raise ValueError("lr > 0, 0 < final_lr_fraction ≤ 1 and 0 < recovery_factor < 1 are required")
+        # An infinite lr passed ``lr > 0``: the first step made every weight NaN, and after the rollbacks
+        # the run ended in a divergence error that advised a smaller sampler step.
+        if not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive finite learning rate, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1) (Adam's β₁, β₂), got {self.betas}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError, ValueError):
+                raise ValueError(
+                    "device must be 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1', "
+                    f"got {self.device!r}"
+                ) from None
         if self.max_lag is not None and not (self.max_lag > 0 and math.isfinite(self.max_lag)):
             raise ValueError(f"max_lag must be a positive finite energy or null, got {self.max_lag}")
         if not 0.0 <= self.lag_decay < 1.0:
@@ -205,10 +247,16 @@ class Trainer:
         callbacks: called as ``callback(trainer, step, metrics)`` at every log step (side effects only;
             on rank 0 only under DDP).
 
+    A resumed run may train longer or shorter than the run that wrote the checkpoint (``steps``); the
+    learning-rate schedule keeps that run's length, which the checkpoint stores: past its end the rate
+    holds at ``lr * final_lr_fraction``. The ``lr`` in the history is always the one the step used.
+
     Raises:
         ValueError: ``batch_size`` is not divisible by the number of data-parallel processes.
-        CheckpointError: the checkpoint to resume was written by a different number of processes, or
-            by a run with other training settings (anything but steps, device and reporting).
+        CheckpointError: the file at ``checkpoint_path`` is no training checkpoint (a model file, or one
+            with entries missing), or it was written by a different number of processes, on another
+            type of device (cuda, cpu), or by a run with other training settings (anything but steps,
+            device and reporting).
     """
 
     def __init__(
@@ -246,6 +294,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             energy.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
+        # The learning-rate schedule's length: the steps the run was started with, kept on resume.
+        self.schedule_steps = config.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = (
             AveragedModel(energy, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
@@ -273,7 +323,7 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.energy
 
     def _lr_factor(self, step: int) -> float:
-        warmup, total = self.config.warmup_steps, self.config.steps
+        warmup, total = self.config.warmup_steps, self.schedule_steps
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -308,6 +358,10 @@ class Trainer:
         bar = tqdm(total=config.steps, initial=self.step, disable=quiet, desc="train", unit="step")
         start = time.perf_counter()
         while self.step < config.steps:
+            log_now = self.step % config.log_every == 0 or self.step + 1 == config.steps
+            # What this step uses, read before it: the step moves the lr on, and an adaptive sampler
+            # (target_acceptance) its step size.
+            settings = self._step_settings() if log_now else None
             try:
                 stats, grad_norm = self.train_step()
                 self._watch_lag(stats)
@@ -319,8 +373,7 @@ class Trainer:
                 bar.n = self.step
                 bar.refresh()
                 continue
-            log_now = self.step % config.log_every == 0 or self.step + 1 == config.steps
-            metrics = self._metrics(stats, grad_norm) if log_now else None
+            metrics = self._metrics(stats, grad_norm, settings) if settings is not None else None
             self.step += 1
             bar.update(1)
             if metrics is not None:
@@ -354,14 +407,21 @@ class Trainer:
             raise failure or NonFiniteLossError(self.step, "loss or energies on another rank")
         return loss, stats
 
-    def _metrics(self, stats: ObjectiveStats, grad_norm: Tensor) -> dict[str, float]:
-        metrics = stats.as_floats()
-        metrics["param_grad_norm"] = float(grad_norm)
-        base_lr = float(self.scheduler.base_lrs[0])
-        metrics["lr"] = base_lr * self._lr_factor(self.step)  # what this step used; the scheduler moved on
+    def _step_settings(self) -> dict[str, float]:
+        """The learning rate and sampler step size the next step will use."""
+        settings = {"lr": float(self.optimizer.param_groups[0]["lr"])}
         objective_state = self.objective.state_dict()
         if "step_size" in objective_state:  # objectives without a sampler (exact ones) have none
-            metrics["sampler_step_size"] = float(objective_state["step_size"])
+            settings["sampler_step_size"] = float(objective_state["step_size"])
+        return settings
+
+    def _metrics(
+        self, stats: ObjectiveStats, grad_norm: Tensor, settings: dict[str, float]
+    ) -> dict[str, float]:
+        """The step's diagnostics, with the ``settings`` read before it (:meth:`_step_settings`)."""
+        metrics = stats.as_floats()
+        metrics["param_grad_norm"] = float(grad_norm)
+        metrics.update(settings)
         return self.context.mean(metrics)  # under DDP, over the ranks: the global batch's values
 
     def _check_energies(self, stats: ObjectiveStats) -> None:
@@ -454,6 +514,7 @@ class Trainer:
 
     def _rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
         """This rank's training state in a checkpoint: the shared state plus the rank's own part."""
+        self._check_training_checkpoint(saved)
         self._check_same_run(saved)
         world_size = int(saved.get("world_size", 1))
         if world_size != self.context.world_size:
@@ -463,9 +524,97 @@ class Trainer:
                 "the state, so resume it with the same number of processes or delete it to start afresh"
             )
         if world_size == 1:
-            return saved
-        shared = {key: value for key, value in saved.items() if key != "ranks"}
-        return shared | saved["ranks"][self.context.rank]
+            state = saved
+        else:
+            shared = {key: value for key, value in saved.items() if key != "ranks"}
+            state = shared | saved["ranks"][self.context.rank]
+        self._check_same_device(state)
+        return state
+
+    def _check_training_checkpoint(self, saved: dict[str, Any]) -> None:
+        """Refuse a file that is no training checkpoint before anything in it is compared or loaded.
+
+        A model file (:func:`~ebm.checkpoint.save_model`, a detector) passed as the checkpoint path was
+        taken for a checkpoint of another run, and one with an entry missing failed with a ``KeyError``.
+        """
+        if "kind" in saved:
+            raise CheckpointError(
+                f"{self.checkpoint_path} is not a training checkpoint (it is a model file of kind "
+                f"{saved['kind']!r}, which holds weights, not a run's training state); pass the checkpoint "
+                "path of a training run, or a path with no file to start afresh"
+            )
+        entries = list(_CHECKPOINT_ENTRIES.items())
+        world_size = saved.get("world_size", 1)  # checkpoints from before DDP have none
+        ranks: Any = []
+        if type(world_size) is not int or world_size < 1:
+            raise CheckpointError(
+                f"{self.checkpoint_path} is not a training checkpoint "
+                f"(its 'world_size' is {world_size!r:.100}, not a number of processes)"
+            )
+        if world_size == 1:
+            entries += _RANK_ENTRIES.items()
+        else:  # each rank's own state lies in "ranks"
+            ranks = saved.get("ranks")
+            if not (
+                isinstance(ranks, list)
+                and len(ranks) == world_size
+                and all(isinstance(r, dict) for r in ranks)
+            ):
+                raise CheckpointError(
+                    f"{self.checkpoint_path} is not a training checkpoint of a run of {world_size} "
+                    f"processes: its 'ranks' entry is {ranks!r:.100}, not a list of each rank's state"
+                )
+        problems = [
+            f"no {key!r} entry" if key not in saved else f"{key!r} is a {type(saved[key]).__name__}"
+            for key, kind in entries
+            if not isinstance(saved.get(key), kind)
+        ]
+        for index, rank in enumerate(ranks):
+            problems += [
+                f"no {key!r} entry for rank {index}"
+                if key not in rank
+                else f"rank {index}'s {key!r} is a {type(rank[key]).__name__}"
+                for key, kind in _RANK_ENTRIES.items()
+                if not isinstance(rank.get(key), kind)
+            ]
+        if problems:
+            raise CheckpointError(
+                f"{self.checkpoint_path} is not a training checkpoint ({'; '.join(problems)}; it holds "
+                f"{sorted(map(str, saved))}); pass the checkpoint path of a training run, or a path with no "
+                "file to start afresh"
+            )
+
+    def _check_same_device(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint written on another type of device than this run's (cuda → cpu).
+
+        The random streams are a device type's own: a CUDA generator's state (seed and offset, 16 bytes)
+        cannot be set on a CPU generator (5056 bytes) nor the other way round, so such a run cannot
+        continue exactly. Another device of the same type (``cuda:0`` → ``cuda``) is fine. Checkpoints
+        from before the device type was stored tell it by their generator state's size.
+        """
+        saved_type = state.get("device_type")
+        saved_size = state["generator"].numel()
+        if saved_type in (None, self.device.type) and saved_size == self.generator.get_state().numel():
+            return
+        if saved_type in (None, self.device.type):  # not stored, or not what the generator state says
+            config = state.get("config")
+            named = config.get("device") if isinstance(config, dict) else None
+            if saved_size == torch.Generator().get_state().numel():
+                saved_type = "cpu"
+            elif "cuda_rng" in state:
+                saved_type = "cuda"
+            elif isinstance(named, str) and named not in ("auto", "cpu"):
+                saved_type = str(named).partition(":")[0]
+            else:
+                saved_type = None
+        written_on = f"a {saved_type!r} device" if saved_type is not None else "another type of device"
+        raise CheckpointError(
+            f"{self.checkpoint_path} was written by a run on {written_on} and this run is on "
+            f"{self.device.type!r}; the random streams are part of the state and each type "
+            "of device has its own, so a run resumes exactly only on the same kind of device: set "
+            "train.device to match (on a machine that has one), or pass another checkpoint path (or "
+            "delete it) to start afresh"
+        )
 
     def _check_same_run(self, saved: dict[str, Any]) -> None:
         """Refuse a checkpoint another run wrote: one with other training settings than this run's.
@@ -493,6 +642,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "step": self.step,
+            "schedule_steps": self.schedule_steps,
+            "device_type": self.device.type,
             "world_size": self.context.world_size,
             "recoveries": self.recoveries,
             "lag_average": self.lag_average,
@@ -512,6 +663,14 @@ class Trainer:
         return copy.deepcopy(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The run's own schedule length; checkpoints from before it was stored: the steps of the run that
+        # wrote them, whose schedule set the learning rate the optimizer state holds.
+        config = state.get("config")
+        started_with = (
+            config.get("steps", self.config.steps) if isinstance(config, dict) else self.config.steps
+        )
+        schedule_steps = state.get("schedule_steps")
+        self.schedule_steps = int(schedule_steps if schedule_steps is not None else started_with)
         self.energy.load_state_dict(state["energy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

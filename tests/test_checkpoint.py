@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import pickle
@@ -406,6 +408,11 @@ def set_config_key(payload: dict[str, Any], key: str, value: Any) -> None:
             ["'net.0.weight' must be a tensor"],
             id="state_dict_entry_not_a_tensor",
         ),
+        pytest.param(  # before: AttributeError 'int' object has no attribute 'startswith'
+            lambda p: p["state_dict"].update({0: torch.zeros(1)}),
+            ["state_dict key 0 must be a str", "int"],
+            id="state_dict_key_not_a_str",
+        ),
         pytest.param(
             lambda p: set_config_key(p, "widths", [8, 16]),
             ["weights do not fit", "size mismatch", "net.0.weight"],
@@ -432,6 +439,19 @@ def test_load_model_errors_name_the_file_and_the_key(
     assert message.startswith(f"{path}: ")
     for fragment in fragments:
         assert fragment in message
+
+
+@pytest.mark.parametrize("kind", [["mlp_energy"], {"name": "mlp_energy"}], ids=["list", "dict"])
+def test_load_model_refuses_a_kind_that_is_no_name(tmp_path: Path, kind: Any) -> None:
+    # before: a list or dict as the kind raised TypeError: unhashable type
+    energy = tiny_energy()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+    rewrite_model_file(path, lambda payload: payload.update(kind=kind))
+
+    with pytest.raises(CheckpointError) as raised:
+        load_model(path)
+
+    assert str(raised.value).startswith(f"{path} holds a model of unknown kind {kind!r}; known: [")
 
 
 def test_load_model_chains_the_builder_s_error(tmp_path: Path) -> None:
@@ -539,3 +559,107 @@ def test_a_benchmark_report_that_cannot_be_written_leaves_the_previous_one(tmp_p
         write_report_json(path, {"figure": object()})
     assert json.loads(path.read_text()) == {"figure": 1.0}
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+# --- only what a weights_only load accepts is written ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metadata", "config_extra", "where", "kind"),
+    [
+        ({"data": Path("x.npz")}, {}, "metadata['data']", "pathlib."),
+        (
+            {"runs": [{"ok": 1}, {"scores": np.zeros(3)}]},
+            {},
+            "metadata['runs'][1]['scores']",
+            "numpy.ndarray",
+        ),
+        ({"by_seed": {0: 0.9}}, {}, "metadata['by_seed'] has the key 0", "int"),
+        ({}, {"source": Path("x.npz")}, "config['source']", "pathlib."),
+    ],
+    ids=["path", "array", "int_key", "config_path"],
+)
+def test_save_model_refuses_what_load_model_would_refuse_and_keeps_the_old_file(
+    tmp_path: Path, metadata: dict[str, Any], config_extra: dict[str, Any], where: str, kind: str
+) -> None:
+    # before: written, replacing a good model file with one load_model refused
+    energy = tiny_energy()
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=energy.config)
+    before = path.read_bytes()
+    config = {**dataclasses.asdict(energy.config), **config_extra}
+
+    with pytest.raises(TypeError) as raised:
+        save_model(path, energy, kind="mlp_energy", config=config, metadata=metadata)
+
+    assert str(raised.value).startswith(where) and kind in str(raised.value)
+    assert path.read_bytes() == before and files_in(tmp_path) == ["model.pt"]
+    load_model(path)
+
+
+def test_save_model_stores_numpy_scalars_as_python_values(tmp_path: Path) -> None:
+    # before: written as NumPy objects, which the weights_only load of load_model refused
+    energy = tiny_energy()
+    metadata = {"auroc": np.float64(0.93), "rows": np.int64(7), "ok": np.bool_(True), "cols": ("a", "b")}
+    config = {**dataclasses.asdict(energy.config), "in_features": np.int64(2)}
+    path = save_model(tmp_path / "model.pt", energy, kind="mlp_energy", config=config, metadata=metadata)
+
+    load_model(path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["metadata"] == {"auroc": 0.93, "rows": 7, "ok": True, "cols": ["a", "b"]}
+    assert [type(v) for v in payload["metadata"].values()] == [float, int, bool, list]
+    assert type(payload["config"]["in_features"]) is int
+
+
+def test_save_checkpoint_refuses_what_a_weights_only_load_would_refuse_and_keeps_the_old_file(
+    tmp_path: Path,
+) -> None:
+    path = save_checkpoint(tmp_path / "run.ckpt", {"step": 1})
+    before = path.read_bytes()
+    for state, where, kind in [
+        ({"config": {"data": Path("x.npz")}}, "state['config']['data']", "pathlib."),
+        ({"history": [{"auc": np.zeros(2)}]}, "state['history'][0]['auc']", "numpy.ndarray"),
+        ({"fn": len}, "state['fn']", "builtin_function_or_method"),
+        ({"counts": collections.Counter(a=1)}, "state['counts']", "collections.Counter"),
+    ]:
+        with pytest.raises(TypeError) as raised:
+            save_checkpoint(path, state)
+        assert str(raised.value).startswith(where) and kind in str(raised.value), raised.value
+    assert path.read_bytes() == before and files_in(tmp_path) == ["run.ckpt"]
+
+
+def test_save_checkpoint_stores_numpy_scalars_as_python_values_and_keeps_the_rest(tmp_path: Path) -> None:
+    module_state = tiny_energy().state_dict()  # an OrderedDict with the modules' versions as _metadata
+    state = {
+        "config": {"lr": np.float64(1e-3), "betas": (np.float32(0.5), 0.9), "name": np.str_("run")},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"params": [0]}]},
+        "energy": module_state,
+        "leaves": [torch.Size([2, 3]), torch.float16, torch.device("cpu"), b"x", 1j, None, {1, 2}],
+    }
+    save_checkpoint(tmp_path / "run.ckpt", state)
+
+    loaded = load_checkpoint(tmp_path / "run.ckpt")  # weights_only: a NumPy scalar would be refused
+    assert loaded["config"] == {"lr": 1e-3, "betas": (0.5, 0.9), "name": "run"}
+    assert [type(v) for v in loaded["config"].values()] == [float, tuple, str]
+    assert loaded["leaves"] == state["leaves"] and torch.equal(
+        loaded["optimizer"]["state"][0]["step"], torch.tensor(3.0)
+    )
+    assert state["config"]["lr"].dtype == np.float64  # the caller's state is left as it was
+    assert loaded["energy"]._metadata == module_state._metadata  # type: ignore[attr-defined]
+
+
+def test_a_trainer_whose_config_holds_numpy_numbers_writes_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    # before: the config's np.float64 went into the checkpoint, and the resumed run could not read it
+    path = tmp_path / "run.ckpt"
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    config = TrainConfig(steps=2, batch_size=16, lr=np.float64(1e-3), log_every=1, progress=False)
+
+    def trainer(steps: int) -> Trainer:
+        buffer = ReplayBuffer(32, UniformBox((2,), -3.0, 3.0), generator=torch.Generator().manual_seed(2))
+        objective = ContrastiveDivergence(MALA(step_size=0.05), n_steps=2, buffer=buffer)
+        return Trainer(
+            tiny_energy(), objective, data, dataclasses.replace(config, steps=steps), checkpoint_path=path
+        )
+
+    trainer(2).fit()
+    assert type(load_checkpoint(path)["config"]["lr"]) is float
+    assert trainer(4).step == 2

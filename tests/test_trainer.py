@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 import ebm.trainer
-from ebm.checkpoint import CheckpointError, load_checkpoint
+from ebm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_model
+from ebm.config import ConfigError, from_dict
 from ebm.energies import MLPEnergy, MLPEnergyConfig
 from ebm.losses import CDStats, ContrastiveDivergence
 from ebm.samplers import MALA, Langevin, ReplayBuffer, UniformBox
@@ -389,6 +390,53 @@ def test_train_config_accepts_the_edges_of_its_ranges() -> None:
     TrainConfig(grad_clip=1e-6, ema_decay=0.9999)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # an infinite lr made every weight NaN, and three rollbacks later blamed the sampler step size
+        ({"lr": math.inf}, "lr must be a positive finite learning rate, got inf"),
+        ({"betas": (1.5, 0.9)}, "betas must be two numbers in [0, 1) (Adam's β₁, β₂), got (1.5, 0.9)"),
+        ({"betas": (0.0, 1.0)}, "betas must be two numbers in [0, 1) (Adam's β₁, β₂), got (0.0, 1.0)"),
+        ({"betas": (-0.1, 0.9)}, "betas must be two numbers in [0, 1) (Adam's β₁, β₂), got (-0.1, 0.9)"),
+        ({"betas": (0.0, math.nan)}, "betas must be two numbers in [0, 1) (Adam's β₁, β₂), got (0.0, nan)"),
+        ({"weight_decay": -1.0}, "weight_decay must be a finite number ≥ 0, got -1.0"),
+        ({"weight_decay": math.inf}, "weight_decay must be a finite number ≥ 0, got inf"),
+        ({"weight_decay": math.nan}, "weight_decay must be a finite number ≥ 0, got nan"),
+        *(
+            (
+                {"device": name},
+                f"device must be 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1', got {name!r}",
+            )
+            for name in ("gpu", "cuda:x", "", "Auto")
+        ),
+    ],
+    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
+)
+def test_train_config_refuses_bad_optimiser_and_device_settings_naming_the_field(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        TrainConfig(**overrides)
+    assert str(raised.value) == message
+    with pytest.raises(ConfigError) as raised:  # as a params file's train section
+        from_dict(
+            TrainConfig, {key: list(v) if key == "betas" else v for key, v in overrides.items()}, "train"
+        )
+    assert str(raised.value) == f"train: {message}"
+
+
+def test_train_config_refuses_betas_that_are_not_two_numbers() -> None:
+    with pytest.raises(ValueError, match=r"^betas must be two numbers in \[0, 1\) .*got \(0\.9,\)$"):
+        TrainConfig(betas=(0.9,))  # type: ignore[arg-type]
+
+
+def test_train_config_accepts_the_optimiser_and_device_settings_in_range() -> None:
+    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert TrainConfig(device=device).device == device  # a name is checked, not the machine
+    TrainConfig(betas=(0.0, 0.0), weight_decay=0.0)
+    TrainConfig(betas=(0.9, 0.999), weight_decay=1e-4, lr=10.0)
+
+
 def test_zero_steps_is_a_valid_run(tmp_path: Path) -> None:
     result = small_trainer(small_config(steps=0), checkpoint_path=tmp_path / "run.ckpt").fit()
     assert result.steps == 0 and result.history == []
@@ -443,6 +491,92 @@ def test_learning_rate_warms_up_then_decays_on_a_cosine() -> None:
     assert lrs[peak:] == sorted(lrs[peak:], reverse=True)  # cosine decay
     # the last step (index 11) used lr · (f + (1 − f)·½(1 + cos(π·7/8))), just above lr · f at the end
     assert lrs[-1] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8))))
+
+
+def record_lr_used(trainer: Trainer) -> list[float]:
+    """The learning rate of each optimiser step, as the optimiser reads it when it steps."""
+    used: list[float] = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda optimizer, *_: used.append(optimizer.param_groups[0]["lr"])
+    )
+    return used
+
+
+def test_a_longer_resumed_run_keeps_its_schedule_and_logs_the_lr_it_used(tmp_path: Path) -> None:
+    # before: the resumed run's schedule was recomputed for the new steps, so its first step used the
+    # old schedule's rate while the history logged the new one's, and the rate then jumped back up
+    checkpoint = tmp_path / "run.ckpt"
+    config = small_config(steps=8, final_lr_fraction=0.1, checkpoint_every=4)
+    first = small_trainer(config, checkpoint_path=checkpoint)
+    first_used = record_lr_used(first)
+    first.fit()
+    resumed = small_trainer(dataclasses.replace(config, steps=16), checkpoint_path=checkpoint)
+    resumed_used = record_lr_used(resumed)
+    assert resumed.step == 8
+    resumed.fit()
+
+    assert [entry["lr"] for entry in first.history] == first_used
+    assert [entry["lr"] for entry in resumed.history[8:]] == resumed_used  # what each step used
+    lrs = first_used + resumed_used
+    assert lrs == sorted(lrs, reverse=True)  # the 8-step cosine, then held: never back up
+    assert resumed_used == pytest.approx([1e-2 * 0.1] * 8)  # the original schedule's end, held
+    assert load_checkpoint(checkpoint)["schedule_steps"] == 8
+
+
+def test_a_checkpoint_without_its_schedule_length_resumes_on_its_run_s_schedule(tmp_path: Path) -> None:
+    # older checkpoints do not store the schedule's length: the steps of the run that wrote them set it
+    checkpoint = tmp_path / "run.ckpt"
+    config = small_config(steps=8, final_lr_fraction=0.1, checkpoint_every=4)
+    small_trainer(config, checkpoint_path=checkpoint).fit()
+    state = load_checkpoint(checkpoint)
+    del state["schedule_steps"], state["format_version"]
+    save_checkpoint(checkpoint, state)
+
+    resumed = small_trainer(dataclasses.replace(config, steps=12), checkpoint_path=checkpoint)
+    used = record_lr_used(resumed)
+    resumed.fit()
+
+    assert resumed.schedule_steps == 8
+    assert [entry["lr"] for entry in resumed.history[8:]] == used == pytest.approx([1e-3] * 4)
+
+
+class StepSizeRecorder:
+    """An objective that notes the sampler step size each call's chains run with."""
+
+    def __init__(self, inner: ContrastiveDivergence) -> None:
+        self.inner = inner
+        self.used: list[float] = []
+
+    def __call__(
+        self,
+        energy: nn.Module,
+        x_pos: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> tuple[Tensor, CDStats]:
+        self.used.append(self.inner.sampler.step_size)
+        return self.inner(energy, x_pos, generator=generator, step=step)
+
+    def with_step_size(self, factor: float) -> None:
+        self.inner.with_step_size(factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def test_the_logged_sampler_step_size_is_the_one_the_step_s_chains_used() -> None:
+    # before: it was read after the step, when adaptive MALA had already set the next step's size
+    buffer = ReplayBuffer(64, UniformBox((2,), -3.0, 3.0), generator=torch.Generator().manual_seed(2))
+    mala = ContrastiveDivergence(MALA(step_size=0.05), n_steps=2, buffer=buffer, target_acceptance=0.3)
+    objective = StepSizeRecorder(mala)
+    history = small_trainer(small_config(steps=4), objective).fit().history
+
+    assert len(set(objective.used)) == 4  # the step size adapted at every step
+    assert [entry["sampler_step_size"] for entry in history] == objective.used
 
 
 # --- the divergence guard --------------------------------------------------------------------------
@@ -760,3 +894,109 @@ def test_lagging_chains_that_never_catch_up_end_in_training_diverged_error() -> 
 def test_lag_guard_rejects_bad_settings(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**overrides)
+
+
+# --- what the checkpoint path may hold -------------------------------------------------------------
+
+
+def test_a_model_file_is_refused_as_a_checkpoint_naming_its_kind(tmp_path: Path) -> None:
+    # before: taken for another run's checkpoint, with a diff of every config key of both
+    path = save_model(tmp_path / "model.pt", small_energy(), kind="mlp_energy", config=small_energy().config)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError) as raised:
+        small_trainer(small_config(steps=2), checkpoint_path=path)
+    message = str(raised.value)
+    assert message.startswith(f"{path} is not a training checkpoint (it is a model file of kind 'mlp_energy'")
+    assert "another run" not in message
+    assert path.read_bytes() == before
+
+
+def drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state.pop(key)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (drop("energy"), "no 'energy' entry"),  # before: KeyError 'energy'
+        (drop("generator"), "no 'generator' entry"),
+        (drop("history"), "no 'history' entry"),
+        (lambda state: state.update(optimizer=[1, 2]), "'optimizer' is a list"),
+        (lambda state: state.update(world_size=2), "its 'ranks' entry is None"),
+    ],
+    ids=["energy", "generator", "history", "optimizer_list", "two_ranks_without_ranks"],
+)
+def test_a_checkpoint_missing_an_entry_is_refused_naming_it(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], problem: str
+) -> None:
+    checkpoint = tmp_path / "run.ckpt"
+    small_trainer(small_config(steps=2), checkpoint_path=checkpoint).fit()
+    state = load_checkpoint(checkpoint)
+    del state["format_version"]
+    change(state)
+    save_checkpoint(checkpoint, state)
+    before = checkpoint.read_bytes()
+
+    with pytest.raises(CheckpointError) as raised:
+        small_trainer(small_config(steps=4), checkpoint_path=checkpoint)
+    message = str(raised.value)
+    assert message.startswith(f"{checkpoint} is not a training checkpoint") and problem in message
+    assert checkpoint.read_bytes() == before
+
+
+CUDA_GENERATOR_STATE = torch.zeros(16, dtype=torch.uint8)
+"""What ``torch.Generator("cuda").get_state()`` holds (seed and offset): 16 bytes, a CPU one 5056."""
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["device_type_stored", "older_checkpoint"])
+def test_a_checkpoint_from_another_type_of_device_is_refused_naming_both(
+    tmp_path: Path, stored: bool
+) -> None:
+    # before: RuntimeError "Expected a CPUGeneratorImplState of size 5056 but found ... 16", unexplained.
+    # A run on device "auto" wrote this on a GPU machine; it is resumed on one without a GPU.
+    checkpoint = tmp_path / "run.ckpt"
+    small_trainer(small_config(steps=2, device="auto"), checkpoint_path=checkpoint).fit()
+    state = load_checkpoint(checkpoint)
+    del state["format_version"]
+    state.update(generator=CUDA_GENERATOR_STATE, cuda_rng=CUDA_GENERATOR_STATE, device_type="cuda")
+    if not stored:
+        del state["device_type"]  # checkpoints from before it was stored: told by the generator's state
+    save_checkpoint(checkpoint, state)
+
+    with pytest.raises(CheckpointError) as raised:
+        small_trainer(small_config(steps=4, device="auto"), checkpoint_path=checkpoint)
+    message = str(raised.value)
+    assert message.startswith(
+        f"{checkpoint} was written by a run on a 'cuda' device and this run is on 'cpu'"
+    )
+    assert "resumes exactly only on the same kind of device" in message and "train.device" in message
+
+
+def test_the_checkpoint_stores_the_device_type_and_resumes_on_another_device_of_it(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run.ckpt"
+    small_trainer(small_config(steps=2, device="auto"), checkpoint_path=checkpoint).fit()
+    assert load_checkpoint(checkpoint)["device_type"] == "cpu"
+    assert small_trainer(small_config(steps=4, device="cpu:0"), checkpoint_path=checkpoint).step == 2
+
+
+def cuda_trainer(device: str, steps: int, checkpoint_path: Path) -> Trainer:
+    """:func:`small_trainer` with the energy, data, buffer and generators on ``device``."""
+    on = torch.device(device)
+    buffer = ReplayBuffer(
+        64, UniformBox((2,), -3.0, 3.0), generator=torch.Generator(on).manual_seed(2), device=on
+    )
+    objective = ContrastiveDivergence(Langevin(step_size=0.1), n_steps=3, alpha=0.1, buffer=buffer)
+    config = small_config(steps=steps, device=device)
+    return Trainer(small_energy().to(on), objective, gaussian_data(), config, checkpoint_path=checkpoint_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_checkpoint_resumes_on_any_cuda_device_name_and_not_on_the_cpu(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run.ckpt"
+    cuda_trainer("cuda:0", 2, checkpoint).fit()
+    assert load_checkpoint(checkpoint)["device_type"] == "cuda"
+    resumed = cuda_trainer("cuda", 4, checkpoint)  # the same type of device: resumes
+    assert resumed.step == 2
+    resumed.fit()
+    with pytest.raises(CheckpointError, match="on a 'cuda' device and this run is on 'cpu'"):
+        cuda_trainer("cpu", 6, checkpoint)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -44,7 +43,7 @@ from torch import Tensor
 from ebm.anomaly.energy import AnomalyEnergy, MarginalEnergy, MarginalProposal, ResidualEnergy, plain_mlp
 from ebm.anomaly.preprocessing import PreprocessConfig, TabularPreprocessor
 from ebm.anomaly.validation import TableSchema, validate_frame
-from ebm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ebm.checkpoint import CheckpointError, load_checkpoint, plain_metadata, save_checkpoint
 from ebm.config import from_dict, to_dict
 from ebm.energies import MLPEnergy, MLPEnergyConfig, seed_linear_layers_
 from ebm.losses import CDConfig
@@ -320,11 +319,9 @@ class EnergyAnomalyDetector:
         NumPy) are stored as the Python values they equal, tuples as lists. Anything else (a ``Path``,
         an array, a tensor, a non-str key) would make a file that :meth:`load` refuses, so it raises
         ``TypeError`` naming the key and the type before anything is written: a file already at
-        ``path`` is left as it was.
+        ``path`` is left as it was (:func:`ebm.checkpoint.plain_metadata`, as for model files).
         """
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise TypeError(f"metadata must be a dict of plain values, not a {_type_name(metadata)}")
-        plain = _plain_metadata({} if metadata is None else metadata, "metadata", set())
+        plain = plain_metadata(metadata)  # before anything is written
         return save_checkpoint(path, {**self.state_dict(), "metadata": plain})
 
     @classmethod
@@ -357,44 +354,6 @@ class EnergyAnomalyDetector:
         detector.threshold_ = float(state["threshold"])
         detector.score_quantiles_ = state["score_quantiles"].double().numpy()
         return detector
-
-
-def _plain_metadata(value: Any, where: str, open_containers: set[int]) -> Any:
-    """``value`` as plain JSON-like data that a ``weights_only`` load accepts (see
-    :meth:`EnergyAnomalyDetector.save`); ``where`` names it in errors, e.g. ``metadata['runs'][2]``."""
-    if value is None or type(value) in (bool, int, float, str):  # not subclasses: np.float64 is a float
-        return value
-    if isinstance(value, np.bool_ | np.integer | np.floating | np.str_):
-        return value.item()
-    if not isinstance(value, Mapping | list | tuple):
-        raise TypeError(
-            f"{where} is a {_type_name(value)}; detector metadata may "
-            "hold only None, bool, int, float, str, and lists and str-keyed dicts of those "
-            "(convert it, e.g. str(path) or array.tolist())"
-        )
-    if id(value) in open_containers:
-        raise TypeError(f"{where} is a list or dict that holds itself; detector metadata must be a tree")
-    open_containers.add(id(value))
-    if isinstance(value, Mapping):
-        plain: Any = {}
-        for key, item in value.items():
-            if isinstance(key, np.str_):
-                key = key.item()
-            if type(key) is not str:
-                raise TypeError(
-                    f"{where} has the key {key!r} of type {_type_name(key)}; detector metadata keys "
-                    "must be str"
-                )
-            plain[key] = _plain_metadata(item, f"{where}[{key!r}]", open_containers)
-    else:
-        plain = [_plain_metadata(item, f"{where}[{i}]", open_containers) for i, item in enumerate(value)]
-    open_containers.discard(id(value))
-    return plain
-
-
-def _type_name(value: Any) -> str:
-    kind = type(value)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _numeric_column(values: pd.Series) -> bool:
