@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +32,24 @@ configure_openmp()  # the `ebm` command's process, before the imports below load
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset  # noqa: E402
 
 
-def _non_negative_int(text: str) -> int:
-    """An argparse ``type`` for a count that may be 0 (``--top-k 0``: no reasons)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {value}")
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for counts: a whole number ≥ ``minimum`` (``--max-test -1`` would drop the last
+    image, ``--top-k -2`` would read as 0)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    """An argparse ``type`` for counts: a whole number ≥ 1 (``--max-test -1`` would drop the last image)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {value}")
-    return value
+_positive_int = _whole_number(1)
+_non_negative_int = _whole_number(0)  # --top-k 0: no reasons
 
 
 def _toy_recipe(args: argparse.Namespace) -> Any:

@@ -303,37 +303,36 @@ def test_every_detection_metric_can_pick_the_champion() -> None:
         )
 
 
-@pytest.mark.parametrize("seed", [1.5, True, "7", None])
-@pytest.mark.parametrize("family", ["toy", "images", "boltzmann", "anomaly"])
-def test_every_stage_refuses_a_seed_that_is_not_a_whole_number(family: str, seed: Any) -> None:
+STAGE_FAMILIES = ("toy", "images", "boltzmann", "anomaly")
+
+
+def family_params_reader(family: str) -> Any:
+    """The ``from_params`` of stage family ``family`` (``ebm.stages.<family>``)."""
     import importlib
 
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     stages = importlib.import_module(f"ebm.stages.{family}")
-    reader = {
-        "toy": "ToyParams",
-        "images": "ImagesParams",
-        "boltzmann": "BoltzmannParams",
-        "anomaly": "AnomalyParams",
-    }[family]
-    getattr(stages, reader).from_params(params)  # the shipped params load
+    reader = {"toy": "ToyParams", "images": "ImagesParams", "boltzmann": "BoltzmannParams"}.get(
+        family, "AnomalyParams"
+    )
+    return getattr(stages, reader).from_params
+
+
+def shipped_params() -> dict[str, Any]:
+    return load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+@pytest.mark.parametrize("seed", [1.5, True, "7", None])
+@pytest.mark.parametrize("family", STAGE_FAMILIES)
+def test_every_stage_refuses_a_seed_that_is_not_a_whole_number(family: str, seed: Any) -> None:
+    read, params = family_params_reader(family), shipped_params()
+    read(params)  # the shipped params load
     with pytest.raises(ConfigError, match=r"^seed must be a whole number, got "):
-        getattr(stages, reader).from_params({**params, "seed": seed})  # before: 1.5 silently became 1
+        read({**params, "seed": seed})  # before: 1.5 silently became 1
 
 
 @pytest.mark.parametrize("value", [None, [1], "text"])
-@pytest.mark.parametrize("family", ["toy", "images", "boltzmann", "anomaly"])
+@pytest.mark.parametrize("family", STAGE_FAMILIES)
 def test_every_stage_refuses_a_section_that_is_not_a_mapping_naming_it(family: str, value: Any) -> None:
     # `anomaly: null` ended in "TypeError: 'NoneType' object is not iterable", naming no key
-    import importlib
-
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    stages = importlib.import_module(f"ebm.stages.{family}")
-    reader = {
-        "toy": "ToyParams",
-        "images": "ImagesParams",
-        "boltzmann": "BoltzmannParams",
-        "anomaly": "AnomalyParams",
-    }[family]
     with pytest.raises(ConfigError, match=rf"^{family} must be a mapping, got "):
-        getattr(stages, reader).from_params({**params, family: value})
+        family_params_reader(family)({**shipped_params(), family: value})

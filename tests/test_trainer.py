@@ -540,11 +540,31 @@ def test_a_checkpoint_without_its_schedule_length_resumes_on_its_run_s_schedule(
     assert [entry["lr"] for entry in resumed.history[8:]] == used == pytest.approx([1e-3] * 4)
 
 
-class StepSizeRecorder:
-    """An objective that notes the sampler step size each call's chains run with."""
+class WrappedObjective:
+    """A contrastive-divergence objective as the trainer sees it, with ``__call__`` left to a subclass."""
 
     def __init__(self, inner: ContrastiveDivergence) -> None:
         self.inner = inner
+
+    @property
+    def step_size(self) -> float:
+        return self.inner.sampler.step_size
+
+    def with_step_size(self, factor: float) -> None:
+        self.inner.with_step_size(factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class StepSizeRecorder(WrappedObjective):
+    """An objective that notes the sampler step size each call's chains run with."""
+
+    def __init__(self, inner: ContrastiveDivergence) -> None:
+        super().__init__(inner)
         self.used: list[float] = []
 
     def __call__(
@@ -555,17 +575,8 @@ class StepSizeRecorder:
         generator: torch.Generator | None = None,
         step: int | None = None,
     ) -> tuple[Tensor, CDStats]:
-        self.used.append(self.inner.sampler.step_size)
+        self.used.append(self.step_size)
         return self.inner(energy, x_pos, generator=generator, step=step)
-
-    def with_step_size(self, factor: float) -> None:
-        self.inner.with_step_size(factor)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
 
 def test_the_logged_sampler_step_size_is_the_one_the_step_s_chains_used() -> None:
@@ -582,12 +593,12 @@ def test_the_logged_sampler_step_size_is_the_one_the_step_s_chains_used() -> Non
 # --- the divergence guard --------------------------------------------------------------------------
 
 
-class BlowsUpObjective:
+class BlowsUpObjective(WrappedObjective):
     """Contrastive divergence whose loss and data energy become ``blowup`` whenever ``blows_up(step,
     sampler step size)`` says so: NaN for non-finite energies, a huge number for exploding ones."""
 
     def __init__(self, inner: ContrastiveDivergence, blows_up: Callable[[int, float], bool], blowup: float):
-        self.inner = inner
+        super().__init__(inner)
         self.blows_up = blows_up
         self.blowup = blowup
         self.blown_up_at: list[int] = []
@@ -607,19 +618,6 @@ class BlowsUpObjective:
             loss = loss * self.blowup  # a NaN loss also turns the weights NaN at the optimiser step
             stats = dataclasses.replace(stats, energy_pos=stats.energy_pos + self.blowup)
         return loss, stats
-
-    @property
-    def step_size(self) -> float:
-        return self.inner.sampler.step_size
-
-    def with_step_size(self, factor: float) -> None:
-        self.inner.with_step_size(factor)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
 
 @pytest.fixture
