@@ -24,7 +24,7 @@ def _maybe_sn(layer: nn.Module, spectral_norm: bool) -> nn.Module:
     return nn.utils.parametrizations.spectral_norm(layer) if spectral_norm else layer
 
 
-def check_positive_sizes(owner: str, **sizes: object) -> None:
+def _check_positive_sizes(owner: str, **sizes: object) -> None:
     """Raise ``ValueError`` naming the first of ``sizes`` (a width, channel count, block count) that is
     not an int ≥ 1 (a bool is not one): a zero width builds, then fails at the first forward pass with a
     bare torch error, and zero residual blocks build a network with none."""
@@ -55,7 +55,7 @@ class CNN28Config:
         if len(self.channels) != 4:
             raise ValueError(f"CNN28 has four convolutions; channels must list 4 widths, got {self.channels}")
         widths = {f"channels[{i}]": c for i, c in enumerate(self.channels)}
-        check_positive_sizes(
+        _check_positive_sizes(
             "CNN28Config",
             in_channels=self.in_channels,
             **widths,
@@ -114,7 +114,7 @@ class ResNet32Config:
     spectral_norm: bool = False
 
     def __post_init__(self) -> None:
-        check_positive_sizes(
+        _check_positive_sizes(
             "ResNet32Config",
             in_channels=self.in_channels,
             width=self.width,

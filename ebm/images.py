@@ -32,7 +32,6 @@ from ebm.image_energies import (
     ImageEnergy,
     ResNet32,
     ResNet32Config,
-    check_positive_sizes,
 )
 from ebm.jem import JEMConfig, JEMObjective
 from ebm.losses import CDConfig
@@ -67,17 +66,10 @@ class ImageModelConfig:
             raise ValueError(
                 f"unknown architecture {self.architecture!r}; choose one of {list(ARCHITECTURES)}"
             )
-        # every size is checked whichever architecture uses it: params.yaml sets all of them
-        if len(self.channels) != 4:
-            raise ValueError(f"channels must list the 4 CNN28 convolution widths, got {self.channels!r}")
-        widths = {f"channels[{i}]": c for i, c in enumerate(self.channels)}
-        check_positive_sizes(
-            "ImageModelConfig",
-            **widths,
-            hidden=self.hidden,
-            width=self.width,
-            blocks_per_stage=self.blocks_per_stage,
-        )
+        # every size is checked whichever architecture uses it (params.yaml sets all of them), by the
+        # network configs' own checks, now rather than when the energy is built
+        CNN28Config(channels=self.channels, hidden=self.hidden)
+        ResNet32Config(width=self.width, blocks_per_stage=self.blocks_per_stage)
 
 
 @dataclass(frozen=True)
