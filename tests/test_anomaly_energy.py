@@ -1,4 +1,5 @@
-"""The detector's energy: tabulated marginals (gradient, normalisation, tails), the proposal, plain MLPs."""
+"""The detector's energy: tabulated marginals (gradient, normalisation, tails), normal scores, the Gaussian
+copula, the proposal, plain MLPs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from ebm.anomaly.energy import AnomalyEnergy, MarginalEnergy, MarginalProposal, plain_mlp
+from ebm.anomaly.energy import AnomalyEnergy, GaussianCopula, MarginalEnergy, MarginalProposal, plain_mlp
 from ebm.energies import MLPEnergy, MLPEnergyConfig, energy_and_grad, seed_linear_layers_
 
 
@@ -149,3 +150,102 @@ def test_anomaly_energy_adds_only_the_residual_above_its_offset(marginal: Margin
         residual = member(x)
         expected = marginal(x) + 3.0 * residual.clamp_min(0)
         assert torch.allclose(energy(x), expected)
+
+
+# --- normal scores and the Gaussian copula ----------------------------------------------------------
+
+
+def test_normal_scores_are_the_normal_quantiles_of_the_ranks(
+    marginal: MarginalEnergy, columns: torch.Tensor
+) -> None:
+    n = columns.shape[0]
+    with torch.no_grad():
+        z = marginal.normal_scores_of(columns)
+    for j in range(4):  # the continuous columns
+        ranks = columns[:, j].argsort().argsort().to(torch.float64)
+        expected = torch.special.ndtri((ranks + 0.5) / n)
+        assert (z[:, j] - expected).abs().median().item() < 0.03
+        if j < 3:  # the heavy-tailed column's kernels spill past its sharp lower end (0.38 at rank 16)
+            central = (ranks >= 0.02 * n) & (ranks < 0.98 * n)  # at the extremes the kernels smooth more
+            assert (z[central, j] - expected[central]).abs().max().item() < 0.15  # ≤ 0.12 measured
+    order = columns[:, 1].argsort()
+    assert (z[order, 1].diff() >= 0).all()  # monotone in the value
+
+
+def test_normal_scores_gradient_matches_finite_differences_and_is_zero_past_the_grid(
+    marginal: MarginalEnergy, columns: torch.Tensor
+) -> None:
+    g = torch.Generator().manual_seed(5)
+    spread = columns.std(0)
+    x = (
+        columns.mean(0) + 2 * spread * torch.randn(200, 5, generator=g, dtype=torch.float64)
+    ).requires_grad_()
+    (grad,) = torch.autograd.grad(marginal.normal_scores_of(x).sum(), x)
+    step = 1e-6 * spread
+    with torch.no_grad():
+        finite = (marginal.normal_scores_of(x + step) - marginal.normal_scores_of(x - step)) / (2 * step)
+    assert torch.allclose(grad, finite, rtol=1e-3, atol=1e-3 / spread.min().item())
+    far = (marginal.x_high + 10 * spread).expand(3, 5).clone().requires_grad_()
+    scores = marginal.normal_scores_of(far)
+    (grad_far,) = torch.autograd.grad(scores.sum(), far)
+    assert (grad_far == 0).all()
+    bound = torch.special.ndtri(torch.tensor(1 - 0.5 / (columns.shape[0] + 1), dtype=torch.float64))
+    assert torch.allclose(scores[0], bound.expand(5).to(scores.dtype), atol=1e-5)  # the clipped top
+
+
+def test_a_flag_scores_the_normal_quantile_of_its_mid_rank() -> None:
+    flag = torch.cat([torch.zeros(700), torch.ones(300)]).to(torch.float64)[:, None]
+    marginal = MarginalEnergy.fit(flag, grid_size=256).double()
+    with torch.no_grad():
+        z = marginal.normal_scores_of(torch.tensor([[0.0], [1.0]], dtype=torch.float64))[:, 0]
+    assert z[0].item() == pytest.approx(torch.special.ndtri(torch.tensor(0.35)).item(), abs=0.02)
+    assert z[1].item() == pytest.approx(torch.special.ndtri(torch.tensor(0.85)).item(), abs=0.02)
+
+
+def correlated_scores(n: int, seed: int, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    correlation = torch.tensor(
+        [[1.0, rho, rho / 2], [rho, 1.0, rho], [rho / 2, rho, 1.0]], dtype=torch.float64
+    )
+    z = torch.randn(n, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(correlation).T
+    return z, correlation
+
+
+def test_the_copula_keeps_a_real_dependence_and_drops_an_absent_one() -> None:
+    z, correlation = correlated_scores(5000, 0, 0.8)
+    copula = GaussianCopula.fit(z, generator=torch.Generator().manual_seed(0))
+    assert copula.shrinkage.item() <= 0.01
+    expected = torch.linalg.inv(correlation) - torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(copula.precision.double(), expected, atol=0.1 * expected.abs().max().item())
+    independent, _ = correlated_scores(5000, 1, 0.0)
+    assert GaussianCopula.fit(independent, generator=torch.Generator().manual_seed(0)).shrinkage.item() >= 0.5
+
+
+def test_the_copula_scores_a_broken_dependence_and_shares_it_exactly_between_columns() -> None:
+    z, _ = correlated_scores(5000, 2, 0.8)
+    copula = GaussianCopula.fit(z, weight=0.5, generator=torch.Generator().manual_seed(0)).double()
+    rows = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    with torch.no_grad():
+        scores = copula(rows)
+        precision = copula.precision
+        assert torch.allclose(scores, 0.25 * torch.einsum("bi,ij,bj->b", rows, precision, rows))
+        assert scores[1] > scores[0] + 5  # the same |z| in every column, the middle one against the rest
+        reference = rows[2:]
+        shares = copula.attribute(rows, reference)
+        assert torch.allclose(shares.sum(1), scores - copula(reference))
+        assert shares[1, 1] == shares[1].max()  # the column that broke ranks takes the largest share
+
+
+def test_the_copula_needs_rows_to_cross_validate_on_and_finite_scores() -> None:
+    few = GaussianCopula.fit(torch.randn(9, 3, dtype=torch.float64))  # < 2 × 5 folds
+    assert few.shrinkage.item() == 1.0 and (few.precision == 0).all()
+    constant = torch.randn(200, 3, dtype=torch.float64)
+    constant[:, 1] = 0.0
+    fitted = GaussianCopula.fit(constant, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(fitted.precision).all() and (fitted.precision[1] == 0).all()
+    bad = torch.randn(50, 3, dtype=torch.float64)
+    bad[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        GaussianCopula.fit(bad)
+    with pytest.raises(ValueError, match="folds must be ≥ 2"):
+        GaussianCopula.fit(constant, folds=1)

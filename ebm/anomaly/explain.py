@@ -1,10 +1,13 @@
 """Why a row scored high: attributions of the anomaly energy to the raw columns, and a score histogram.
 
-The score is ``S(x) = Σ_j e_j(x_j) + R(x)`` with ``R(x) = scale · max(0, f̄(x) − f̄₀)`` (see
-:class:`~ebm.anomaly.energy.AnomalyEnergy`). Attributions say how much each column raises the energy
-*relative to a typical row* ``x₀``, column by column:
+The score is ``S(x) = Σ_j e_j(x_j) + C(z(x)) + R(x)``: the marginal energies, the Gaussian copula
+term over the columns' normal scores ``z`` and the residual part ``R(x) = scale · max(0, f̄(x) − f̄₀)``
+(see :class:`~ebm.anomaly.energy.AnomalyEnergy`). Attributions say how much each column raises the
+energy *relative to a typical row* ``x₀``, column by column:
 
 - the marginal part is additive, so its share is exact: ``e_j(x_j) − e_j(x₀_j)``;
+- the copula part is a quadratic form in ``z``, so its shares are exact too, in closed form
+  (:meth:`~ebm.anomaly.energy.GaussianCopula.attribute`): they add up to ``C(z(x)) − C(z(x₀))``;
 - the residual part is attributed by gradient × input, ``(x_j − x₀_j) · ∂R/∂x_j(x)`` (one backward
   pass), or by integrated gradients, ``(x_j − x₀_j) · ∫₀¹ ∂R/∂x_j(x₀ + α(x − x₀)) dα`` (Sundararajan et
   al. 2017, https://arxiv.org/abs/1703.01365; ``n_steps`` midpoint evaluations), whose sum over columns
@@ -41,11 +44,6 @@ if TYPE_CHECKING:
     from ebm.anomaly.preprocessing import TabularPreprocessor
 
 Method = Literal["gradient_x_input", "integrated_gradients"]
-
-
-def residual_part(energy: AnomalyEnergy, x: Tensor) -> Tensor:
-    """``R(x) = scale · max(0, f̄(x) − f̄₀)``, shape (B,)."""
-    return energy.scale * torch.relu(energy.residual(x) - energy.offset)
 
 
 def reference_row(preprocessor: TabularPreprocessor, energy: AnomalyEnergy) -> Tensor:
@@ -120,7 +118,7 @@ def attribute(
     x = x.detach()
     baseline = _baseline(x, reference)
     with torch.no_grad():
-        marginal = energy.marginal.per_feature(x) - energy.marginal.per_feature(baseline)
+        _, marginal = _exact_parts(energy, x, baseline)
     if not len(energy.members) or energy.scale == 0:
         return marginal
     delta = x - baseline
@@ -130,7 +128,7 @@ def attribute(
         for alpha in alphas:
             point = x.clone() if alpha == 1.0 else baseline + alpha * delta
             point.requires_grad_(True)
-            (grad,) = torch.autograd.grad(residual_part(energy, point).sum(), point)
+            (grad,) = torch.autograd.grad(energy.residual_part(point).sum(), point)
             gradient += grad
     return marginal + delta * gradient / len(alphas)
 
@@ -147,15 +145,25 @@ def score_and_attribute(
     x = x.detach()
     baseline = _baseline(x, reference)
     with torch.no_grad():
-        per_feature = energy.marginal.per_feature(x)
-        baseline_energy = energy.marginal.per_feature(baseline)
+        score, exact = _exact_parts(energy, x, baseline)
     if not len(energy.members) or energy.scale == 0:
-        return per_feature.sum(1), per_feature - baseline_energy
+        return score, exact
     with torch.enable_grad():
         point = x.clone().requires_grad_(True)
-        residual = residual_part(energy, point)
+        residual = energy.residual_part(point)
         (gradient,) = torch.autograd.grad(residual.sum(), point)
-    return per_feature.sum(1) + residual.detach(), per_feature - baseline_energy + (x - baseline) * gradient
+    return score + residual.detach(), exact + (x - baseline) * gradient
+
+
+def _exact_parts(energy: AnomalyEnergy, x: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor]:
+    """The marginal and copula parts of the score (B,) and their exact attributions (B, C)."""
+    per_feature = energy.marginal.per_feature(x)
+    score, attributions = per_feature.sum(1), per_feature - energy.marginal.per_feature(baseline)
+    if energy.copula is not None:
+        z = energy.marginal.normal_scores_of(x)
+        score = score + energy.copula(z)
+        attributions = attributions + energy.copula.attribute(z, energy.marginal.normal_scores_of(baseline))
+    return score, attributions
 
 
 def to_raw_columns(attributions: Tensor, sources: Sequence[int], n_columns: int) -> Tensor:

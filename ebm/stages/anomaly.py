@@ -153,6 +153,8 @@ def train(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, float]:
         "final_gap": float(np.mean([h["gap"] for h in finals])) if finals else float("nan"),
         "acceptance_rate": float(np.mean([h["acceptance_rate"] for h in finals])) if finals else float("nan"),
     }
+    if detector.energy is not None and detector.energy.copula is not None:
+        metrics["copula_shrinkage"] = float(detector.energy.copula.shrinkage)  # picked by cross-validation
     write_json(paths.reports / "train.json", metrics)
     return metrics
 
