@@ -249,3 +249,17 @@ def test_the_copula_needs_rows_to_cross_validate_on_and_finite_scores() -> None:
         GaussianCopula.fit(bad)
     with pytest.raises(ValueError, match="folds must be ≥ 2"):
         GaussianCopula.fit(constant, folds=1)
+
+
+def test_look_ups_take_input_in_any_memory_layout(marginal: MarginalEnergy, columns: torch.Tensor) -> None:
+    x = columns[:50]
+    transposed = x.T.contiguous().T  # the same values, stored column by column
+    assert not transposed.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(marginal.per_feature(transposed), marginal.per_feature(x))
+        assert torch.equal(marginal.normal_scores_of(transposed), marginal.normal_scores_of(x))
+
+
+def test_with_nothing_to_shrink_the_copula_reports_the_independence_model() -> None:
+    one_column = GaussianCopula.fit(torch.randn(200, 1, dtype=torch.float64))
+    assert one_column.shrinkage.item() == 1.0 and (one_column.precision == 0).all()
