@@ -6,7 +6,9 @@ A row of raw columns (numbers and category labels) becomes a vector ``x`` of uni
    become ``log(v + δ)``, ``δ`` 1 % of the column's median positive value: a purchase ten times (or a
    tenth of) the usual is as far out for a small spender as for a large one, and zeros form their own
    cluster instead of being clipped. (``log1p`` would squash everything below 1 in the column's units:
-   on the synthetic transactions it cost 0.03 AUPRC on card-testing bursts of $0.50–$5.)
+   on the synthetic transactions it cost 0.03 AUPRC on card-testing bursts of $0.50–$5.) A negative
+   value met when scoring maps to the mirror image, ``2 log δ − log(δ − v)``: below every training value,
+   and scored as unusual rather than refused.
 2. **Categories**: the ``max_categories`` most frequent labels of a categorical column get one
    indicator column each; everything else, and any label never seen in training, one ``other``
    indicator.
@@ -30,8 +32,6 @@ import pandas as pd
 import torch
 from scipy.stats import skew
 from torch import Tensor
-
-from ebm.anomaly.validation import _reject_rows
 
 OTHER = "__other__"
 MAX_ROBUST_UNITS = 1e6
@@ -74,15 +74,18 @@ def _category_codes(values: pd.Series, levels: Sequence[str]) -> np.ndarray:
     return np.asarray(pd.Index(list(levels)).get_indexer(values.astype(str)), dtype=np.int64)
 
 
-def _reject_negative(frame: pd.DataFrame, column: str, values: np.ndarray) -> None:
-    """A log column must be ≥ 0 when transforming too, as :meth:`TabularPreprocessor.fit` requires:
-    clamping would score −1e9 like 0. Rows count from the start of the file for a chunk from
-    :func:`~ebm.anomaly.validation.iter_table` (its ``attrs`` name the file and the rows before it)."""
+def _log_amount(values: np.ndarray, offset: float, out: np.ndarray) -> None:
+    """``log(v + δ)`` for ``v ≥ 0`` and its mirror image ``2 log δ − log(δ − v)`` below 0, into ``out``.
+
+    The two meet at 0 with the same slope ``1/δ``, so the map is smooth and increasing on the whole line. A
+    negative value in a column that held none in training (a refund among purchases) lands below every
+    training value, as many log units out as its size says, and the detector scores it as unusual; it is
+    neither refused nor clamped to 0 (which would score −1e9 like 0).
+    """
+    np.log(np.abs(values) + offset, out=out)
     negative = values < 0
     if negative.any():
-        source, offset = frame.attrs.get("source", "input"), int(frame.attrs.get("offset", 0))
-        message = f"{source}: column {column!r} is log-transformed, so it must be ≥ 0; negative values"
-        _reject_rows(negative, offset, column, message, suffix=f" (first: {values[negative][0]:g})")
+        out[negative] = 2.0 * np.log(offset) - out[negative]
 
 
 class TabularPreprocessor:
@@ -189,8 +192,7 @@ class TabularPreprocessor:
             else:
                 values = frame[column].to_numpy(np.float64)
                 if column in self.log_columns:
-                    _reject_negative(frame, column, values)
-                    np.log(values + self.log_offsets[column], out=encoded[:, start])
+                    _log_amount(values, self.log_offsets[column], out=encoded[:, start])
                 else:
                     encoded[:, start] = values
                 names.append(column)
