@@ -224,16 +224,30 @@ def test_the_copula_keeps_a_real_dependence_and_drops_an_absent_one() -> None:
 def test_the_copula_scores_a_broken_dependence_and_shares_it_exactly_between_columns() -> None:
     z, _ = correlated_scores(5000, 2, 0.8)
     copula = GaussianCopula.fit(z, weight=0.5, generator=torch.Generator().manual_seed(0)).double()
-    rows = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    rows = torch.tensor(
+        [[1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [0.5, -1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64
+    )
     with torch.no_grad():
+        quadratic = 0.25 * torch.einsum("bi,ij,bj->b", rows, copula.precision, rows)
+        assert torch.allclose(copula.quadratic(rows), quadratic)
         scores = copula(rows)
-        precision = copula.precision
-        assert torch.allclose(scores, 0.25 * torch.einsum("bi,ij,bj->b", rows, precision, rows))
-        assert scores[1] > scores[0] + 5  # the same |z| in every column, the middle one against the rest
-        reference = rows[2:]
+        assert torch.equal(scores, quadratic.clamp_min(0))
+        # Along the correlations the joint density beats the marginals' product: no credit for that.
+        assert quadratic[0] < 0 and scores[0] == 0
+        assert scores[1] > 5  # the same |z| in every column, the middle one against the rest
+        reference = rows[3:]
         shares = copula.attribute(rows, reference)
         assert torch.allclose(shares.sum(1), scores - copula(reference))
         assert shares[1, 1] == shares[1].max()  # the column that broke ranks takes the largest share
+        assert (shares[0] == 0).all()  # clipped away entirely
+        # A change the clip passes only in part: the exact shares of Q, scaled to what passes.
+        start = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+        partial = copula.attribute(rows[1:2], start)
+        exact = (rows[1:2] - start) * (0.5 * (0.5 * (rows[1:2] + start) @ copula.precision))
+        assert copula.quadratic(start).item() < 0 < copula.quadratic(rows[1:2]).item()
+        assert torch.allclose(partial.sum(1), copula(rows[1:2]) - copula(start))
+        passed = (copula(rows[1:2]) - copula(start)) / (copula.quadratic(rows[1:2]) - copula.quadratic(start))
+        assert 0 < passed.item() < 1 and torch.allclose(partial, exact * passed)
 
 
 def test_the_copula_needs_rows_to_cross_validate_on_and_finite_scores() -> None:

@@ -328,7 +328,13 @@ class GaussianCopula(nn.Module):
     0.0002 on the synthetic transactions and drops their AUPRC to 0.14). Cross-validation finds the
     shrinkage at which held-out normal rows stay likely: 0.02 there (``docs/anomaly.md``).
 
-    The forward pass takes the normal scores ``(B, C)`` and returns ``weight · ½ zᵀ(R_α⁻¹ − I)z``, (B,).
+    The forward pass takes the normal scores ``(B, C)`` and returns ``C(z) = max(0, Q(z))``, (B,), with
+    ``Q(z) = weight · ½ zᵀ(R_α⁻¹ − I)z``. ``Q`` is negative for a row that is extreme *along* the
+    correlations (every correlated column high together), where the joint density rightly exceeds the
+    product of the marginals; for detection that credit is a loss, as for the residual part
+    (:class:`AnomalyEnergy`): on ADBench's clustered anomalies (three sources, 3 seeds) the unclipped
+    term lowered the AUROC from 0.892 to 0.791, the clipped one keeps 0.877, and both lift the
+    dependency anomalies from 0.65 to 0.90–0.91 (``docs/anomaly.md``).
     """
 
     precision: Tensor
@@ -374,20 +380,30 @@ class GaussianCopula(nn.Module):
         copula.shrinkage.fill_(alpha)
         return copula
 
-    def forward(self, z: Tensor) -> Tensor:
+    def quadratic(self, z: Tensor) -> Tensor:
+        """``Q(z) = weight · ½ zᵀ(R_α⁻¹ − I)z``, shape (B,): negative along the correlations, where the
+        joint density is higher than the product of the marginals."""
         return (0.5 * self.weight) * ((z @ self.precision.to(z.dtype)) * z).sum(1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.relu(self.quadratic(z))
 
     def attribute(self, z: Tensor, reference: Tensor) -> Tensor:
         """Each column's share of ``C(z) − C(z₀)``, shape (B, C), for normal scores ``z`` (B, C) against
-        a reference row's ``z₀`` (1, C) or (B, C).
+        a reference row's ``z₀`` (1, C) or (B, C); the shares add up to it exactly.
 
-        Integrated gradients along the straight path from ``z₀`` to ``z``, which for a quadratic form is
-        exact in closed form: ``(z − z₀) ⊙ ∇C((z + z₀)/2)``, and the shares add up to ``C(z) − C(z₀)``.
-        In ``x`` this is the path on which every column's normal score moves linearly; the straight path
-        in ``x`` would cross a category's steep step between levels, where gradients say little.
+        For the quadratic form, integrated gradients along the straight path from ``z₀`` to ``z`` are exact
+        in closed form, ``(z − z₀) ⊙ ∇Q((z + z₀)/2)``, and add up to ``Q(z) − Q(z₀)``. In ``x`` this is the
+        path on which every column's normal score moves linearly; the straight path in ``x`` would cross
+        a category's steep step between levels, where gradients say little. The clip at 0 passes a
+        fraction ``(C(z) − C(z₀)) / (Q(z) − Q(z₀)) ∈ [0, 1]`` of that change, so each share is scaled by it.
         """
-        midpoint = 0.5 * (z + reference)
-        return (z - reference) * (self.weight * (midpoint @ self.precision.to(z.dtype)))
+        precision = self.precision.to(z.dtype)
+        shares = (z - reference) * (self.weight * (0.5 * (z + reference) @ precision))
+        change = self.quadratic(z) - self.quadratic(reference)
+        passed = self(z) - self(reference)
+        safe = torch.where(change != 0, change, torch.ones_like(change))
+        return shares * torch.where(change != 0, passed / safe, torch.zeros_like(change))[:, None]
 
 
 def _correlation(z: Tensor) -> Tensor:
@@ -418,9 +434,10 @@ def _copula_log_likelihood(correlation: Tensor, z: Tensor) -> float:
 class AnomalyEnergy(nn.Module):
     """The detector's score, higher = more anomalous::
 
-        S(x) = Σ_j e_j(x_j) + w · ½ z(x)ᵀ(R⁻¹ − I)z(x) + scale · max(0, f̄(x) − f̄₀)
+        S(x) = Σ_j e_j(x_j) + max(0, w · ½ z(x)ᵀ(R⁻¹ − I)z(x)) + scale · max(0, f̄(x) − f̄₀)
 
     The middle term is the :class:`GaussianCopula` (``None``: left out); the last is the residual part.
+    Both count only where they raise the energy above the marginals'.
 
     ``f̄`` is the mean of the members' residual energies and ``f̄₀`` its median on the training rows. The
     residual enters only where it *raises* the energy above its typical value (broken dependence between

@@ -6,7 +6,7 @@ term over the columns' normal scores ``z`` and the residual part ``R(x) = scale 
 energy *relative to a typical row* ``x₀``, column by column:
 
 - the marginal part is additive, so its share is exact: ``e_j(x_j) − e_j(x₀_j)``;
-- the copula part is a quadratic form in ``z``, so its shares are exact too, in closed form
+- the copula part is a clipped quadratic form in ``z``, so its shares are exact too, in closed form
   (:meth:`~ebm.anomaly.energy.GaussianCopula.attribute`): they add up to ``C(z(x)) − C(z(x₀))``;
 - the residual part is attributed by gradient × input, ``(x_j − x₀_j) · ∂R/∂x_j(x)`` (one backward
   pass), or by integrated gradients, ``(x_j − x₀_j) · ∫₀¹ ∂R/∂x_j(x₀ + α(x − x₀)) dα`` (Sundararajan et
