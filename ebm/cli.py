@@ -52,6 +52,20 @@ _positive_int = _whole_number(1)
 _non_negative_int = _whole_number(0)  # --top-k 0: no reasons
 
 
+def _output_file(text: str) -> Path:
+    """An argparse ``type`` for a file to write: refused before any work when it is a folder, or when a
+    folder on its way is a file (else training ran to the end and then failed to save)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the path of a file to write")
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise argparse.ArgumentTypeError(f"{folder} is a file, so {text} cannot be written under it")
+            break
+    return path
+
+
 def _toy_recipe(args: argparse.Namespace) -> Any:
     from ebm.config import from_dict, load_params
     from ebm.samplers import SamplerConfig
@@ -383,12 +397,14 @@ def _add_rbm_commands(commands: Any) -> None:
         default="stochastic",
         help="how grey images become binary, as the model was trained (default %(default)s)",
     )
-    loglik.add_argument("--chains", type=_positive_int, default=100, help="AIS runs (default %(default)s)")
+    loglik.add_argument(
+        "--chains", type=_whole_number(2), default=100, help="AIS runs, ≥ 2 (default %(default)s)"
+    )
     loglik.add_argument(
         "--temperatures",
-        type=_positive_int,
+        type=_whole_number(3),
         default=14500,
-        help="AIS intermediate distributions (default %(default)s)",
+        help="AIS distributions, the two ends included, ≥ 3 (default %(default)s)",
     )
     loglik.add_argument(
         "--max-test", type=_positive_int, default=None, help="score at most this many test images (≥ 1)"
@@ -404,7 +420,7 @@ def _add_anomaly_commands(commands: Any) -> None:
     generate = anomaly_commands.add_parser("generate", help="synthetic card transactions with labelled fraud")
     generate.add_argument(
         "--out",
-        type=Path,
+        type=_output_file,
         default=Path("data/anomaly/transactions.parquet"),
         help="CSV or Parquet file to write (default %(default)s)",
     )
@@ -434,7 +450,7 @@ def _add_anomaly_commands(commands: Any) -> None:
     table_options(fit)
     fit.add_argument("--label", default=None, help="a label column to leave out of the features (never used)")
     fit.add_argument(
-        "--out", type=Path, default=Path("models/anomaly/detector.pt"), help="detector file to write"
+        "--out", type=_output_file, default=Path("models/anomaly/detector.pt"), help="detector file to write"
     )
     fit.add_argument(
         "--contamination",
@@ -454,13 +470,17 @@ def _add_anomaly_commands(commands: Any) -> None:
     evaluate.add_argument("--model", type=Path, required=True, help="detector file from `ebm anomaly fit`")
     evaluate.add_argument("--data", type=Path, required=True, help="labelled CSV or Parquet table")
     evaluate.add_argument("--label", required=True, help="the 0/1 anomaly label column")
-    evaluate.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    evaluate.add_argument(
+        "--json", type=_output_file, default=None, help="also write the figures to this JSON file"
+    )
     evaluate.set_defaults(handler=cmd_anomaly_evaluate, categorical=None, ignore=None)
 
     score = commands.add_parser("score", help="score a CSV/Parquet file with a detector (streamed, atomic)")
     score.add_argument("--model", type=Path, required=True, help="detector file from `ebm anomaly fit`")
     score.add_argument("--input", type=Path, required=True, help="CSV or Parquet file to score")
-    score.add_argument("--output", type=Path, required=True, help="CSV or Parquet file to write (atomically)")
+    score.add_argument(
+        "--output", type=_output_file, required=True, help="CSV or Parquet file to write (atomically)"
+    )
     score.add_argument(
         "--chunk-rows", type=_positive_int, default=262_144, help="rows per chunk (default %(default)s)"
     )
@@ -474,7 +494,9 @@ def _add_anomaly_commands(commands: Any) -> None:
         help="rows that get reasons (default %(default)s: the flagged ones)",
     )
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
-    score.add_argument("--histogram", type=Path, default=None, help="also write the energy histogram (PNG)")
+    score.add_argument(
+        "--histogram", type=_output_file, default=None, help="also write the energy histogram (PNG)"
+    )
     score.set_defaults(handler=cmd_score)
 
 
@@ -507,7 +529,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser, *, training: bool = Fal
         "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, …"
     )
     parser.add_argument(
-        "--n-train", type=_positive_int, default=20_000, help="training points drawn (default %(default)s)"
+        "--n-train",
+        type=_whole_number(5),
+        default=20_000,
+        help="training points drawn, ≥ 5 (the KDE baseline's 5-fold bandwidth search; default %(default)s)",
     )
 
 
@@ -525,7 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train an energy on a 2D dataset by PCD with MALA negatives"
     )
     train.add_argument("--dataset", choices=list(TOY_DATASETS), default="8gaussians", help=dataset_help)
-    train.add_argument("--out", type=Path, default=Path("models/toy-model.pt"), help="model file to write")
+    train.add_argument(
+        "--out", type=_output_file, default=Path("models/toy-model.pt"), help="model file to write"
+    )
     train.add_argument(
         "--resume",
         action="store_true",
@@ -541,9 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", choices=list(TOY_DATASETS), default="8gaussians", help=dataset_help)
     evaluate.add_argument("--model", type=Path, required=True, help="model file written by `ebm toy train`")
     evaluate.add_argument(
-        "--n-test", type=_positive_int, default=20_000, help="fresh test points (default %(default)s)"
+        "--n-test", type=_whole_number(2), default=20_000, help="fresh test points, ≥ 2 (default %(default)s)"
     )
-    evaluate.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    evaluate.add_argument(
+        "--json", type=_output_file, default=None, help="also write the figures to this JSON file"
+    )
     _add_recipe_options(evaluate)
     evaluate.set_defaults(handler=cmd_toy_evaluate)
 
@@ -551,14 +580,18 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--dataset", choices=list(TOY_DATASETS), default="8gaussians", help=dataset_help)
     render.add_argument("--model", type=Path, required=True, help="model file written by `ebm toy train`")
     render.add_argument(
-        "--out", type=Path, default=Path("heatmap.png"), help="PNG to write (default %(default)s)"
+        "--out", type=_output_file, default=Path("heatmap.png"), help="PNG to write (default %(default)s)"
     )
     _add_recipe_options(render)
     render.set_defaults(handler=cmd_toy_render)
 
     classify = toy_commands.add_parser("classify", help="binary classification with an energy E(x, y)")
-    classify.add_argument("--dataset", default="moons", help="labelled 2D dataset (default %(default)s)")
-    classify.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    classify.add_argument(
+        "--dataset", default="moons", help="labelled 2D dataset: moons, blobs or xor (default %(default)s)"
+    )
+    classify.add_argument(
+        "--steps", type=_positive_int, default=None, help="training steps (default: the recipe's)"
+    )
     classify.add_argument(
         "--n-train", type=_positive_int, default=2000, help="training points (default %(default)s)"
     )
@@ -566,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-test", type=_positive_int, default=2000, help="test points (default %(default)s)"
     )
     classify.add_argument(
-        "--out", type=Path, default=None, help="write the decision-energy heatmap here (PNG)"
+        "--out", type=_output_file, default=None, help="write the decision-energy heatmap here (PNG)"
     )
     classify.set_defaults(handler=cmd_toy_classify)
 
@@ -583,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # OSError: a file that cannot be read or written
         print(f"ebm: error: {err}", file=sys.stderr)
         return 2
 

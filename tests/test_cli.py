@@ -96,38 +96,93 @@ def test_bad_input_is_a_clear_error_not_a_traceback(
 
 
 @pytest.mark.parametrize(
-    ("argv", "option"),
+    ("argv", "option", "minimum"),
     [
         pytest.param(
-            ["rbm", "loglik", "--model", "m.pt", "--max-test", "-1"], "--max-test", id="max_test_neg"
+            ["rbm", "loglik", "--model", "m.pt", "--max-test", "-1"], "--max-test", 1, id="max_test_neg"
         ),
         pytest.param(
-            ["rbm", "loglik", "--model", "m.pt", "--max-test", "0"], "--max-test", id="max_test_zero"
+            ["rbm", "loglik", "--model", "m.pt", "--max-test", "0"], "--max-test", 1, id="max_test_zero"
         ),
-        pytest.param(["rbm", "loglik", "--model", "m.pt", "--chains", "0"], "--chains", id="chains_zero"),
+        pytest.param(["rbm", "loglik", "--model", "m.pt", "--chains", "1"], "--chains", 2, id="chains_one"),
         pytest.param(
-            ["rbm", "loglik", "--model", "m.pt", "--temperatures", "-5"], "--temperatures", id="temperatures"
+            ["rbm", "loglik", "--model", "m.pt", "--temperatures", "2"],
+            "--temperatures",
+            3,
+            id="temperatures",
         ),
-        pytest.param(["toy", "train", "--n-train", "-100"], "--n-train", id="toy_n_train"),
-        pytest.param(["toy", "evaluate", "--model", "m.pt", "--n-test", "0"], "--n-test", id="toy_n_test"),
-        pytest.param(["toy", "classify", "--n-test", "-1"], "--n-test", id="classify_n_test"),
+        pytest.param(["toy", "train", "--n-train", "-100"], "--n-train", 5, id="toy_n_train"),
+        pytest.param(
+            ["toy", "evaluate", "--model", "m.pt", "--n-train", "4"], "--n-train", 5, id="eval_n_train"
+        ),
+        pytest.param(["toy", "evaluate", "--model", "m.pt", "--n-test", "1"], "--n-test", 2, id="toy_n_test"),
+        pytest.param(["toy", "classify", "--n-test", "-1"], "--n-test", 1, id="classify_n_test"),
+        pytest.param(["toy", "classify", "--steps", "0"], "--steps", 1, id="classify_steps"),
         pytest.param(
             ["score", "--model", "m.pt", "--input", "a.csv", "--output", "b.csv", "--chunk-rows", "0"],
             "--chunk-rows",
+            1,
             id="chunk_rows",
         ),
-        pytest.param(["rbm", "loglik", "--model", "m.pt", "--max-test", "1.5"], "--max-test", id="not_whole"),
+        pytest.param(
+            ["rbm", "loglik", "--model", "m.pt", "--max-test", "1.5"], "--max-test", 1, id="not_whole"
+        ),
     ],
 )
-def test_counts_below_one_are_a_usage_error_naming_the_option(
-    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+def test_counts_below_their_minimum_are_a_usage_error_naming_the_option(
+    argv: list[str], option: str, minimum: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # `--max-test -1` used to slice test[:-1] and score all images but the last, silently
+    # `--max-test -1` used to slice test[:-1] and score all images but the last, silently; `classify
+    # --steps 0` reported an untrained model's accuracy; `--temperatures 2` and `--n-test 1` failed deep
+    # inside with messages that named no option
     with pytest.raises(SystemExit) as raised:
         build_parser().parse_args(argv)
     assert raised.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {option}" in err and "whole number ≥ 1" in err
+    assert f"argument {option}" in err and f"whole number ≥ {minimum}" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(
+            ["toy", "train", "--steps", "1", "--n-train", "64", "--out", "{folder}"], id="train_out"
+        ),
+        pytest.param(["toy", "evaluate", "--model", "m.pt", "--json", "{folder}"], id="evaluate_json"),
+        pytest.param(["toy", "render", "--model", "m.pt", "--out", "{file}/x.png"], id="render_under_a_file"),
+        pytest.param(
+            ["toy", "classify", "--steps", "1", "--out", "{file}/x.png"], id="classify_under_a_file"
+        ),
+        pytest.param(["anomaly", "fit", "--data", "d.csv", "--out", "{folder}"], id="anomaly_fit_out"),
+        pytest.param(
+            ["score", "--model", "m.pt", "--input", "a.csv", "--output", "b.csv", "--histogram", "{folder}"],
+            id="score_histogram",
+        ),
+    ],
+)
+def test_an_output_path_that_cannot_be_a_file_is_refused_before_any_work(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `toy train --out <folder>` trained the whole model, then failed to save it with a traceback
+    folder, file = tmp_path / "outputs", tmp_path / "model.pt"
+    folder.mkdir()
+    file.write_bytes(b"a model")
+    argv = [a.format(folder=folder, file=file) for a in argv]
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err or "is a file, so" in err
+    assert file.read_bytes() == b"a model" and list(folder.iterdir()) == []
+
+
+def test_classify_help_names_every_labelled_dataset(capsys: pytest.CaptureFixture[str]) -> None:
+    from ebm.classify2d import LABELLED_2D
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["toy", "classify", "--help"])
+    shown = capsys.readouterr().out
+    assert all(name in shown for name in LABELLED_2D)
 
 
 @pytest.mark.parametrize("value", ["null", "[a]"])
@@ -187,7 +242,10 @@ def test_score_histogram_reads_the_output_in_the_format_it_was_written(
 
 
 def test_a_failed_json_write_keeps_the_previous_report_whole(
-    tmp_path: Path, anomaly_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    anomaly_files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     report = tmp_path / "report.json"
     report.write_text('{"previous": "good run"}')
@@ -208,8 +266,8 @@ def test_a_failed_json_write_keeps_the_previous_report_whole(
         "--data",
         str(anomaly_files["test"]),
     ]
-    with pytest.raises(OSError, match="No space left"):
-        main([*evaluate, "--label", "is_fraud", "--json", str(report)])
+    assert main([*evaluate, "--label", "is_fraud", "--json", str(report)]) == 2  # an error, not a traceback
+    assert "ebm: error: [Errno 28] No space left on device" in capsys.readouterr().err
 
     assert json.loads(report.read_text()) == {"previous": "good run"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary file left behind

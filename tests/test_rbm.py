@@ -258,3 +258,20 @@ def test_a_batch_of_the_right_size_but_another_shape_is_refused() -> None:
     with pytest.raises(ValueError, match=r"got shape \(2, 4, 4, 3\)"):
         rbm(torch.zeros(2, 4, 4, 3))
     assert rbm(torch.zeros(2, 3, 4, 4)).shape == rbm(torch.zeros(2, 48)).shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("weight_std", float("inf")),
+        ("weight_std", float("nan")),
+        ("weight_std", -0.1),
+        ("weight_std", 0.0),
+        ("n_hidden", 0),
+        ("n_hidden", 2.5),
+    ],
+)
+def test_a_recipe_with_a_bad_size_or_initial_scale_is_refused_by_name(field: str, value: float) -> None:
+    # weight_std inf gave infinite weights, then three rollbacks and advice to lower the learning rate
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        RBMRecipe(**{field: value})  # type: ignore[arg-type]

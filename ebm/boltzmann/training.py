@@ -11,6 +11,7 @@ constant to pin; the anchor would move b and c instead).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,10 @@ class RBMRecipe:
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
+        if isinstance(self.n_hidden, bool) or not isinstance(self.n_hidden, int) or self.n_hidden < 1:
+            raise ValueError(f"n_hidden must be a whole number ≥ 1, got {self.n_hidden!r}")
+        if not 0 < self.weight_std < math.inf:
+            raise ValueError(f"weight_std must be a finite number > 0, got {self.weight_std}")
         if self.cd.persistent and self.cd.n_chains < self.train.batch_size:
             raise ValueError(
                 f"PCD advances a batch of distinct persistent chains: n_chains ({self.cd.n_chains}) must be "
