@@ -109,8 +109,26 @@ def tracking_uri(project_root: Path) -> str:
     """
     from_env = os.environ.get("MLFLOW_TRACKING_URI")
     if from_env:
-        return from_env
+        return _anchored(from_env, Path(project_root))
     return f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}"
+
+
+def _anchored(uri: str, project_root: Path) -> str:
+    """A local store given by a relative path (``sqlite:///mlflow.db``, ``file:mlruns``, ``mlruns``) made
+    absolute against the project root, where ``dvc repro`` runs the stages: the flow logs from its own
+    working folder, which need not be the project's. Servers and absolute paths pass unchanged."""
+    root = project_root.resolve()
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        if path and path != ":memory:" and not path.startswith("/"):
+            return f"sqlite:///{root / path}"
+        return uri
+    scheme = urlparse(uri).scheme
+    if scheme == "file" and not uri.startswith("file:/"):
+        return (root / uri.removeprefix("file:")).as_uri()
+    if not scheme and not Path(uri).is_absolute():
+        return str(root / uri)
+    return uri
 
 
 def artifact_location(project_root: Path, uri: str, experiment: str) -> str | None:
@@ -573,6 +591,18 @@ def _read_metric_rows(metrics_file: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _delete_run_if_present(client: MlflowClient, run_id: str) -> None:
+    """Delete an earlier attempt's run; one already purged (``mlflow gc``) is gone, which is the aim."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        client.delete_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+
+
 def _log_pending_run(client: MlflowClient, root: Path, folder: Path) -> str:
     """Log one deferred run record, delete it and return the run's link.
 
@@ -589,7 +619,7 @@ def _log_pending_run(client: MlflowClient, root: Path, folder: Path) -> str:
         raise ValueError(f"unreadable deferred MLflow run record: {err}") from err
     stale = folder / "mlflow_run_id"
     if stale.exists():  # an earlier attempt died half-way: replace its run
-        client.delete_run(stale.read_text().strip())
+        _delete_run_if_present(client, stale.read_text().strip())
     uri = tracking_uri(root)
     experiment_id = _get_or_create_experiment(client, experiment, artifact_location(root, uri, experiment))
     status = "KILLED" if record.get("status", "RUNNING") == "RUNNING" else str(record["status"])

@@ -44,8 +44,10 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from collections.abc import Iterator, Mapping  # noqa: E402
 from contextlib import chdir, contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -190,7 +192,7 @@ def load_schedule_config(project_root: Path) -> dict[str, Any]:
     params = yaml.safe_load(params_file.read_text()) or {}
     if not isinstance(params, Mapping):
         raise ValueError(f"{params_file} must be a mapping of sections, got {type(params).__name__}")
-    schedule = params.get("schedule") or {}
+    schedule = {} if params.get("schedule") is None else params["schedule"]
     if not isinstance(schedule, Mapping):
         raise ValueError(
             f"schedule must be a mapping with keys {list(SCHEDULE_KEYS)}, got {schedule!r} in {params_file}"
@@ -207,7 +209,7 @@ def _scheduled_stages(schedule: Mapping[str, Any]) -> Mapping[str, Any]:
     Raises:
         ValueError: It is not a mapping of stage name → policy.
     """
-    stages = schedule.get("stages") or {}
+    stages = {} if schedule.get("stages") is None else schedule["stages"]
     if not isinstance(stages, Mapping):
         raise ValueError(
             f"schedule.stages must be a mapping of stage name → {{retries, retry_delay_seconds, "
@@ -224,7 +226,8 @@ def stage_policy(stage: str, schedule: Mapping[str, Any]) -> StagePolicy:
             key :class:`StagePolicy` does not have or gives one a bad value.
     """
     default = PREPARE_POLICY if stage.startswith("prepare") else StagePolicy()
-    entry = _scheduled_stages(schedule).get(stage) or {}
+    entry = _scheduled_stages(schedule).get(stage)
+    entry = {} if entry is None else entry
     known = {field.name for field in dataclasses.fields(StagePolicy)}
     if not isinstance(entry, Mapping):
         raise ValueError(
@@ -290,7 +293,11 @@ def collect_metrics(project_root: Path) -> dict[str, dict[str, Any]]:
     return {path: _flatten(entry["data"]) for path, entry in sorted(files.items()) if "data" in entry}
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys; a file that holds one bare value (DVC shows those) keeps it as
+    ``value``."""
+    if not isinstance(values, Mapping):
+        return {prefix.rstrip(".") or "value": values}
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
@@ -307,6 +314,10 @@ def _mlflow_ui_base(project_root: Path) -> str:
     return uri if urlparse(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
 
 
+INTERRUPT_GRACE_SECONDS = 5.0
+"""How long a stage past its timeout has to wind up after SIGINT before SIGTERM (then SIGKILL)."""
+
+
 def _terminate_stage_processes(address: str) -> None:
     """Terminate this process's descendants that DVC started for ``address`` (then kill stragglers)."""
     import psutil
@@ -318,11 +329,25 @@ def _terminate_stage_processes(address: str) -> None:
                 stage_processes.append(child)
         except psutil.Error:
             continue
+    # SIGINT first: Python turns it into KeyboardInterrupt, so a stage's ``finally`` blocks run and a
+    # live MLflow run ends as KILLED (SIGTERM's default action skips them and leaves it RUNNING).
     for process in stage_processes:
-        process.terminate()
-    _, alive = psutil.wait_procs(stage_processes, timeout=10)
+        _signal(process, signal.SIGINT)
+    _, alive = psutil.wait_procs(stage_processes, timeout=INTERRUPT_GRACE_SECONDS)
     for process in alive:
-        process.kill()
+        _signal(process, signal.SIGTERM)
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    for process in alive:
+        _signal(process, signal.SIGKILL)
+
+
+def _signal(process: Any, number: int) -> None:
+    import psutil
+
+    try:
+        process.send_signal(number)
+    except psutil.NoSuchProcess:
+        pass
 
 
 @contextmanager
@@ -512,6 +537,8 @@ def _one_flow_at_a_time(root: Path) -> Iterator[None]:
     """
     import zc.lockfile
 
+    if not (root / ".dvc").is_dir():  # else the lock's folder would make ``root`` a DVC project
+        raise NotADirectoryError(f"{root} is not a DVC project root: it has no .dvc folder")
     path = root / FLOW_LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -547,15 +574,15 @@ def _run_stages(root: Path, stages: list[str] | None, force: bool) -> PipelineSu
             )
             started = time.perf_counter()
             try:
-                outcomes.append(
-                    run_stage(
-                        str(root),
-                        stage,
-                        force=force,
-                        timeout_seconds=policy.timeout_seconds,
-                        flow_run_id=flow_run.id,
-                    )
+                outcome = run_stage(
+                    str(root),
+                    stage,
+                    force=force,
+                    timeout_seconds=policy.timeout_seconds,
+                    flow_run_id=flow_run.id,
                 )
+                # The flow's clock, as for a failed stage: every attempt and retry delay, not the last alone.
+                outcomes.append(dataclasses.replace(outcome, seconds=time.perf_counter() - started))
             except Exception:
                 outcomes.append(StageOutcome(stage, "failed", time.perf_counter() - started))
                 raise
@@ -571,9 +598,14 @@ def _run_stages(root: Path, stages: list[str] | None, force: bool) -> PipelineSu
                 ):
                     previous_links[stage] = link_after
     finally:
+        try:
+            metrics = collect_metrics(root)
+        except Exception as exc:  # never let the summary hide the stage's own error
+            warnings.warn(f"could not read the pipeline's metrics for the summary: {exc!r}", stacklevel=1)
+            metrics = {}
         summary = PipelineSummary(
             stages=tuple(outcomes),
-            metrics=collect_metrics(root),
+            metrics=metrics,
             run_links=links,
             previous_run_links=previous_links,
         )
@@ -594,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         summary = pipeline(project_root=args.project_root, stages=args.stages, force=args.force)
-    except PipelineLockedError as exc:
+    except (PipelineLockedError, NotADirectoryError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     print(where_results_are(Path(args.project_root).resolve(), summary))
 

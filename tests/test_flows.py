@@ -18,6 +18,7 @@ from flows.pipeline import (
     StageOutcome,
     StagePolicy,
     StageTimeoutError,
+    _flatten,
     _logging_deferred_runs,
     _one_flow_at_a_time,
     _run_stages,
@@ -241,6 +242,10 @@ def test_scheduled_stages_must_be_stages_of_the_pipeline() -> None:
         ({"stages": {"train": 7200}}, "schedule.stages.train must be a mapping with keys \\['retries', "),
         ({"stages": {"train": "7200"}}, "schedule.stages.train must be a mapping with keys"),
         ({"stages": ["train"]}, "schedule.stages must be a mapping of stage name"),
+        # falsy values were taken as "no policy" while 7200 was refused
+        ({"stages": {"train": 0}}, "schedule.stages.train must be a mapping with keys"),
+        ({"stages": {"train": []}}, "schedule.stages.train must be a mapping with keys"),
+        ({"stages": 0}, "schedule.stages must be a mapping of stage name"),
     ],
 )
 def test_a_stage_policy_that_is_not_a_mapping_is_an_error_naming_the_key(
@@ -249,7 +254,7 @@ def test_a_stage_policy_that_is_not_a_mapping_is_an_error_naming_the_key(
     # used to be a raw TypeError, "dictionary update sequence" ValueError, or AttributeError
     with pytest.raises(ValueError, match=f"^{complaint}"):
         stage_policy("train", schedule)
-    if isinstance(schedule["stages"], list):
+    if not isinstance(schedule["stages"], dict):
         with pytest.raises(ValueError, match=f"^{complaint}"):
             check_scheduled_stages(schedule, ["train"])
 
@@ -264,6 +269,8 @@ def test_a_stage_policy_that_is_not_a_mapping_is_an_error_naming_the_key(
         ({"crontab": "30 3 * * 1"}, r"^schedule: unknown keys \['crontab'\]; valid keys: \['cron', "),
         ("0 2 * * *", r"^schedule must be a mapping with keys \['cron', 'stages', 'timezone'\], got '0 2"),
         ({"stages": ["train"]}, "^schedule.stages must be a mapping of stage name"),
+        ([], r"^schedule must be a mapping with keys"),  # was taken as no schedule at all
+        (0, r"^schedule must be a mapping with keys"),
     ],
 )
 def test_a_misspelt_or_misshapen_schedule_is_an_error_naming_the_key(
@@ -359,6 +366,21 @@ def test_a_second_flow_in_the_same_project_fails_at_once(prefect_harness: None, 
     assert not (tiny_pipeline / "dvc.lock").exists()  # no stage ran
     with _one_flow_at_a_time(tiny_pipeline):  # and the failed flow let go of nothing it did not hold
         pass
+
+
+def test_a_folder_that_is_not_a_dvc_project_root_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    # the lock's folder used to be created first: .dvc/ made any folder a DVC project, and a flow
+    # pointed at a project's docs/ folder "succeeded" with no stages
+    with pytest.raises(NotADirectoryError, match=r"is not a DVC project root: it has no \.dvc folder"):
+        with _one_flow_at_a_time(tmp_path):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_metrics_file_of_one_bare_value_is_shown_under_its_own_name() -> None:
+    # DVC shows such a file; flattening it raised AttributeError and cost the flow its summary
+    assert _flatten(0.5) == {"value": 0.5}
+    assert _flatten({"eval": {"auroc": 0.9}, "n": 3}) == {"eval.auroc": 0.9, "n": 3}
 
 
 HOLDER = """

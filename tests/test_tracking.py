@@ -50,6 +50,32 @@ def test_tracking_uri_is_an_absolute_sqlite_store_in_the_project_unless_the_envi
     assert tracking_uri(Path(".")) == "http://127.0.0.1:5000"
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("sqlite:///mlflow.db", "sqlite:///{root}/mlflow.db"),
+        ("sqlite:///stores/team.db", "sqlite:///{root}/stores/team.db"),
+        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("mlruns", "{root}/mlruns"),
+        ("/abs/mlruns", "/abs/mlruns"),
+        ("file:mlruns", "file://{root}/mlruns"),
+        ("file:///abs/mlruns", "file:///abs/mlruns"),
+        ("https://mlflow.example.org/", "https://mlflow.example.org/"),
+    ],
+)
+def test_a_relative_local_store_from_the_environment_is_anchored_at_the_project_root(
+    given: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The flow logs deferred runs from its own working folder: sqlite:///mlflow.db put a project's runs
+    # in whatever folder the flow was started from, its artifacts still under the project.
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", given)
+    assert tracking_uri(Path("project")) == expected.format(root=project.resolve())
+
+
 def test_importing_tracking_imports_neither_mlflow_nor_dvc() -> None:
     probe = "import sys, ebm.tracking; print(sorted({'mlflow', 'dvc'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -398,3 +424,25 @@ def test_stages_recording_their_run_links_at_once_lose_none(tmp_path: Path) -> N
     assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
     links = read_run_links(tmp_path)
     assert sorted(links) == sorted(f"{name}-{i}" for name in ("left", "right") for i in range(40))
+
+
+def test_replacing_an_earlier_attempt_s_run_that_mlflow_gc_purged_goes_on() -> None:
+    # the record went back to failed/ and failed again at every later log: "Run ... not found"
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from ebm.tracking import _delete_run_if_present
+
+    class Client:
+        def __init__(self, code: int) -> None:
+            self.code, self.calls = code, 0
+
+        def delete_run(self, run_id: str) -> None:
+            self.calls += 1
+            raise MlflowException(f"Run with id={run_id} not found", error_code=self.code)
+
+    purged = Client(RESOURCE_DOES_NOT_EXIST)
+    _delete_run_if_present(purged, "abc")  # type: ignore[arg-type]
+    assert purged.calls == 1
+    with pytest.raises(MlflowException):
+        _delete_run_if_present(Client(INTERNAL_ERROR), "abc")  # type: ignore[arg-type]
