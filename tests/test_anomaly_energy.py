@@ -277,3 +277,17 @@ def test_look_ups_take_input_in_any_memory_layout(marginal: MarginalEnergy, colu
 def test_with_nothing_to_shrink_the_copula_reports_the_independence_model() -> None:
     one_column = GaussianCopula.fit(torch.randn(200, 1, dtype=torch.float64))
     assert one_column.shrinkage.item() == 1.0 and (one_column.precision == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("x", "complaint"),
+    [
+        (torch.zeros(0, 3), r"at least one row, got shape \(0, 3\)"),  # was torch's quantile() error
+        (torch.zeros(5), r"got shape \(5,\)"),  # was an IndexError
+        (torch.tensor([[1.0, 2.0], [3.0, float("nan")]]), "NaN or inf values, first at row 1, column 1"),
+    ],
+)
+def test_marginal_fit_refuses_empty_flat_or_non_finite_input_by_name(x: torch.Tensor, complaint: str) -> None:
+    # a NaN was accepted and left a NaN table behind
+    with pytest.raises(ValueError, match=complaint):
+        MarginalEnergy.fit(x)

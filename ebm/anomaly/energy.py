@@ -105,7 +105,14 @@ class MarginalEnergy(nn.Module):
         """
         if grid_size < 16:
             raise ValueError(f"grid_size must be ≥ 16, got {grid_size}")
+        if x.dim() != 2 or x.shape[0] < 1:
+            raise ValueError(f"x must be (rows, columns) with at least one row, got shape {tuple(x.shape)}")
         x = x.detach().to(torch.float64).cpu()
+        if not torch.isfinite(x).all():
+            rows, columns = torch.nonzero(~torch.isfinite(x), as_tuple=True)
+            raise ValueError(
+                f"x holds NaN or inf values, first at row {int(rows[0])}, column {int(columns[0])}"
+            )
         energy = cls(x.shape[1], grid_size)
         for j in range(x.shape[1]):
             column = _fit_column(x[:, j], grid_size, bandwidth_factor, adaptive, calibration)
