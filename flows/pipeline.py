@@ -47,7 +47,6 @@ import math  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections.abc import Iterator, Mapping  # noqa: E402
 from contextlib import chdir, contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -601,7 +600,7 @@ def _run_stages(root: Path, stages: list[str] | None, force: bool) -> PipelineSu
         try:
             metrics = collect_metrics(root)
         except Exception as exc:  # never let the summary hide the stage's own error
-            warnings.warn(f"could not read the pipeline's metrics for the summary: {exc!r}", stacklevel=1)
+            _logger().warning("could not read the pipeline's metrics for the summary: %r", exc)
             metrics = {}
         summary = PipelineSummary(
             stages=tuple(outcomes),

@@ -368,6 +368,34 @@ def test_a_second_flow_in_the_same_project_fails_at_once(prefect_harness: None, 
         pass
 
 
+def test_unreadable_metrics_never_hide_the_stage_error_and_the_summary_is_still_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # collect_metrics ran bare in the finally: its AttributeError replaced the stage's own error, and
+    # no summary was published
+    def reproduce(root: str, stage: str, **_: Any) -> StageOutcome:
+        raise RuntimeError("the stage's own error")
+
+    class FakeTask:
+        def with_options(self, **_: Any) -> Any:
+            return reproduce
+
+    def unreadable(root: Path) -> dict[str, Any]:
+        raise AttributeError("'float' object has no attribute 'items'")
+
+    published: list[str] = []
+    monkeypatch.setattr(flows.pipeline, "reproduce_stage", FakeTask())
+    monkeypatch.setattr(flows.pipeline, "stage_order", lambda root, targets=None: ["train"])
+    monkeypatch.setattr(flows.pipeline, "collect_metrics", unreadable)
+    monkeypatch.setattr(
+        flows.pipeline, "create_markdown_artifact", lambda markdown, **_: published.append(markdown)
+    )
+    with pytest.raises(RuntimeError, match="the stage's own error"):
+        _run_stages(tmp_path, None, False)
+    (markdown,) = published
+    assert "| train | failed |" in markdown
+
+
 def test_a_folder_that_is_not_a_dvc_project_root_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
     # the lock's folder used to be created first: .dvc/ made any folder a DVC project, and a flow
     # pointed at a project's docs/ folder "succeeded" with no stages
