@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing
 import yaml
+from objectives import WrappedObjective
 from torch import Tensor, nn
 
 import ebm.stages.toy
@@ -119,11 +120,12 @@ def small_trainer(
     return Trainer(energy, objective, data, config, checkpoint_path=checkpoint_path)
 
 
-class DivergesOnce:
+class DivergesOnce(WrappedObjective):
     """Contrastive divergence whose loss is found non-finite once, at ``step``, after its forward pass."""
 
     def __init__(self, inner: ContrastiveDivergence, *, step: int) -> None:
-        self.inner, self.step, self.pending = inner, step, True
+        super().__init__(inner)
+        self.step, self.pending = step, True
 
     def __call__(
         self,
@@ -138,15 +140,6 @@ class DivergesOnce:
             self.pending = False
             raise NonFiniteLossError(step, "contrastive-divergence loss")
         return loss, stats
-
-    def with_step_size(self, factor: float) -> None:
-        self.inner.with_step_size(factor)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
 
 def train_recipe_on_moons() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from objectives import WrappedObjective
 from torch import Tensor, nn
 
 import ebm.trainer
@@ -538,26 +539,6 @@ def test_a_checkpoint_without_its_schedule_length_resumes_on_its_run_s_schedule(
 
     assert resumed.schedule_steps == 8
     assert [entry["lr"] for entry in resumed.history[8:]] == used == pytest.approx([1e-3] * 4)
-
-
-class WrappedObjective:
-    """A contrastive-divergence objective as the trainer sees it, with ``__call__`` left to a subclass."""
-
-    def __init__(self, inner: ContrastiveDivergence) -> None:
-        self.inner = inner
-
-    @property
-    def step_size(self) -> float:
-        return self.inner.sampler.step_size
-
-    def with_step_size(self, factor: float) -> None:
-        self.inner.with_step_size(factor)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
 
 class StepSizeRecorder(WrappedObjective):
