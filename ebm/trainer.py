@@ -19,7 +19,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -231,6 +231,21 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     recoveries: int = 0
     seconds: float = 0.0
+
+
+def _wrong_entries(
+    state: Mapping[str, Any], entries: Iterable[tuple[str, type | tuple[type, ...]]], rank: int | None = None
+) -> list[str]:
+    """What is missing from ``state`` or of the wrong type, among ``entries`` (key, type), in words."""
+    missing = "" if rank is None else f" for rank {rank}"
+    whose = "" if rank is None else f"rank {rank}'s "
+    return [
+        f"no {key!r} entry{missing}"
+        if key not in state
+        else f"{whose}{key!r} is a {type(state[key]).__name__}"
+        for key, kind in entries
+        if not isinstance(state.get(key), kind)
+    ]
 
 
 class Trainer:
@@ -564,19 +579,9 @@ class Trainer:
                     f"{self.checkpoint_path} is not a training checkpoint of a run of {world_size} "
                     f"processes: its 'ranks' entry is {ranks!r:.100}, not a list of each rank's state"
                 )
-        problems = [
-            f"no {key!r} entry" if key not in saved else f"{key!r} is a {type(saved[key]).__name__}"
-            for key, kind in entries
-            if not isinstance(saved.get(key), kind)
-        ]
+        problems = _wrong_entries(saved, entries)
         for index, rank in enumerate(ranks):
-            problems += [
-                f"no {key!r} entry for rank {index}"
-                if key not in rank
-                else f"rank {index}'s {key!r} is a {type(rank[key]).__name__}"
-                for key, kind in _RANK_ENTRIES.items()
-                if not isinstance(rank.get(key), kind)
-            ]
+            problems += _wrong_entries(rank, _RANK_ENTRIES.items(), rank=index)
         if problems:
             raise CheckpointError(
                 f"{self.checkpoint_path} is not a training checkpoint ({'; '.join(problems)}; it holds "
