@@ -359,7 +359,7 @@ def save_model(
     config_dict = dataclasses.asdict(config) if is_instance else dict(config)
     payload = {
         "kind": kind,
-        "config": plain_data(_plain(config_dict), "config"),
+        "config": plain_data(config_dict, "config"),
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "metadata": plain_metadata(metadata),
     }
@@ -415,12 +415,3 @@ def load_model(path: str | os.PathLike[str], map_location: MapLocation = "cpu") 
     except (RuntimeError, TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: the weights do not fit the {kind!r} model: {err}") from err
     return model.eval()
-
-
-def _plain(value: Any) -> Any:
-    """Tuples → lists, recursively, so configs survive ``weights_only`` loading unchanged in meaning."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value

@@ -576,8 +576,9 @@ def test_a_benchmark_report_that_cannot_be_written_leaves_the_previous_one(tmp_p
         ),
         ({"by_seed": {0: 0.9}}, {}, "metadata['by_seed'] has the key 0", "int"),
         ({}, {"source": Path("x.npz")}, "config['source']", "pathlib."),
+        ({}, {"weights": {3: 0.5}}, "config['weights'] has the key 3", "int"),
     ],
-    ids=["path", "array", "int_key", "config_path"],
+    ids=["path", "array", "int_key", "config_path", "config_int_key"],
 )
 def test_save_model_refuses_what_load_model_would_refuse_and_keeps_the_old_file(
     tmp_path: Path, metadata: dict[str, Any], config_extra: dict[str, Any], where: str, kind: str
