@@ -155,6 +155,29 @@ def test_kde_baseline_rescales_the_bandwidth_found_on_a_subsample() -> None:
     assert kde.log_prob(x[:5]).shape == (5,)
 
 
+@pytest.mark.parametrize(
+    ("points", "message"),
+    [
+        (
+            torch.tensor([[float("nan"), 0.0], *[[float(i), 1.0] for i in range(9)]]),
+            "1 of 10 rows of the KDE",
+        ),
+        (torch.ones(50, 2), "no spread"),
+        (torch.randn(3, 2), "at least n_folds=5"),
+    ],
+)
+def test_kde_baseline_says_what_is_wrong_with_its_training_points(points: Tensor, message: str) -> None:
+    # before: scikit-learn's "All the 125 fits failed", blaming a NaN or zero bandwidth
+    with pytest.raises(ValueError, match=message):
+        KDEBaseline().fit(points)
+
+
+def test_nll_refuses_a_non_finite_log_partition() -> None:
+    # before: NaN passed straight through as the model's NLL
+    with pytest.raises(ValueError, match="log_z must be finite"):
+        nll(eight_gaussians(), torch.zeros(3, 2), float("nan"))
+
+
 def test_kde_baseline_refuses_log_prob_before_fit() -> None:
     with pytest.raises(RuntimeError, match="fit"):
         KDEBaseline().log_prob(torch.zeros(3, 2))

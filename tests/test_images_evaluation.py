@@ -53,6 +53,12 @@ def test_accuracy_counts_argmax_logits() -> None:
     assert accuracy(energy, x, (predicted + 1) % 3) == 0.0
 
 
+def test_accuracy_refuses_an_empty_set() -> None:
+    # before: NaN, the mean of nothing
+    with pytest.raises(ValueError, match="at least one image"):
+        accuracy(tiny_energy(), torch.empty(0, *SHAPE), torch.empty(0, dtype=torch.long))
+
+
 def test_accuracy_refuses_labels_that_would_broadcast() -> None:
     # before: an (N, 1) column compared N × N and returned 0.58 for a perfect classifier
     energy = tiny_energy()
@@ -103,7 +109,9 @@ def test_frechet_distance_says_what_is_wrong_with_its_inputs(a: Tensor, b: Tenso
         frechet_distance(a, b)
 
 
-@pytest.mark.parametrize("settings", [{"n_temperatures": 0}, {"n_chains": 1}, {"step_size": 0.0}])
+@pytest.mark.parametrize(
+    "settings", [{"n_temperatures": 0}, {"n_chains": 1}, {"step_size": 0.0}, {"mala_steps": 0}]
+)
 def test_ais_settings_that_cannot_estimate_are_refused(settings: dict[str, float]) -> None:
     # before: n_temperatures 0 ran no step and reported log Z = 0 with a standard error of 0
     with pytest.raises(ValueError, match="AIS"):
@@ -118,6 +126,37 @@ def test_auroc_agrees_with_sklearn_and_in_distribution_is_the_positive_class() -
     expected = roc_auc_score(np.r_[np.ones(50), np.zeros(70)], torch.cat([in_scores, out_scores]).numpy())
     assert auroc(in_scores, out_scores) == pytest.approx(expected)
     assert auroc(torch.ones(3), torch.zeros(3)) == 1.0 and auroc(torch.zeros(3), torch.ones(3)) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("in_scores", "out_scores", "message"),
+    [
+        (torch.ones(3), torch.empty(0), "out-of-distribution scores must be a non-empty"),
+        (torch.empty(0), torch.ones(3), "in-distribution scores must be a non-empty"),
+        (torch.ones(3, 1), torch.ones(3), r"non-empty \(N,\) tensor, got \(3, 1\)"),
+        (torch.ones(3), torch.tensor([0.0, float("nan")]), "1 of 2 out-of-distribution scores are NaN"),
+    ],
+)
+def test_auroc_refuses_empty_misshapen_or_non_finite_scores(
+    in_scores: Tensor, out_scores: Tensor, message: str
+) -> None:
+    # before: NaN for an empty side (sklearn only warns), sklearn's bare "Input contains NaN" otherwise
+    with pytest.raises(ValueError, match=message):
+        auroc(in_scores, out_scores)
+
+
+def test_ood_aurocs_names_the_score_and_the_set_of_an_empty_ood_set() -> None:
+    energy = tiny_energy()
+    with pytest.raises(ValueError, match="score 'energy' on the OOD set 'empty'"):
+        ood_aurocs(energy, torch.rand(4, *SHAPE), {"empty": torch.empty(0, *SHAPE)}, scores=["energy"])
+
+
+def test_typicality_refuses_statistics_of_the_wrong_width_or_with_nan() -> None:
+    typicality = Typicality(torch.randn(10, 3, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match=r"must be \(M, 3\)"):
+        typicality.log_density(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="1 of 4 rows of statistics hold NaN"):
+        typicality.log_density(torch.tensor([[0.0, 0.0, 0.0]] * 3 + [[0.0, float("nan"), 0.0]]))
 
 
 def test_every_ood_score_is_defined_by_its_formula() -> None:

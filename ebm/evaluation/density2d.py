@@ -210,9 +210,11 @@ def nll(energy: EnergyFn, x: Tensor, log_z: float) -> float:
     """Negative log-likelihood mean E(x) + log Z of the model ``exp(−E)/Z``, in nats per point.
 
     Raises:
-        ValueError: ``x`` holds no point, or an energy on ``x`` is NaN or infinite.
+        ValueError: ``x`` holds no point, ``log_z`` is NaN or infinite, or an energy on ``x`` is.
     """
     _require_points(x, "nll")
+    if not math.isfinite(log_z):
+        raise ValueError(f"nll: log_z must be finite, got {log_z}")
     energies = evaluate_batched(energy, x)
     raise_if_not_finite(energies, torch.as_tensor(x), "energies")
     return float(energies.mean()) + log_z
@@ -341,14 +343,25 @@ class KDEBaseline:
         self.seed = seed
 
     def fit(self, x: Tensor) -> KDEBaseline:
+        """Choose the bandwidth by ``n_folds``-fold cross-validated likelihood and fit on all of ``x``.
+
+        Raises:
+            ValueError: ``x`` is not ``(N, d)``, holds a NaN or infinite row, has fewer rows than
+                ``n_folds``, or has no spread (every point the same), so no bandwidth can be scaled.
+        """
         points = _as_points(x)
+        raise_if_rows_not_finite(torch.from_numpy(points), "the KDE's training points")
         n, dim = points.shape
+        if n < self.n_folds:
+            raise ValueError(f"the KDE needs at least n_folds={self.n_folds} training points, got {n}")
         rng = np.random.default_rng(self.seed)
         cv_points = (
             points[rng.choice(n, self.max_cv_points, replace=False)] if n > self.max_cv_points else points
         )
         n_cv = len(cv_points)
         scott = float(cv_points.std(axis=0).mean()) * n_cv ** (-1 / (dim + 4))
+        if not scott > 0:
+            raise ValueError("the KDE's training points have no spread: every point is the same")
         low, high = self.bandwidth_range
         grid = scott * np.geomspace(low, high, self.n_bandwidths)
         search = GridSearchCV(

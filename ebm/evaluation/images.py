@@ -74,8 +74,11 @@ def accuracy(
     """Classification accuracy of ``argmax_y f_y(x)`` on [0, 1] ``images`` ``(N, C, H, W)``, in eval mode.
 
     Raises:
-        ValueError: ``labels`` is not ``(N,)`` (an ``(N, 1)`` column would broadcast to N × N).
+        ValueError: no images, or ``labels`` is not ``(N,)`` (an ``(N, 1)`` column would broadcast to
+            N × N).
     """
+    if len(images) == 0:
+        raise ValueError("accuracy needs at least one image, got none")
     if labels.shape != (len(images),):
         raise ValueError(f"labels must have shape ({len(images)},), one per image, got {tuple(labels.shape)}")
     device = _device_of(model)
@@ -120,7 +123,20 @@ class Typicality:
         self.bandwidths = 1.06 * spread * n ** (-1 / 5)
 
     def log_density(self, statistics: Tensor) -> Tensor:
-        """Σ_s log KDE_s(statistics[:, s]), shape ``(M,)``: higher = more typical."""
+        """Σ_s log KDE_s(statistics[:, s]), shape ``(M,)``: higher = more typical.
+
+        Raises:
+            ValueError: ``statistics`` is not ``(M, S)`` with the reference's ``S`` columns, or holds a NaN
+                or infinite value (a diverged model's energy): a NaN typicality would only fail later.
+        """
+        columns = self.reference.shape[1]
+        if statistics.ndim != 2 or statistics.shape[1] != columns:
+            raise ValueError(
+                f"statistics must be (M, {columns}) like the reference, got {tuple(statistics.shape)}"
+            )
+        if not torch.isfinite(statistics).all():
+            bad = int((~torch.isfinite(statistics)).any(dim=1).sum())
+            raise ValueError(f"{bad} of {len(statistics)} rows of statistics hold NaN or infinite values")
         total = torch.zeros(statistics.shape[0], dtype=torch.float64)
         n = self.reference.shape[0]
         for s, bandwidth in enumerate(self.bandwidths):
@@ -268,8 +284,21 @@ def ood_score(
     return scores_from_statistics(statistics, images, score, reference=reference)
 
 
-def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
-    """AUROC of telling in-distribution (positive) from OOD by a score where higher means "in"."""
+def auroc(in_scores: Tensor, out_scores: Tensor, *, what: str = "scores") -> float:
+    """AUROC of telling in-distribution (positive) from OOD by a score where higher means "in".
+
+    Raises:
+        ValueError: either side is empty or not 1-D, or holds a NaN or infinite score; the message starts
+            with ``what`` (``ood_aurocs`` passes the score's and the OOD set's names).
+    """
+    for side, values in (("in-distribution", in_scores), ("out-of-distribution", out_scores)):
+        if values.ndim != 1 or len(values) == 0:
+            raise ValueError(
+                f"{what}: the {side} scores must be a non-empty (N,) tensor, got {tuple(values.shape)}"
+            )
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise ValueError(f"{what}: {bad} of {len(values)} {side} scores are NaN or infinite")
     labels = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
     values = torch.cat([in_scores, out_scores]).double().numpy()
     return float(roc_auc_score(labels, values))
@@ -363,7 +392,13 @@ def ood_aurocs(
 
     in_scores = every_score(in_images)
     out_scores = {name: every_score(images) for name, images in out_sets.items()}
-    return {s: {name: auroc(in_scores[s], out[s]) for name, out in out_scores.items()} for s in scores}
+    return {
+        s: {
+            name: auroc(in_scores[s], out[s], what=f"score {s!r} on the OOD set {name!r}")
+            for name, out in out_scores.items()
+        }
+        for s in scores
+    }
 
 
 # --- sample quality -------------------------------------------------------------------------------
@@ -450,10 +485,11 @@ class AISConfig:
     mala_steps: int = 1
 
     def __post_init__(self) -> None:
-        # n_temperatures 0 ran no step and reported log Z = 0 ± 0; one chain has no standard error
-        if self.n_chains < 2 or self.n_temperatures < 1 or self.mala_steps < 0:
+        # n_temperatures 0 ran no step and reported log Z = 0 ± 0; one chain has no standard error;
+        # mala_steps 0 moved no chain and reported an acceptance rate of 0 for moves never proposed
+        if self.n_chains < 2 or self.n_temperatures < 1 or self.mala_steps < 1:
             raise ValueError(
-                f"AIS needs n_chains ≥ 2, n_temperatures ≥ 1 and mala_steps ≥ 0, got {self.n_chains}, "
+                f"AIS needs n_chains ≥ 2, n_temperatures ≥ 1 and mala_steps ≥ 1, got {self.n_chains}, "
                 f"{self.n_temperatures} and {self.mala_steps}"
             )
         if not (math.isfinite(self.step_size) and self.step_size > 0):
