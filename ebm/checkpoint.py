@@ -85,8 +85,16 @@ def run_fingerprint(settings: Mapping[str, Any], *payloads: bytes) -> str:
 
 
 def write_json(path: str | os.PathLike[str], value: Any) -> Path:
-    """``value`` as indented JSON with sorted keys and a final newline, written by :func:`atomic_write`."""
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    """``value`` as indented JSON with sorted keys and a final newline, written by :func:`atomic_write`.
+
+    Raises:
+        ValueError: ``value`` holds a NaN or infinite float, which JSON cannot express (Python would write
+            a bare ``NaN`` token that strict readers refuse); nothing is written then.
+    """
+    try:
+        text = json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}; a metric that failed must not be written as a number") from err
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 

@@ -75,3 +75,23 @@ def test_stages_write_their_outs_and_register_once(
     assert list(scored.columns[:2]) == ["anomaly_score", "is_anomaly"] and len(scored) == 3
     with pytest.raises(mlflow.exceptions.MlflowException):
         model.predict(example[features].assign(amount="lots"))
+
+
+def test_a_detector_without_residual_members_reports_no_nan_training_metrics(
+    tmp_path: Path, quick_params: Path
+) -> None:
+    # before: final_gap and acceptance_rate were written as bare NaN tokens, which strict JSON refuses
+    import yaml
+
+    from ebm.stages.anomaly import AnomalyPaths, main
+
+    params = yaml.safe_load(quick_params.read_text())
+    params["anomaly"]["detector"]["n_members"] = 0
+    quick_params.write_text(yaml.safe_dump(params))
+    root = tmp_path / "project"
+    for stage in ("prepare", "train"):
+        main([stage, "--params", str(quick_params), "--root", str(root)])
+
+    text = (AnomalyPaths(root).reports / "train.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda token: pytest.fail(f"train.json holds {token}"))
+    assert "final_gap" not in metrics and "acceptance_rate" not in metrics and metrics["train_rows"] > 0

@@ -25,6 +25,7 @@ from ebm.checkpoint import (
     save_checkpoint,
     save_model,
     torch_save,
+    write_json,
     write_report_json,
 )
 from ebm.energies import MLPEnergy, MLPEnergyConfig
@@ -664,3 +665,12 @@ def test_a_trainer_whose_config_holds_numpy_numbers_writes_a_checkpoint_that_res
     trainer(2).fit()
     assert type(load_checkpoint(path)["config"]["lr"]) is float
     assert trainer(4).step == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_write_json_refuses_a_non_finite_number_and_keeps_the_old_file(tmp_path: Path, bad: float) -> None:
+    # before: written as a bare NaN or Infinity token, which strict JSON readers refuse
+    path = write_json(tmp_path / "metrics.json", {"auroc": 0.9})
+    with pytest.raises(ValueError, match=r"metrics.json: Out of range float"):
+        write_json(path, {"auroc": {"set": bad}})
+    assert json.loads(path.read_text()) == {"auroc": 0.9} and files_in(tmp_path) == ["metrics.json"]

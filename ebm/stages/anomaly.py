@@ -150,9 +150,10 @@ def train(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, float]:
         "train_rows": float(len(frame)),
         "threshold": float(detector.threshold_),
         "flagged_share": float(detector.labels_.mean()),
-        "final_gap": float(np.mean([h["gap"] for h in finals])) if finals else float("nan"),
-        "acceptance_rate": float(np.mean([h["acceptance_rate"] for h in finals])) if finals else float("nan"),
     }
+    if finals:  # no residual members (n_members: 0): no contrastive training to report on
+        metrics["final_gap"] = float(np.mean([h["gap"] for h in finals]))
+        metrics["acceptance_rate"] = float(np.mean([h["acceptance_rate"] for h in finals]))
     if detector.energy is not None and detector.energy.copula is not None:
         metrics["copula_shrinkage"] = float(detector.energy.copula.shrinkage)  # picked by cross-validation
     write_json(paths.reports / "train.json", metrics)

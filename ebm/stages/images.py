@@ -224,15 +224,19 @@ def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> di
         config=spec,
         metadata={"dataset": params.data.dataset, "objective": "cross-entropy (FD feature space)"},
     )
-    final = result.history[-1] if result.history else {}
     metrics = {
         "train_seconds": seconds,
         "classifier_seconds": classifier_seconds,
         "steps": float(result.steps),
         "recoveries": float(result.recoveries),
-        "final_gap": final.get("gap", float("nan")),
-        "final_train_accuracy": final.get("accuracy", float("nan")),
     }
+    if result.history:  # none when the run logged no step (log_every above the steps left)
+        final = result.history[-1]
+        metrics |= {
+            key: final[name]
+            for key, name in (("final_gap", "gap"), ("final_train_accuracy", "accuracy"))
+            if name in final
+        }
     write_json(paths.reports / "train.json", metrics)
     return metrics
 

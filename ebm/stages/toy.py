@@ -150,13 +150,13 @@ def train(params: ToyParams, paths: ToyPaths, run: Any | None = None) -> dict[st
             )
             _write_curves(paths.reports / "curves" / f"{name}.csv", result.history)
             checkpoint.unlink(missing_ok=True)
-        final = result.history[-1] if result.history else {}
         metrics[name] = {
             "train_seconds": seconds,
             "steps": float(result.steps),
             "recoveries": float(result.recoveries),
-            "final_gap": final.get("gap", float("nan")),
         }
+        if result.history:  # none when the run logged no step (log_every above the steps left)
+            metrics[name]["final_gap"] = result.history[-1]["gap"]
     if context.is_main:
         write_json(paths.reports / "train.json", metrics)
     return metrics
