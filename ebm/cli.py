@@ -13,7 +13,8 @@
     ebm score --model models/anomaly/detector.pt --input new.csv --output scored.csv
     ebm rbm loglik --model models/boltzmann/rbm/cd1.pt       # AIS (and exact) log Z, test log-likelihood
 
-Every option has a default; ``ebm <command> --help`` explains each one.
+``ebm <command> --help`` explains every option and states its default; only the files a command reads
+(``--model``, ``--data``, ``--input``) and ``score --output`` must be given.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def _anomaly_features(args: argparse.Namespace, columns: Sequence[str]) -> tuple
 
 
 def _read_anomaly_table(args: argparse.Namespace) -> Any:
-    from ebm.anomaly.validation import TableSchema, read_header, read_table
+    from ebm.anomaly.validation import TableSchema, ValidationError, read_header, read_table
 
     features, categorical = _anomaly_features(args, read_header(args.data))
     schema = TableSchema(
@@ -247,7 +248,14 @@ def _read_anomaly_table(args: argparse.Namespace) -> Any:
         label=args.label,
         label_required=args.label is not None,
     )
-    return read_table(args.data, schema), features
+    try:
+        return read_table(args.data, schema), features
+    except ValidationError as err:
+        if err.column in schema.numeric and "non-numeric" in str(err) and args.categorical is None:
+            raise ValidationError(
+                f"{err}; if {err.column!r} is a category, name it with --categorical", column=err.column
+            ) from err
+        raise
 
 
 def cmd_anomaly_generate(args: argparse.Namespace) -> int:
@@ -407,7 +415,10 @@ def _add_rbm_commands(commands: Any) -> None:
         help="AIS distributions, the two ends included, ≥ 3 (default %(default)s)",
     )
     loglik.add_argument(
-        "--max-test", type=_positive_int, default=None, help="score at most this many test images (≥ 1)"
+        "--max-test",
+        type=_positive_int,
+        default=None,
+        help="score at most this many test images, ≥ 1 (default: all of them)",
     )
     loglik.add_argument("--seed", type=int, default=0, help="seed of the AIS chains (default %(default)s)")
     loglik.set_defaults(handler=cmd_rbm_loglik)
@@ -442,15 +453,30 @@ def _add_anomaly_commands(commands: Any) -> None:
             "columns but --label and --ignore)",
         )
         parser.add_argument(
-            "--categorical", nargs="+", default=None, help="which feature columns are categories"
+            "--categorical",
+            nargs="+",
+            default=None,
+            help="which feature columns are categories (default: the transaction features' own, else none)",
         )
-        parser.add_argument("--ignore", nargs="+", default=None, help="columns that are not features (ids)")
+        parser.add_argument(
+            "--ignore",
+            nargs="+",
+            default=None,
+            help="columns that are not features, such as ids (default: none)",
+        )
 
     fit = anomaly_commands.add_parser("fit", help="fit an EnergyAnomalyDetector on unlabelled rows")
     table_options(fit)
-    fit.add_argument("--label", default=None, help="a label column to leave out of the features (never used)")
     fit.add_argument(
-        "--out", type=_output_file, default=Path("models/anomaly/detector.pt"), help="detector file to write"
+        "--label",
+        default=None,
+        help="a label column to leave out of the features, never used (default: none)",
+    )
+    fit.add_argument(
+        "--out",
+        type=_output_file,
+        default=Path("models/anomaly/detector.pt"),
+        help="detector file to write (default %(default)s)",
     )
     fit.add_argument(
         "--contamination",
@@ -471,7 +497,10 @@ def _add_anomaly_commands(commands: Any) -> None:
     evaluate.add_argument("--data", type=Path, required=True, help="labelled CSV or Parquet table")
     evaluate.add_argument("--label", required=True, help="the 0/1 anomaly label column")
     evaluate.add_argument(
-        "--json", type=_output_file, default=None, help="also write the figures to this JSON file"
+        "--json",
+        type=_output_file,
+        default=None,
+        help="also write the figures to this JSON file (default: none)",
     )
     evaluate.set_defaults(handler=cmd_anomaly_evaluate, categorical=None, ignore=None)
 
@@ -495,7 +524,10 @@ def _add_anomaly_commands(commands: Any) -> None:
     )
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.add_argument(
-        "--histogram", type=_output_file, default=None, help="also write the energy histogram (PNG)"
+        "--histogram",
+        type=_output_file,
+        default=None,
+        help="also write the energy histogram, PNG (default: none)",
     )
     score.set_defaults(handler=cmd_score)
 
@@ -526,7 +558,9 @@ def _add_recipe_options(parser: argparse.ArgumentParser, *, training: bool = Fal
         "--seed", type=int, default=None, help="seed of data, initialisation and chains (default 0)"
     )
     parser.add_argument(
-        "--device", default=None, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, …"
+        "--device",
+        default=None,
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, … (default: the recipe's, auto)",
     )
     parser.add_argument(
         "--n-train",
@@ -537,6 +571,8 @@ def _add_recipe_options(parser: argparse.ArgumentParser, *, training: bool = Fal
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ebm.classify2d import Classifier2DConfig  # its defaults are quoted in the help
+
     parser = argparse.ArgumentParser(
         prog="ebm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -544,14 +580,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = commands.add_parser("toy", help="2D density models: train, evaluate, render, classify")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
-    dataset_help = "2D dataset: " + ", ".join(TOY_DATASETS)
+    dataset_help = "2D dataset: " + ", ".join(TOY_DATASETS) + " (default %(default)s)"
 
     train = toy_commands.add_parser(
         "train", help="train an energy on a 2D dataset by PCD with MALA negatives"
     )
     train.add_argument("--dataset", choices=list(TOY_DATASETS), default="8gaussians", help=dataset_help)
     train.add_argument(
-        "--out", type=_output_file, default=Path("models/toy-model.pt"), help="model file to write"
+        "--out",
+        type=_output_file,
+        default=Path("models/toy-model.pt"),
+        help="model file to write (default %(default)s)",
     )
     train.add_argument(
         "--resume",
@@ -571,7 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-test", type=_whole_number(2), default=20_000, help="fresh test points, ≥ 2 (default %(default)s)"
     )
     evaluate.add_argument(
-        "--json", type=_output_file, default=None, help="also write the figures to this JSON file"
+        "--json",
+        type=_output_file,
+        default=None,
+        help="also write the figures to this JSON file (default: none)",
     )
     _add_recipe_options(evaluate)
     evaluate.set_defaults(handler=cmd_toy_evaluate)
@@ -590,7 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", default="moons", help="labelled 2D dataset: moons, blobs or xor (default %(default)s)"
     )
     classify.add_argument(
-        "--steps", type=_positive_int, default=None, help="training steps (default: the recipe's)"
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help=f"training steps (default: the recipe's, {Classifier2DConfig.steps})",
     )
     classify.add_argument(
         "--n-train", type=_positive_int, default=2000, help="training points (default %(default)s)"
@@ -599,12 +644,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-test", type=_positive_int, default=2000, help="test points (default %(default)s)"
     )
     classify.add_argument(
-        "--out", type=_output_file, default=None, help="write the decision-energy heatmap here (PNG)"
+        "--out",
+        type=_output_file,
+        default=None,
+        help="write the decision-energy heatmap here, PNG (default: none)",
     )
     classify.set_defaults(handler=cmd_toy_classify)
 
     pipeline = commands.add_parser("pipeline", help="run the DVC pipeline stage by stage through Prefect")
-    pipeline.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
+    pipeline.add_argument(
+        "--stages",
+        nargs="*",
+        default=None,
+        help="run these stages and every stage upstream of them (default: all)",
+    )
     pipeline.set_defaults(handler=cmd_pipeline)
 
     _add_anomaly_commands(commands)

@@ -85,7 +85,9 @@ def nightly_deployment(project_root: Path) -> RunnerDeployment:
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m flows.deploy [--work-pool POOL [--image IMAGE]]``."""
     parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--project-root", type=Path, default=PROJECT_ROOT, help="DVC project to run")
+    parser.add_argument(
+        "--project-root", type=Path, default=PROJECT_ROOT, help="DVC project to run (default %(default)s)"
+    )
     parser.add_argument("--work-pool", help="deploy to this work pool instead of serving from here")
     parser.add_argument("--image", help="with --work-pool: a prebuilt image holding the project")
     args = parser.parse_args(argv)

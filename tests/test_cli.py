@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK = str(REPO / "configs" / "quick.yaml")
 
 
-def test_every_option_of_every_command_has_help_text() -> None:
+def test_every_option_of_every_command_has_help_text_stating_its_default() -> None:
     parser = build_parser()
     stack = [parser]
     seen = 0
@@ -31,6 +31,11 @@ def test_every_option_of_every_command_has_help_text() -> None:
                 stack.extend(action.choices.values())
                 continue
             assert action.help, f"{current.prog}: option {action.option_strings or action.dest} has no help"
+            optional = action.option_strings and not action.required and action.nargs != 0
+            # before: eight options (--dataset, --out, --device, ...) never said what they default to
+            assert not optional or "default" in action.help, (
+                f"{current.prog} {action.option_strings[0]}: no default"
+            )
             seen += 1
     assert seen > 20
 
@@ -334,3 +339,15 @@ def test_a_negative_sampling_length_is_an_error_naming_the_key(
     bad.write_text(yaml.safe_dump(params))
     assert main(["toy", "render", "--dataset", "moons", "--params", str(bad), "--model", "m.pt"]) == 2
     assert "toy.sampling: need n_samples ≥ 1 and n_steps ≥ 0" in capsys.readouterr().err
+
+
+def test_anomaly_fit_on_a_text_column_suggests_declaring_it_categorical(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = tmp_path / "table.csv"
+    table.write_text("amount,city\n" + "".join(f"{i % 7 + 0.5},{'xyz'[i % 3]}\n" for i in range(40)))
+    assert (
+        main(["anomaly", "fit", "--data", str(table), "--out", str(tmp_path / "d.pt"), "--members", "0"]) == 2
+    )
+    assert "column 'city' has non-numeric values" in (err := capsys.readouterr().err)
+    assert "name it with --categorical" in err and not (tmp_path / "d.pt").exists()
