@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ebm.config import load_params
+from tests.stage_sources import assert_declared, executed_sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,9 @@ def test_stages_write_their_outs_and_register_once(
 
     root = tmp_path / "project"
     for stage in ("prepare", "train", "evaluate", "register"):
-        main([stage, "--params", str(quick_params), "--root", str(root)])
+        with executed_sources() as executed:
+            main([stage, "--params", str(quick_params), "--root", str(root)])
+        assert_declared(f"{stage}_anomaly", executed)
     paths = AnomalyPaths(root)
     assert sorted(p.name for p in paths.data.iterdir()) == [
         "test.parquet",

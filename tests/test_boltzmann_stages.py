@@ -18,6 +18,7 @@ from ebm.boltzmann.structured import GridCRFEnergy
 from ebm.checkpoint import load_model
 from ebm.config import ConfigError
 from ebm.stages.boltzmann import BoltzmannParams, main
+from tests.stage_sources import assert_declared, executed_sources
 
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])
@@ -95,7 +96,9 @@ def test_the_four_stages_write_their_outs_and_log_to_the_boltzmann_experiment(
 
     stages = ("train_rbm", "evaluate_rbm", "train_structured", "evaluate_structured")
     for stage in stages:
-        main([stage, "--params", str(tmp_path / "params.yaml"), "--root", str(root)])
+        with executed_sources() as executed:
+            main([stage, "--params", str(tmp_path / "params.yaml"), "--root", str(root)])
+        assert_declared(stage, executed)
 
     reports = root / "reports" / "boltzmann"
     assert sorted(p.name for p in (root / "models" / "boltzmann" / "rbm").iterdir()) == ["cd1.pt", "pcd.pt"]

@@ -20,6 +20,7 @@ from ebm.config import ConfigError
 from ebm.evaluation.images import bits_per_dim
 from ebm.jem import dequantise
 from ebm.stages.images import ImagePaths, ImagesParams, evaluate, main, prepare, render, train
+from tests.stage_sources import assert_declared, executed_sources
 
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])
@@ -150,7 +151,9 @@ def test_the_stage_cli_logs_each_stage_to_the_images_experiment(
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
 
     for stage in ("prepare", "train", "evaluate", "render"):
-        main([stage, "--params", str(tmp_path / "params.yaml"), "--root", str(root)])
+        with executed_sources() as executed:
+            main([stage, "--params", str(tmp_path / "params.yaml"), "--root", str(root)])
+        assert_declared(f"{stage}_images", executed)
 
     client = mlflow.MlflowClient(mlflow_tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("images").experiment_id])
