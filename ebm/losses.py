@@ -99,17 +99,9 @@ class ContrastiveDivergence:
         lag_threshold: float = 0.05,
         lag_decay: float = 0.95,
     ) -> None:
-        if n_steps < 1:
-            raise ValueError(f"n_steps must be ≥ 1, got {n_steps}")
-        if max_steps is not None and max_steps < n_steps:
-            raise ValueError(f"max_steps must be ≥ n_steps ({n_steps}) or None, got {max_steps}")
-        if not (lag_threshold >= 0 and math.isfinite(lag_threshold)):
-            raise ValueError(f"lag_threshold must be a finite number ≥ 0, got {lag_threshold}")
+        _check_cd_settings(n_steps, alpha, offset_weight, target_acceptance, max_steps, lag_threshold)
         if not 0.0 <= lag_decay < 1.0:
             raise ValueError(f"lag_decay must lie in [0, 1), got {lag_decay}")
-        for name, value in (("alpha", alpha), ("offset_weight", offset_weight)):
-            if value < 0 or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
         self.sampler = sampler
         self.n_steps = n_steps
         self.base_steps = n_steps
@@ -120,8 +112,6 @@ class ContrastiveDivergence:
         self.alpha = alpha
         self.offset_weight = offset_weight
         self.buffer = buffer
-        if target_acceptance is not None and not 0.0 < target_acceptance < 1.0:
-            raise ValueError(f"target_acceptance must lie in (0, 1) or be None, got {target_acceptance}")
         if target_acceptance is not None and not getattr(sampler, "metropolis_adjusted", False):
             # An unadjusted sampler accepts every move: the rate would read 1 forever and η grow to 10 η₀.
             raise ValueError(
@@ -243,6 +233,28 @@ class ContrastiveDivergence:
             self.buffer.load_state_dict(state["buffer"])
 
 
+def _check_cd_settings(
+    n_steps: int,
+    alpha: float,
+    offset_weight: float,
+    target_acceptance: float | None,
+    max_steps: int | None,
+    lag_threshold: float,
+) -> None:
+    """The checks :class:`ContrastiveDivergence` and :class:`CDConfig` share (``ValueError`` by name)."""
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be ≥ 1, got {n_steps}")
+    if max_steps is not None and max_steps < n_steps:
+        raise ValueError(f"max_steps must be ≥ n_steps ({n_steps}) or None, got {max_steps}")
+    if not (lag_threshold >= 0 and math.isfinite(lag_threshold)):
+        raise ValueError(f"lag_threshold must be a finite number ≥ 0, got {lag_threshold}")
+    for name, value in (("alpha", alpha), ("offset_weight", offset_weight)):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
+    if target_acceptance is not None and not 0.0 < target_acceptance < 1.0:
+        raise ValueError(f"target_acceptance must lie in (0, 1) or be None, got {target_acceptance}")
+
+
 @dataclass(frozen=True)
 class CDConfig:
     """Contrastive-divergence settings as ``params.yaml`` gives them.
@@ -270,6 +282,20 @@ class CDConfig:
     reinit_prob: float = 0.05
     max_steps: int | None = None
     lag_threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_cd_settings(
+            self.n_steps,
+            self.alpha,
+            self.offset_weight,
+            self.target_acceptance,
+            self.max_steps,
+            self.lag_threshold,
+        )
+        if self.buffer_size < 1:
+            raise ValueError(f"buffer_size must be ≥ 1, got {self.buffer_size}")
+        if not 0.0 <= self.reinit_prob <= 1.0:
+            raise ValueError(f"reinit_prob must lie in [0, 1], got {self.reinit_prob}")
 
     def build(self, sampler: Sampler, *, buffer: ReplayBuffer | None = None) -> ContrastiveDivergence:
         """The loss these settings describe, negatives from ``sampler`` and ``buffer`` (``None``: CD-k)."""

@@ -63,6 +63,10 @@ class Toy2DConfig:
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.in_features != 2:  # else a shape error deep in the first training step
+            raise ValueError(f"model.in_features must be 2 for 2D data, got {self.model.in_features}")
+
 
 def build_objective(
     config: Toy2DConfig,

@@ -258,6 +258,39 @@ def test_bad_toy_data_params_are_an_error_naming_the_key(
         assert fragment in str(raised.value)
 
 
+def _toy_subsection(name: str, **changes: Any) -> dict[str, Any]:
+    return {name: {**load_params(Path(__file__).parents[1] / "params.yaml")["toy"][name], **changes}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        pytest.param(
+            _toy_subsection("loss", buffer_size=0), ["toy.loss", "buffer_size", "≥ 1", "0"], id="buffer"
+        ),
+        pytest.param(
+            _toy_subsection("loss", reinit_prob=1.5), ["toy.loss", "reinit_prob", "1.5"], id="reinit"
+        ),
+        pytest.param(_toy_subsection("loss", n_steps=0), ["toy.loss", "n_steps", "≥ 1"], id="n_steps"),
+        pytest.param(_toy_subsection("loss", alpha=-1.0), ["toy.loss", "alpha", "-1.0"], id="alpha"),
+        pytest.param(
+            _toy_subsection("model", in_features=3), ["in_features must be 2", "3"], id="in_features"
+        ),
+    ],
+)
+def test_bad_toy_recipe_params_are_an_error_naming_the_key_before_training(
+    changes: dict[str, Any], fragments: list[str]
+) -> None:
+    # before: buffer_size 0 failed in the train stage as "capacity must be ≥ 1", in_features 3 as a
+    # matrix-shape RuntimeError, reinit_prob 1.5 and n_steps 0 without the toy.loss prefix
+    from ebm.stages.toy import ToyParams
+
+    with pytest.raises(ConfigError) as raised:
+        ToyParams.from_params(_with("toy", **changes))
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
 def test_the_shipped_toy_params_still_load() -> None:
     from ebm.stages.toy import ToyParams
 
@@ -277,6 +310,15 @@ def test_the_shipped_toy_params_still_load() -> None:
             {"evaluate": {"baselines": ["iforest", "iforrest"]}},
             ["anomaly.evaluate", "baselines", "'iforrest'", "'lof'"],
             id="misspelt_baseline",
+        ),
+        pytest.param(
+            {"data": {"train_fraction": 1.0}}, ["anomaly.data", "train_fraction", "1.0"], id="no_test_rows"
+        ),
+        pytest.param(
+            {"data": {"train_fraction": 0.0}}, ["anomaly.data", "train_fraction"], id="no_train_rows"
+        ),
+        pytest.param(
+            {"data": {"n_customers": 5}}, ["anomaly.data", "n_customers must be ≥ 10, got 5"], id="few"
         ),
     ],
 )

@@ -113,8 +113,9 @@ class TransactionsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_customers < 10 or self.days < 1 or self.warmup_days < 1 or self.n_regions < 2:
-            raise ValueError("n_customers ≥ 10, days ≥ 1, warmup_days ≥ 1 and n_regions ≥ 2 are required")
+        for name, minimum in (("n_customers", 10), ("days", 1), ("warmup_days", 1), ("n_regions", 2)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} must be ≥ {minimum}, got {getattr(self, name)}")
         if not 0 < self.fraud_rate < 1:
             raise ValueError(f"fraud_rate must lie in (0, 1), got {self.fraud_rate}")
 

@@ -72,6 +72,18 @@ class DataParams:
     fraud_rate: float = 0.15
     train_fraction: float = 0.6
 
+    def __post_init__(self) -> None:
+        # 1.0 left no test rows and the stage "succeeded"; 0.0 trained on one row
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"train_fraction must lie strictly between 0 and 1, got {self.train_fraction}")
+        TransactionsConfig(  # the generator's own checks, run now rather than in the prepare stage
+            n_customers=self.n_customers,
+            days=self.days,
+            warmup_days=self.warmup_days,
+            n_regions=self.n_regions,
+            fraud_rate=self.fraud_rate,
+        )
+
 
 @dataclass(frozen=True)
 class EvaluateParams:
