@@ -291,14 +291,14 @@ def auroc(in_scores: Tensor, out_scores: Tensor, *, what: str = "scores") -> flo
         ValueError: either side is empty or not 1-D, or holds a NaN or infinite score; the message starts
             with ``what`` (``ood_aurocs`` passes the score's and the OOD set's names).
     """
-    for side, values in (("in-distribution", in_scores), ("out-of-distribution", out_scores)):
-        if values.ndim != 1 or len(values) == 0:
+    for side, side_scores in (("in-distribution", in_scores), ("out-of-distribution", out_scores)):
+        if side_scores.ndim != 1 or len(side_scores) == 0:
             raise ValueError(
-                f"{what}: the {side} scores must be a non-empty (N,) tensor, got {tuple(values.shape)}"
+                f"{what}: the {side} scores must be a non-empty (N,) tensor, got {tuple(side_scores.shape)}"
             )
-        bad = int((~torch.isfinite(values)).sum())
+        bad = int((~torch.isfinite(side_scores)).sum())
         if bad:
-            raise ValueError(f"{what}: {bad} of {len(values)} {side} scores are NaN or infinite")
+            raise ValueError(f"{what}: {bad} of {len(side_scores)} {side} scores are NaN or infinite")
     labels = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
     values = torch.cat([in_scores, out_scores]).double().numpy()
     return float(roc_auc_score(labels, values))
