@@ -352,6 +352,18 @@ def test_the_logged_model_lists_tqdm_and_takes_float64_numbers_in_process(
         model.predict(as_int64)
     assert len(model.predict(as_int64.astype({numeric[0]: "float64"}))) == 4  # the documented remedy
 
+    # before: top_k 20 silently gave 10 pairs, -1 none; the declared output says nothing of either
+    n_features = len(FEATURES)
+    widest = model.predict(floats, params={"top_k": n_features})
+    assert f"reason_{n_features}" in widest.columns and "reason_1" not in model.predict(
+        floats, params={"top_k": 0}
+    )
+    for bad in (n_features + 1, -1):
+        with pytest.raises(
+            mlflow.exceptions.MlflowException, match=f"top_k must be a whole number from 0 to {n_features}"
+        ):
+            model.predict(floats, params={"top_k": bad})
+
 
 @pytest.mark.parametrize("entry", ["register_detector", "log_detector_model"])
 def test_registry_entry_points_switch_telemetry_off_themselves(

@@ -7,6 +7,8 @@ model is this source file, the ``ebm`` package (``code_paths``) and the detector
 
 from __future__ import annotations
 
+import numbers
+
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -28,9 +30,15 @@ class DetectorModel(PythonModel):
         from ebm.anomaly.scoring import score_frame
 
         try:
-            top_k = int((params or {}).get("top_k", 3))
+            top_k = (params or {}).get("top_k", 3)
+            n_features = len(self.detector.feature_names_in_)
+            whole = isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)
+            if not whole or not 0 <= top_k <= n_features:
+                raise ValueError(
+                    f"top_k must be a whole number from 0 to {n_features} (the features), got {top_k!r}"
+                )
             checked = self.detector.validate(_as_frame(model_input))
-            scored = score_frame(self.detector, checked, top_k=max(0, min(top_k, 10)), reasons="all")
+            scored = score_frame(self.detector, checked, top_k=int(top_k), reasons="all")
             return scored.reset_index(drop=True)
         except (ValueError, TypeError, KeyError) as err:  # ValidationError is a ValueError
             raise MlflowException(f"invalid input: {err}", error_code=INVALID_PARAMETER_VALUE) from err

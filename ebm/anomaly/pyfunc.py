@@ -14,8 +14,11 @@ The model's signature has one column per feature: ``double`` for numeric columns
 categories (the float32 conversion happens inside, at the torch boundary). Over REST the scoring server
 casts JSON numbers, integers included, to float64 by the signature before enforcing it. In process,
 ``model.predict`` enforces the signature as given: a numeric column must be float64 (float32 and int32
-are widened), and an int64 column is refused (``Incompatible input types ... int64 to float64``: MLflow
-widens no integer wider than 6 bytes to double) — cast it first, ``frame.astype({column: "float64"})``.
+are widened); an int64 column is refused (``Incompatible input types ... int64 to float64``) unless every
+value in it is 0 or 1, MLflow's one exception — cast it first, ``frame.astype({column: "float64"})``.
+The ``top_k`` parameter (default 3) sets how many ``reason_k`` / ``contribution_k`` pairs come back, from
+0 to the number of features; the declared output shows the default's columns (MLflow does not enforce
+outputs), and a ``top_k`` outside that range is refused with ``MlflowException``.
 The model is logged *from code* (``ebm/anomaly/mlflow_model.py``; nothing is pickled) with the ``ebm``
 package in ``code_paths``, so it loads wherever MLflow and torch are installed. A malformed
 request (missing column, text where a number belongs, NaN/inf, an empty body) is refused by MLflow's

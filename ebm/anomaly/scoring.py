@@ -7,7 +7,9 @@ temporary file next to the destination. Only when the whole input has passed is 
 renamed over the destination; a file that fails validation anywhere, or any other error, leaves no
 output (and no half-written file) behind.
 
-Output columns: every input column that is not a feature (ids, timestamps, labels) unchanged, then
+Output columns: every input column that is not a feature (ids, timestamps, labels) as it came in (from a
+Parquet input with its type; from a CSV, which has no types, as the text in the file, so a Parquet
+output of a CSV input holds them as strings), then
 ``anomaly_score`` (higher = more anomalous), ``is_anomaly`` (0/1 against the detector's threshold) and,
 with ``top_k > 0``, ``reason_1 … reason_k`` / ``contribution_1 … contribution_k``: the raw columns that
 pushed the score up most and by how much (see :mod:`ebm.anomaly.explain`), for the flagged rows by
