@@ -299,9 +299,10 @@ class MLPEnergy(nn.Module):
 
     def frozen_energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(E(x), ∇ₓE(x))`` by :mod:`ebm.fastgrad`'s hand-written pass, for frozen weights; ``None``
-        with Fourier features or a network it cannot take (:func:`energy_and_grad` decides when)."""
+        with Fourier features, a network it cannot take, or a subclass that computes its energy another
+        way (:func:`energy_and_grad` decides when)."""
         layers = fastgrad.cached_sequential_layers(self.net)
-        if layers is None or self.config.fourier_features:
+        if layers is None or self.config.fourier_features or type(self).forward is not MLPEnergy.forward:
             return None
         fastgrad.count("mlp")
         energy, grad = fastgrad.value_and_input_grad(layers, x.flatten(1), _identity_head)

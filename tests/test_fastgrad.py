@@ -138,14 +138,23 @@ def test_relu_mlp_matches_autograd_on_both_sides_of_every_kink() -> None:
         MLPEnergyConfig(activation="tanh")
 
 
+class MLPEnergyWithPrior(MLPEnergy):
+    """A subclass that adds a Gaussian prior term: the hand pass over ``net`` alone would drop it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + 0.5 * x.flatten(1).square().sum(1)
+
+
 def test_networks_it_cannot_take_run_on_autograd_with_the_same_values() -> None:
     torch.manual_seed(0)
     fourier = MLPEnergy(MLPEnergyConfig(widths=(16,), fourier_features=4))
+    with_prior = MLPEnergyWithPrior(MLPEnergyConfig(widths=(8,)))  # before: sampled without its prior
     tanh = ClassConditionalEnergy(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)))
     resnet = ImageEnergy(ResNet32(ResNet32Config(width=8, blocks_per_stage=1)), (3, 32, 32))
     mixed = MixedPrecisionImageEnergy(CNN28(CNN28Config()), (1, 28, 28))  # its own logits(): autocast
     cases = [
         (fourier, torch.randn(8, 2)),
+        (with_prior, torch.randn(8, 2)),
         (tanh, torch.randn(8, 2)),
         (resnet, torch.rand(2, 3, 32, 32)),
         (mixed, torch.rand(2, 1, 28, 28)),
