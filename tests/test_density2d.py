@@ -133,6 +133,15 @@ def test_mmd_matches_a_direct_numpy_computation(chunk_size: int) -> None:
     assert got_default == pytest.approx(numpy_mmd(x, y, median_bandwidths), rel=1e-9, abs=1e-12)
 
 
+def test_mmd_of_float32_samples_far_from_the_origin_matches_float64() -> None:
+    # before: torch.cdist's float32 distances lost their digits at |x| ~ 1000: -8.5e-4 against -7.4e-4
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(300, 2)) + 1000.0, rng.normal(size=(300, 2)) + 1000.0
+    exact = mmd(torch.from_numpy(x), torch.from_numpy(y), bandwidths=[0.5, 1.0])
+    single = mmd(torch.from_numpy(x).float(), torch.from_numpy(y).float(), bandwidths=[0.5, 1.0])
+    assert single == pytest.approx(exact, abs=2e-5)
+
+
 def test_mmd_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="need x"):
         mmd(torch.zeros(10, 2), torch.zeros(10, 3))

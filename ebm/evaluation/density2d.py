@@ -292,6 +292,8 @@ def mmd(
         raise_if_rows_not_finite(points, name)
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
     x, y = x.to("cpu", dtype), y.to("cpu", dtype)
+    centre = torch.cat([x, y]).mean(0, dtype=torch.float64).to(dtype)  # cdist's float32 error grows with |x|
+    x, y = x - centre, y - centre
     if bandwidths is None:
         median = median_bandwidth(x, y)
         bandwidths = [median * factor for factor in (0.25, 0.5, 1.0, 2.0, 4.0)]
