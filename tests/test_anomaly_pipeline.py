@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from stage_sources import assert_declared, executed_sources
 
 from ebm.config import load_params
-from tests.stage_sources import assert_declared, executed_sources
 
 REPO = Path(__file__).resolve().parents[1]
 

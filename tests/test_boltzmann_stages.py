@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from paramfiles import REPO, dotted_keys, quick_params
+from stage_sources import assert_declared, executed_sources
 from test_rbm import fashion_mnist_images, needs_fashion_mnist
 
 from ebm.boltzmann.rbm import BernoulliRBM
@@ -18,7 +19,6 @@ from ebm.boltzmann.structured import GridCRFEnergy
 from ebm.checkpoint import load_model
 from ebm.config import ConfigError
 from ebm.stages.boltzmann import BoltzmannParams, main
-from tests.stage_sources import assert_declared, executed_sources
 
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from paramfiles import REPO, dotted_keys, quick_params
+from stage_sources import assert_declared, executed_sources
 from test_images_data import write_cifar_copy, write_mnist_copy
 
 import ebm
@@ -20,7 +21,6 @@ from ebm.config import ConfigError
 from ebm.evaluation.images import bits_per_dim
 from ebm.jem import dequantise
 from ebm.stages.images import ImagePaths, ImagesParams, evaluate, main, prepare, render, train
-from tests.stage_sources import assert_declared, executed_sources
 
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from tests.paramfiles import quick_params
-from tests.stage_sources import assert_declared, executed_sources
+from paramfiles import quick_params
+from stage_sources import assert_declared, executed_sources
 
 
 @pytest.mark.slow
