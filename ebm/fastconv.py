@@ -197,7 +197,10 @@ class FrozenWeightConv2d(torch.autograd.Function):
         # scalar) would be copied to channels_last (~5 ms at 128×32×16×16): keep a reference to x_cl.
         ctx.save_for_backward(weight_cl, None if by_gemm else x_cl)
         ctx.conv_args = (tuple(x.shape), stride, padding, dilation, by_gemm)
-        return torch.conv2d(x_cl, weight_cl, bias, stride, padding, dilation)
+        out = torch.conv2d(x_cl, weight_cl, bias, stride, padding, dilation)
+        # PyTorch's conv2d returns its input's layout: a network that flattens an NCHW output with
+        # .view(B, -1) must keep working when its weights are frozen (a one-channel input counts as both)
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:

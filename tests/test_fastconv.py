@@ -237,3 +237,28 @@ def test_the_fast_input_gradient_of_an_empty_batch_is_empty(name: str) -> None:
             energies_frozen, gradient_frozen = autograd_energy_and_grad(energy, x)
     assert energies.shape == energies_frozen.shape == (0,)
     assert gradient.shape == gradient_frozen.shape == x.shape
+
+
+class FlattensWithView(nn.Module):
+    """A user network that flattens an NCHW feature map with ``.view``, as many do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.conv(x))
+        return self.head(h.view(len(h), -1)).squeeze(1)
+
+
+def test_a_frozen_convolution_returns_its_inputs_layout_so_view_keeps_working() -> None:
+    # before: the output came back channels_last, and .view raised "view size is not compatible"
+    torch.manual_seed(0)
+    energy, x = FlattensWithView(), torch.rand(5, 3, 8, 8)
+    with frozen(energy):
+        fast = energy_and_grad(energy, x)
+        with fastconv.disabled():
+            reference = energy_and_grad(energy, x)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    assert fast[1].is_contiguous()
