@@ -253,9 +253,15 @@ def buffer_proposal(
     if images is None:
         raise ValueError("buffer_init 'class_gaussians' needs the training images to fit its Gaussians")
     unit = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-    return GaussianMixtureProposal.fit(
-        unit, labels, low=0.0, high=1.0, uniform_weight=recipe.buffer_init_uniform_weight
-    )
+    try:
+        return GaussianMixtureProposal.fit(
+            unit, labels, low=0.0, high=1.0, uniform_weight=recipe.buffer_init_uniform_weight
+        )
+    except ValueError as err:  # a class with fewer than two training images (a small max_train)
+        raise ValueError(
+            f"buffer_init 'class_gaussians' cannot fit its Gaussians: {err}; train on more images "
+            "(images.data.max_train) or start the buffer from uniform noise (images.buffer_init: uniform)"
+        ) from err
 
 
 def build_objective(

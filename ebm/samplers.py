@@ -621,9 +621,12 @@ class GaussianMixtureProposal:
         if x.ndim < 2 or x.shape[0] < 2:
             raise ValueError(f"need at least two samples of shape (N, *event_shape), got {tuple(x.shape)}")
         flat = x.reshape(x.shape[0], -1).double()
-        groups = [flat] if labels is None else [flat[labels == k] for k in labels.unique(sorted=True)]
-        if any(group.shape[0] < 2 for group in groups):
-            raise ValueError("every class needs at least two samples to fit its covariance")
+        classes = [None] if labels is None else labels.unique(sorted=True).tolist()
+        groups = [flat] if labels is None else [flat[labels == k] for k in classes]
+        few = {k: group.shape[0] for k, group in zip(classes, groups, strict=True) if group.shape[0] < 2}
+        if few:
+            counts = ", ".join(f"class {k}: {n}" for k, n in few.items())
+            raise ValueError(f"every class needs at least two samples to fit its covariance ({counts})")
         means, trils = [], []
         eye = torch.eye(flat.shape[1], dtype=torch.float64)
         for group in groups:

@@ -163,7 +163,7 @@ def test_splits_are_fixed_by_the_seed_and_change_with_it(tmp_path: Path) -> None
 def test_cifar_pickle_batches_are_read_in_channel_plane_order(tmp_path: Path) -> None:
     written = write_cifar_copy(tmp_path / "copy", per_batch=4, n_test=6)
     config = ImageDataConfig(
-        dataset="cifar10", local_copy=str(tmp_path / "copy"), download=False, n_validation=0
+        dataset="cifar10", local_copy=str(tmp_path / "copy"), download=False, n_validation=2
     )
 
     original = load_original(config)

@@ -201,8 +201,8 @@ def test_the_benchmark_prints_every_figure_beside_its_bar(
     assert payload["train"]["steps"] == 6
 
 
-@pytest.mark.parametrize("value", [-2, 0, True])
-def test_an_evaluation_cap_below_one_is_an_error_naming_the_key(value: Any) -> None:
+@pytest.mark.parametrize("value", [-2, 0, 1, True])
+def test_an_evaluation_cap_below_two_is_an_error_naming_the_key(value: Any) -> None:
     # test images[:-2] dropped the last two, and n_test = -2 reached metrics.json
     raw = quick_params()
     raw["images"]["evaluation"]["max_test"] = value
@@ -222,6 +222,15 @@ def test_an_evaluation_cap_below_one_is_an_error_naming_the_key(value: Any) -> N
         ("images.sampling.denoise_std", -0.3, "images.sampling: denoise_std"),
         ("images.evaluation.n_buffer_samples", -2, "images.evaluation: n_buffer_samples"),
         ("images.evaluation.n_noise_samples", 0, "images.evaluation: n_noise_samples"),
+        # one sample passed the checks and failed the Fréchet distance after the whole evaluation
+        (
+            "images.evaluation.n_buffer_samples",
+            1,
+            "images.evaluation: n_buffer_samples must be a whole number ≥ 2",
+        ),
+        ("images.data.n_validation", 1, "images.data.n_validation must be ≥ 2"),
+        ("images.data.max_test", 1, "images.data.max_test must be ≥ 2"),
+        ("images.jem.generative_weight", 0.0, "images.jem.generative_weight: 0 trains a plain classifier"),
         ("images.evaluation.n_restore", -3, "images.evaluation: n_restore"),
         ("images.classifier.batch_size", 0, "images.classifier: batch_size"),
         ("images.classifier.steps", 0, "images.classifier: steps"),
@@ -299,3 +308,15 @@ def test_a_failed_render_keeps_the_previous_pngs_and_leaves_no_temporary_file(
     assert (figures / "samples_noise.png").read_bytes() == b"the previous run's grid"
     assert (figures / "samples_buffer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written before
     assert sorted(p.name for p in figures.iterdir()) == ["samples_buffer.png", "samples_noise.png"]
+
+
+def test_class_gaussians_with_a_class_of_one_image_names_the_class_and_the_keys() -> None:
+    # before: "every class needs at least two samples to fit its covariance", with no class or key
+    from ebm.images import ImageRecipe, buffer_proposal
+
+    images = torch.rand(5, 1, 4, 4)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    with pytest.raises(ValueError) as raised:
+        buffer_proposal(ImageRecipe(buffer_init="class_gaussians"), (1, 4, 4), images=images, labels=labels)
+    message = str(raised.value)
+    assert "class 2: 1" in message and "images.data.max_train" in message and "images.buffer_init" in message

@@ -77,16 +77,16 @@ def read_mapping(params: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
-def check_count(key: str, value: Any, *, null: str | None = None) -> None:
-    """A count read from the params is a whole number ≥ 1 (``True`` is not one); with ``null`` (what the
-    stage does without a value, e.g. "all images") ``None`` is allowed too. Slicing with a cap of -3 would
-    drop the last three rows, and one of 0 all of them, silently.
+def check_count(key: str, value: Any, *, null: str | None = None, minimum: int = 1) -> None:
+    """A count read from the params is a whole number ≥ ``minimum`` (``True`` is not one); with ``null``
+    (what the stage does without a value, e.g. "all images") ``None`` is allowed too. Slicing with a cap of
+    -3 would drop the last three rows, and one of 0 all of them, silently.
 
     Raises:
         ValueError: ``value`` is not such a number; the message names ``key``.
     """
     if value is None and null is not None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         allowed = f" or null ({null})" if null is not None else ""
-        raise ValueError(f"{key} must be a whole number ≥ 1{allowed}, got {value!r}")
+        raise ValueError(f"{key} must be a whole number ≥ {minimum}{allowed}, got {value!r}")

@@ -116,10 +116,12 @@ class ImageEvaluationConfig:
     def __post_init__(self) -> None:
         if self.ood_score not in OOD_SCORES:
             raise ValueError(f"unknown OOD score {self.ood_score!r}; choose one of {list(OOD_SCORES)}")
-        check_count("max_test", self.max_test, null="all test images")  # -2 would drop the last two
+        # -2 would drop the last two test images; the Fréchet distances need two samples on either side
+        check_count("max_test", self.max_test, null="all test images", minimum=2)
         # n_buffer_samples -2 sliced off the last two buffer states and put -2 in metrics.json.
-        for name in ("n_buffer_samples", "n_noise_samples", "n_restore"):
-            check_count(name, getattr(self, name))
+        for name in ("n_buffer_samples", "n_noise_samples"):
+            check_count(name, getattr(self, name), minimum=2)
+        check_count("n_restore", self.n_restore)
 
 
 @dataclass(frozen=True)
@@ -137,12 +139,22 @@ class ImagesParams:
     def from_params(cls, params: Mapping[str, Any]) -> ImagesParams:
         images = read_mapping(params, "images")
         data = from_dict(ImageDataConfig, images.pop("data", None), "images.data")
+        # the evaluate stage's typicality scores and Fréchet-distance floors need two images on each side
+        for key, value in (("n_validation", data.n_validation), ("max_test", data.max_test)):
+            if value is not None and value < 2:
+                raise ConfigError(f"images.data.{key} must be ≥ 2 for the evaluate stage, got {value}")
         classifier = from_dict(ClassifierConfig, images.pop("classifier", None), "images.classifier")
         evaluation = from_dict(ImageEvaluationConfig, images.pop("evaluation", None), "images.evaluation")
         threads = images.pop("threads", None)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"images.threads must be a positive integer or null, got {threads!r}")
         recipe = from_dict(ImageRecipe, images, "images")
+        if recipe.jem.generative_weight == 0:
+            raise ConfigError(
+                "images.jem.generative_weight: 0 trains a plain classifier with no replay buffer, and the "
+                "evaluate stage scores the buffer's samples; give it a weight > 0 (the pipeline's "
+                "classifier baseline is images.classifier)"
+            )
         parsed = cls(read_seed(params), data, recipe, classifier, evaluation, threads)
         try:  # built now, not after the JEM run: its train config merges both sections
             parsed.classifier_recipe()
