@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ebm.checkpoint import write_report_json
-from ebm.config import load_params, to_dict
+from ebm.config import load_params, to_dict, whole_number
 from ebm.stages.images import ImagePaths, ImagesParams, evaluate, prepare, render, train
 
 BARS = {
@@ -168,16 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         help="work folder for data, models, reports",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
-    parser.add_argument("--steps", type=int, default=None, help="override JEM training steps")
+    parser.add_argument("--steps", type=whole_number(1), default=None, help="override JEM training steps")
     parser.add_argument("--ema-decay", type=float, default=None, help="override the EMA decay (short runs)")
     parser.add_argument(
-        "--classifier-steps", type=int, default=None, help="override the FD classifier's steps"
+        "--classifier-steps", type=whole_number(1), default=None, help="override the FD classifier's steps"
     )
-    parser.add_argument("--n-buffer-samples", type=int, default=None, help="override the FD sample count")
     parser.add_argument(
-        "--max-test", type=int, default=None, help="evaluate on at most this many test images"
+        "--n-buffer-samples", type=whole_number(2), default=None, help="override the FD sample count"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--max-test", type=whole_number(2), default=None, help="evaluate on at most this many test images"
+    )
+    parser.add_argument("--threads", type=whole_number(1), default=None, help="torch intra-op threads")
     parser.add_argument("--progress", action="store_true", help="show the training progress bar")
     parser.add_argument(
         "--reuse",
@@ -185,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         help="print the figures of the stages already run under --root (after `make pipeline`: --root .)",
     )
     args = parser.parse_args(argv)
+    overrides = ("steps", "ema_decay", "classifier_steps", "n_buffer_samples", "max_test")
+    given = [f"--{name.replace('_', '-')}" for name in overrides if getattr(args, name) is not None]
+    if args.reuse and given:  # the figures would come from the earlier run, beside a recipe it never used
+        parser.error(f"--reuse prints the figures of stages already run; it takes no {', '.join(given)}")
 
     params = with_overrides(ImagesParams.from_params(load_params(args.params)), args)
     threads = args.threads or params.threads

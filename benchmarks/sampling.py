@@ -82,6 +82,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ebm import fastconv
 from ebm.checkpoint import write_report_json
+from ebm.config import whole_number
 from ebm.energies import MLPEnergy, MLPEnergyConfig, energy_and_grad, frozen
 from ebm.image_energies import CNN28, CNN28Config, ImageEnergy, ResNet32, ResNet32Config
 from ebm.samplers import Langevin
@@ -107,7 +108,8 @@ def load_average() -> tuple[float, float, float]:
 
 def gemm_peak_gflops(n: int, repeats: int) -> tuple[float, float]:
     """Best fp32 ``n × n`` matmul rate at the current thread count: GFLOP per wall second, and GFLOP
-    per CPU second per thread (the rate while actually running, which a busy machine barely changes)."""
+    per CPU second (the rate of one thread while it actually runs, which a busy machine barely changes:
+    CPU time adds up every thread's)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
     torch.mm(a, b, out=out)
@@ -118,7 +120,7 @@ def gemm_peak_gflops(n: int, repeats: int) -> tuple[float, float]:
         best_wall = min(best_wall, time.perf_counter() - wall)
         best_cpu = min(best_cpu, time.process_time() - cpu)
     flops = 2 * n**3
-    return flops / best_wall / 1e9, flops / max(best_cpu, 1e-9) / torch.get_num_threads() / 1e9
+    return flops / best_wall / 1e9, flops / max(best_cpu, 1e-9) / 1e9
 
 
 @contextlib.contextmanager
@@ -836,14 +838,13 @@ def bar_verdict(throughput: list[dict[str, Any]], peak: float, peak_cpu: float) 
     textbook_ms = row["variants"]["textbook"]["ms_per_step"]
     speedup = textbook_ms / best["ms_per_step"]
     fraction = best["gflops"] / peak
-    threads = torch.get_num_threads()
     best_cpu_name = min(library, key=lambda k: library[k]["cpu_ms_per_step"])
     best_cpu = library[best_cpu_name]
-    gflop_per_cpu_s = row["gflop_per_step"] / (best_cpu["cpu_ms_per_step"] / 1e3) / threads
+    gflop_per_cpu_s = row["gflop_per_step"] / (best_cpu["cpu_ms_per_step"] / 1e3)  # CPU time sums threads
     return {
         "cpu_variant": best_cpu_name,
         "cpu_speedup": row["variants"]["textbook"]["cpu_ms_per_step"] / best_cpu["cpu_ms_per_step"],
-        "gflop_per_cpu_s_per_thread": gflop_per_cpu_s,
+        "gflop_per_cpu_s": gflop_per_cpu_s,
         "cpu_peak_fraction": gflop_per_cpu_s / peak_cpu,
         "variant": best_name,
         "speedup": speedup,
@@ -933,11 +934,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="write the scaling PNG here")
     parser.add_argument("--quick", action="store_true", help="fewer batches, steps and repeats")
     parser.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads (default: the machine's cores)"
+        "--threads",
+        type=whole_number(1),
+        default=None,
+        help="intra-op threads (default: the machine's cores)",
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batches", nargs="+", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="Langevin steps per timed run")
+    parser.add_argument("--batches", nargs="+", type=whole_number(1), default=None)
+    parser.add_argument("--steps", type=whole_number(1), default=None, help="Langevin steps per timed run")
     compile_group = parser.add_mutually_exclusive_group()
     compile_group.add_argument(
         "--compile",
@@ -1193,7 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
         "gemm_n": gemm_n,
         "gemm_peak_gflops": peak,
         "gemm_peak_gflops_1_thread": peak_1t,
-        "gemm_peak_gflop_per_cpu_s_per_thread": peak_cpu,
+        "gemm_peak_gflop_per_cpu_s": peak_cpu,
         "openmp_env": omp_env,
         "openmp_wait_policy_set_by_user": OMP_WAIT_POLICY_SET_BY_USER,
         "malloc_env": malloc_env,
@@ -1236,7 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  by CPU time (the seconds it actually ran; load-robust at 1 thread, inflated by spinning "
             f"threads above): {verdict['cpu_variant']} {verdict['cpu_speedup']:.2f}× the textbook, "
-            f"{verdict['gflop_per_cpu_s_per_thread']:.1f} GFLOP per CPU-second per thread = "
+            f"{verdict['gflop_per_cpu_s']:.1f} GFLOP per CPU-second = "
             f"{100 * verdict['cpu_peak_fraction']:.0f}% of the GEMM's {peak_cpu:.0f}"
         )
     fallbacks = fastconv.fallback_counts()

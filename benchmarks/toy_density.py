@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ebm.checkpoint import write_report_json
-from ebm.config import to_dict
+from ebm.config import to_dict, whole_number
 from ebm.data.toy2d import TOY_DATASETS, ToyDataset, make_toy_dataset
 from ebm.evaluation.density2d import converged_log_partition, nll
 from ebm.plots import DensityPanel, plot_density_grid, save_figure
@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--datasets", nargs="+", default=list(TOY_DATASETS), choices=list(TOY_DATASETS))
-    parser.add_argument("--n-train", type=int, default=20_000)
-    parser.add_argument("--n-test", type=int, default=20_000)
     parser.add_argument(
-        "--steps", type=int, default=None, help="override training steps (default: the recipe's)"
+        "--n-train", type=whole_number(5), default=20_000, help="≥ 5, the KDE's folds (default %(default)s)"
+    )
+    parser.add_argument("--n-test", type=whole_number(2), default=20_000, help="(default %(default)s)")
+    parser.add_argument(
+        "--steps", type=whole_number(1), default=None, help="override training steps (default: the recipe's)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "within_goal": within,
         "beats_kde": beats_kde,
         "gap_goal": GAP_GOAL,
+        "median_train_seconds": median_seconds,
         "config": to_dict(config),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

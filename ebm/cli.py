@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +30,11 @@ from ebm.runtime import configure_openmp
 
 configure_openmp()  # the `ebm` command's process, before the imports below load torch (ebm.runtime)
 
+from ebm.config import whole_number  # noqa: E402
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset  # noqa: E402
 
-
-def _whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` for counts: a whole number ≥ ``minimum`` (``--max-test -1`` would drop the last
-    image, ``--top-k -2`` would read as 0)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _whole_number(1)
-_non_negative_int = _whole_number(0)  # --top-k 0: no reasons
+_positive_int = whole_number(1)
+_non_negative_int = whole_number(0)  # --top-k 0: no reasons
 
 
 def _output_file(text: str) -> Path:
@@ -406,11 +390,11 @@ def _add_rbm_commands(commands: Any) -> None:
         help="how grey images become binary, as the model was trained (default %(default)s)",
     )
     loglik.add_argument(
-        "--chains", type=_whole_number(2), default=100, help="AIS runs, ≥ 2 (default %(default)s)"
+        "--chains", type=whole_number(2), default=100, help="AIS runs, ≥ 2 (default %(default)s)"
     )
     loglik.add_argument(
         "--temperatures",
-        type=_whole_number(3),
+        type=whole_number(3),
         default=14500,
         help="AIS distributions, the two ends included, ≥ 3 (default %(default)s)",
     )
@@ -564,7 +548,7 @@ def _add_recipe_options(parser: argparse.ArgumentParser, *, training: bool = Fal
     )
     parser.add_argument(
         "--n-train",
-        type=_whole_number(5),
+        type=whole_number(5),
         default=20_000,
         help="training points drawn, ≥ 5 (the KDE baseline's 5-fold bandwidth search; default %(default)s)",
     )
@@ -607,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", choices=list(TOY_DATASETS), default="8gaussians", help=dataset_help)
     evaluate.add_argument("--model", type=Path, required=True, help="model file written by `ebm toy train`")
     evaluate.add_argument(
-        "--n-test", type=_whole_number(2), default=20_000, help="fresh test points, ≥ 2 (default %(default)s)"
+        "--n-test", type=whole_number(2), default=20_000, help="fresh test points, ≥ 2 (default %(default)s)"
     )
     evaluate.add_argument(
         "--json",

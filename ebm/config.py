@@ -7,12 +7,13 @@ is an error that says where, never a silently ignored setting.
 
 from __future__ import annotations
 
+import argparse
 import collections.abc
 import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,3 +163,19 @@ def _lists(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_lists(v) for v in value]
     return value
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for counts: a whole number ≥ ``minimum`` (``--max-test -1`` would drop the last
+    image, ``--top-k -2`` would read as 0, ``--repeats 0`` would time nothing)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {value}")
+        return value
+
+    return parse
