@@ -29,6 +29,7 @@ from ebm.evaluation.density2d import (
     grid_points,
     log_partition_from_grid,
     module_placement,
+    raise_if_rows_not_finite,
 )
 
 if TYPE_CHECKING:
@@ -313,6 +314,7 @@ def _points(x: Tensor, what: str) -> Tensor:
     points = torch.as_tensor(x).detach().to("cpu", torch.float64)
     if points.ndim != 2 or points.shape[1] != 2:
         raise ValueError(f"{what} must have shape (N, 2), got {tuple(points.shape)}")
+    raise_if_rows_not_finite(points, what)  # matplotlib would leave them out of the scatter without a word
     return points
 
 

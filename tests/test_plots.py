@@ -165,6 +165,13 @@ def test_points_of_the_wrong_shape_are_rejected(bad: Tensor) -> None:
         plot_energy_and_density(four_gaussians(), BOUNDS, samples=bad, resolution=RESOLUTION)
 
 
+def test_samples_with_a_nan_row_are_an_error_not_a_scatter_that_leaves_them_out() -> None:
+    samples = torch.zeros(10, 2)
+    samples[4, 1] = float("nan")  # a diverged chain
+    with pytest.raises(ValueError, match=r"1 of 10 rows of samples are not finite, e.g. row 4"):
+        plot_energy_and_density(four_gaussians(), BOUNDS, samples=samples, resolution=RESOLUTION)
+
+
 def test_save_figure_writes_a_png_and_leaves_no_temp_file(tmp_path: Path) -> None:
     path = save_figure(
         plot_energy_and_density(four_gaussians(), BOUNDS, resolution=RESOLUTION),
