@@ -230,6 +230,10 @@ def _with(section_name: str, **changes: Any) -> dict[str, Any]:
     return raw
 
 
+def _toy_subsection(name: str, **changes: Any) -> dict[str, Any]:
+    return {name: {**load_params(Path(__file__).parents[1] / "params.yaml")["toy"][name], **changes}}
+
+
 @pytest.mark.parametrize(
     ("changes", "fragments"),
     [
@@ -245,26 +249,8 @@ def _with(section_name: str, **changes: Any) -> dict[str, Any]:
         pytest.param({"datasets": ["moons", "mons"]}, ["toy:", "datasets", "'mons'", "moons"], id="unknown"),
         pytest.param({"datasets": ["moons", "moons"]}, ["toy:", "datasets", "twice"], id="duplicate"),
         pytest.param({"datasets": ["moons", 3]}, ["toy.datasets[1]", "str"], id="int_dataset"),
-    ],
-)
-def test_bad_toy_data_params_are_an_error_naming_the_key(
-    changes: dict[str, Any], fragments: list[str]
-) -> None:
-    from ebm.stages.toy import ToyParams
-
-    with pytest.raises(ConfigError) as raised:
-        ToyParams.from_params(_with("toy", **changes))
-    for fragment in fragments:
-        assert fragment in str(raised.value)
-
-
-def _toy_subsection(name: str, **changes: Any) -> dict[str, Any]:
-    return {name: {**load_params(Path(__file__).parents[1] / "params.yaml")["toy"][name], **changes}}
-
-
-@pytest.mark.parametrize(
-    ("changes", "fragments"),
-    [
+        # before: buffer_size 0 failed in the train stage as "capacity must be ≥ 1", in_features 3 as a
+        # matrix-shape RuntimeError, reinit_prob 1.5 and n_steps 0 without the toy.loss prefix
         pytest.param(
             _toy_subsection("loss", buffer_size=0), ["toy.loss", "buffer_size", "≥ 1", "0"], id="buffer"
         ),
@@ -278,11 +264,9 @@ def _toy_subsection(name: str, **changes: Any) -> dict[str, Any]:
         ),
     ],
 )
-def test_bad_toy_recipe_params_are_an_error_naming_the_key_before_training(
+def test_bad_toy_params_are_an_error_naming_the_key_before_any_stage_runs(
     changes: dict[str, Any], fragments: list[str]
 ) -> None:
-    # before: buffer_size 0 failed in the train stage as "capacity must be ≥ 1", in_features 3 as a
-    # matrix-shape RuntimeError, reinit_prob 1.5 and n_steps 0 without the toy.loss prefix
     from ebm.stages.toy import ToyParams
 
     with pytest.raises(ConfigError) as raised:
