@@ -345,15 +345,24 @@ def cmd_rbm_loglik(args: argparse.Namespace) -> int:
     from ebm.boltzmann.ais import RBMAISConfig, ais_log_partition, mean_log_likelihood
     from ebm.boltzmann.rbm import MAX_ENUMERATED_UNITS, BernoulliRBM, exact_log_partition
     from ebm.boltzmann.training import BinarizeConfig, binarize
-    from ebm.checkpoint import load_model
+    from ebm.checkpoint import load_checkpoint, load_model
     from ebm.data.images import load_image_split
 
     rbm = load_model(args.model)
     if not isinstance(rbm, BernoulliRBM):
         raise ValueError(f"{args.model} holds a {type(rbm).__name__}, not an RBM")
-    config = BinarizeConfig(method=args.binarize)
-    train = binarize(load_image_split(args.data, "train").images, config)
-    test = binarize(load_image_split(args.data, "test").images, config, offset=2)[: args.max_test]
+    recorded = load_checkpoint(args.model).get("metadata", {})
+    config = BinarizeConfig(**recorded.get("binarize", {}))  # as the train_rbm stage binarised
+    for field, value in (
+        ("method", args.binarize),
+        ("threshold", args.threshold),
+        ("seed", args.binarize_seed),
+    ):
+        if value is not None:
+            config = dataclasses.replace(config, **{field: value})
+    data = args.data or Path("data/images") / recorded.get("dataset", "fashion_mnist")
+    train = binarize(load_image_split(data, "train").images, config)
+    test = binarize(load_image_split(data, "test").images, config, offset=2)[: args.max_test]
     ais_config = RBMAISConfig(n_chains=args.chains, n_temperatures=args.temperatures)
     ais = ais_log_partition(rbm, train, ais_config, generator=torch.Generator().manual_seed(args.seed))
     likelihood = mean_log_likelihood(rbm, test, ais.log_partition, ais.standard_error)
@@ -380,14 +389,26 @@ def _add_rbm_commands(commands: Any) -> None:
     loglik.add_argument(
         "--data",
         type=Path,
-        default=Path("data/images/fashion_mnist"),
-        help="prepared image splits (default %(default)s)",
+        default=None,
+        help="prepared image splits (default: data/images/<the dataset the model file records>)",
     )
     loglik.add_argument(
         "--binarize",
         choices=["stochastic", "threshold"],
-        default="stochastic",
-        help="how grey images become binary, as the model was trained (default %(default)s)",
+        default=None,
+        help="how grey images become binary (default: as the model file records, else stochastic)",
+    )
+    loglik.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="the cut for --binarize threshold (default: as the model file records, else 0.5)",
+    )
+    loglik.add_argument(
+        "--binarize-seed",
+        type=int,
+        default=None,
+        help="seed of the stochastic draw (default: as the model file records, else 0)",
     )
     loglik.add_argument(
         "--chains", type=whole_number(2), default=100, help="AIS runs, ≥ 2 (default %(default)s)"

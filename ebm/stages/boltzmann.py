@@ -204,8 +204,8 @@ class _RBMShape:
         # checked here, before train_rbms clears models/boltzmann/rbm, not by torch at the first draw
         if self.n_hidden < 1:
             raise ValueError(f"n_hidden must be ≥ 1, got {self.n_hidden}")
-        if not (math.isfinite(self.weight_std) and self.weight_std >= 0):
-            raise ValueError(f"weight_std must be a finite standard deviation ≥ 0, got {self.weight_std}")
+        if not (math.isfinite(self.weight_std) and self.weight_std > 0):
+            raise ValueError(f"weight_std must be a finite standard deviation > 0, got {self.weight_std}")
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,7 @@ def train_rbms(params: BoltzmannParams, paths: BoltzmannPaths, run: Any | None =
             config=rbm.config,
             metadata={
                 "dataset": params.dataset,
+                "binarize": to_dict(params.binarize),  # `ebm rbm loglik` scores test images the same way
                 "variant": variant,
                 "steps": result.steps,
                 **to_dict(recipe.cd),
@@ -359,7 +360,8 @@ def evaluate_rbms(params: BoltzmannParams, paths: BoltzmannPaths) -> dict[str, A
             "train_log_likelihood": mean_log_likelihood(
                 rbm, train_data[: test_data.shape[0]], ais.log_partition
             ).mean,
-            "ais": dataclasses.asdict(ais),
+            # Ẑ − 3σ̂ ≤ 0 (uneven weights, few chains) leaves log of it unbounded below: null, not −inf
+            "ais": {k: v if math.isfinite(v) else None for k, v in dataclasses.asdict(ais).items()},
             "ais_seconds": ais_seconds,
             "reconstruction_error_test": reconstruction_error(rbm, test_data),
         }
