@@ -120,6 +120,11 @@ def train_energy(
     # seed + 1 in one process; under DDP seeds that no rank's trainer generator (seed + rank) also uses.
     buffer_seed = config.train.seed + context.world_size + context.rank
     buffer_generator = torch.Generator(device).manual_seed(buffer_seed)
+    if config.loss.persistent and config.loss.buffer_size % context.world_size:
+        raise ValueError(  # each rank holds an equal shard; a remainder would be dropped, a 0 shard fail
+            f"loss.buffer_size {config.loss.buffer_size} must be divisible by the {context.world_size} "
+            "data-parallel processes"
+        )
     shard = dataclasses.replace(config.loss, buffer_size=config.loss.buffer_size // context.world_size)
     objective = build_objective(
         dataclasses.replace(config, loss=shard),

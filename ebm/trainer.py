@@ -472,14 +472,20 @@ class Trainer:
 
     def _recover(self, reason: str, *, shrink_sampler: bool = True) -> None:
         self.recoveries += 1
+        lagging = not shrink_sampler  # the lag guard: a shorter sampler step would lag more
+        # A Gibbs sampler's moves have no length: shrinking its step changes nothing, so only the lr is.
+        sampler = getattr(self.objective, "sampler", None)
+        shrink_sampler = shrink_sampler and getattr(sampler, "uses_step_size", True)
         if self.recoveries > self.config.max_recoveries:
-            if shrink_sampler:
-                smaller, advice = "steps", "a smaller lr or sampler step size, or a larger alpha"
-            else:  # the lag guard: only the lr was shrunk, and a shorter sampler step would lag more
+            if lagging:
                 smaller = "learning rates"
                 advice = (
                     "a smaller lr, or longer chains (loss n_steps, max_steps) that keep up with the energy"
                 )
+            elif shrink_sampler:
+                smaller, advice = "steps", "a smaller lr or sampler step size, or a larger alpha"
+            else:
+                smaller, advice = "learning rates", "a smaller lr or smaller initial weights"
             raise TrainingDivergedError(
                 f"training diverged ({reason}) and {self.config.max_recoveries} rollbacks with smaller "
                 f"{smaller} did not help; last good state is step {self._last_good['step']}"

@@ -477,3 +477,34 @@ def test_without_torchrun_there_is_one_process_and_no_process_group() -> None:
     assert context.mean({"gap": 0.5}) == {"gap": 0.5} and context.gather(3) == [3]
     trainer = small_trainer(0)
     assert trainer.loss_energy is trainer.energy and trainer.rank_batch_size == 32
+
+
+def test_a_replay_buffer_that_does_not_split_evenly_over_the_ranks_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # before: 255 chains over 2 ranks silently became 2 × 127, and 1 chain over 2 ranks failed as
+    # "buffer_size must be ≥ 1, got 0", a value nobody had set
+    import ebm.toy
+
+    monkeypatch.setattr(ebm.toy, "process_group_context", lambda: DistributedContext(rank=0, world_size=2))
+    config = Toy2DConfig()
+    for size in (255, 1):
+        odd = dataclasses.replace(config, loss=dataclasses.replace(config.loss, buffer_size=size))
+        with pytest.raises(ValueError, match=f"loss.buffer_size {size} must be divisible by the 2"):
+            train_energy(torch.zeros(10, 2), odd, bounds=(-4.0, 4.0))
+
+
+@pytest.mark.parametrize("family", ["images", "anomaly", "boltzmann"])
+def test_stages_that_join_no_process_group_refuse_torchrun(
+    family: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # before: each of torchrun's processes ran the whole stage, wrote the same outs and logged its own run
+    import importlib
+
+    stages = importlib.import_module(f"ebm.stages.{family}")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stage = {"images": "train", "anomaly": "train", "boltzmann": "train_rbm"}[family]
+    with pytest.raises(SystemExit) as exited:
+        stages.main([stage, "--root", str(tmp_path)])
+    assert exited.value.code == 2 and "not under torchrun (2 processes)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -37,7 +37,7 @@ from ebm.boltzmann.training import (
 )
 from ebm.checkpoint import load_model, save_model
 from ebm.energies import check_energy_output
-from ebm.trainer import TrainConfig
+from ebm.trainer import TrainConfig, TrainingDivergedError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(
@@ -275,3 +275,16 @@ def test_a_recipe_with_a_bad_size_or_initial_scale_is_refused_by_name(field: str
     # weight_std inf gave infinite weights, then three rollbacks and advice to lower the learning rate
     with pytest.raises(ValueError, match=f"^{field} must be"):
         RBMRecipe(**{field: value})  # type: ignore[arg-type]
+
+
+def test_a_diverging_rbm_is_told_to_lower_its_lr_not_a_step_size_or_alpha_it_does_not_have(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # before: "Try a smaller lr or sampler step size, or a larger alpha"; Gibbs has no step, α is fixed at 0
+    data = (torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    train = TrainConfig(steps=20, batch_size=16, lr=1e6, checkpoint_every=5, progress=False)
+    with pytest.raises(TrainingDivergedError) as raised:
+        train_rbm(data, RBMRecipe(n_hidden=4, train=train))
+    assert str(raised.value).endswith("Try a smaller lr or smaller initial weights.")
+    assert "smaller learning rates did not help" in str(raised.value)
+    assert "lr × 0.5" in capsys.readouterr().out and "sampler step" not in str(raised.value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -71,6 +71,8 @@ class Gibbs:
             contrastive-divergence loss can shrink or adapt a gradient sampler's step and reads and writes
             this field; for Gibbs those adjustments change nothing.
     """
+
+    uses_step_size: ClassVar[bool] = False  # the trainer's rollbacks shrink the lr alone
 
     beta_start: float = 1.0
     beta_end: float = 1.0

@@ -44,7 +44,7 @@ from ebm.anomaly.transactions import (
 )
 from ebm.checkpoint import write_json
 from ebm.config import from_dict, load_params
-from ebm.stages.common import StagePaths, read_mapping, read_seed, stage_arguments
+from ebm.stages.common import StagePaths, read_mapping, read_seed, refuse_torchrun, stage_arguments
 
 EXPERIMENT = "anomaly"
 
@@ -242,6 +242,7 @@ STAGES = ("prepare", "train", "evaluate", "register")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.anomaly", __doc__, STAGES)
     args = parser.parse_args(argv)
+    refuse_torchrun(parser, "anomaly")
     raw = load_params(args.params)
     params = AnomalyParams.from_params(raw)
     paths = AnomalyPaths(args.root.resolve())

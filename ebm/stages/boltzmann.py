@@ -59,7 +59,14 @@ from ebm.boltzmann.training import (
 from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, write_json
 from ebm.config import ConfigError, from_dict, load_params, section, to_dict
 from ebm.data.images import ImageSplit, load_image_split
-from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
+from ebm.stages.common import (
+    StagePaths,
+    check_count,
+    read_mapping,
+    read_seed,
+    refuse_torchrun,
+    stage_arguments,
+)
 from ebm.trainer import MetricsCallback, TrainConfig, Trainer
 
 EXPERIMENT = "boltzmann"
@@ -530,6 +537,7 @@ STAGE_ARTIFACTS = {
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.boltzmann", __doc__, STAGES)
     args = parser.parse_args(argv)
+    refuse_torchrun(parser, "boltzmann")
     raw = load_params(args.params)
     params = BoltzmannParams.from_params(raw)
     paths = BoltzmannPaths(args.root.resolve())

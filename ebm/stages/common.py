@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,18 @@ def stage_arguments(module: str, description: str | None, stages: Iterable[str])
     )
     parser.add_argument("--root", type=Path, default=Path("."), help="project root (default: %(default)s)")
     return parser
+
+
+def refuse_torchrun(parser: argparse.ArgumentParser, family: str) -> None:
+    """Stop with a usage error when started by ``torchrun`` with more than one process: these stages join
+    no process group, so each process would run the whole stage, write the same outs and log its own run.
+    """
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if world_size.isdigit() and int(world_size) > 1:
+        parser.error(
+            f"the {family} stages run as one process, not under torchrun ({world_size} processes); "
+            "only `python -m ebm.stages.toy train` trains data-parallel"
+        )
 
 
 def read_seed(params: Mapping[str, Any]) -> int:

@@ -60,7 +60,14 @@ from ebm.images import (
     uniform_images,
 )
 from ebm.jem import JEMConfig, dequantise
-from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
+from ebm.stages.common import (
+    StagePaths,
+    check_count,
+    read_mapping,
+    read_seed,
+    refuse_torchrun,
+    stage_arguments,
+)
 from ebm.trainer import resolve_device
 
 EXPERIMENT = "images"
@@ -486,6 +493,7 @@ STAGES = ("prepare", "train", "evaluate", "render")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.images", __doc__, STAGES)
     args = parser.parse_args(argv)
+    refuse_torchrun(parser, "images")
     raw = load_params(args.params)
     params = ImagesParams.from_params(raw)
     paths = ImagePaths(args.root.resolve())
