@@ -174,8 +174,11 @@ def mean_log_likelihood(
     """Mean of log p(v) = −F(v) − log Z over the rows of ``test_data`` (F in float64).
 
     Raises:
+        ValueError: ``test_data`` holds no image (its mean would be NaN).
         FloatingPointError: a free energy is NaN or infinite.
     """
+    if len(test_data) == 0:
+        raise ValueError("mean_log_likelihood needs at least one test image, got none")
     log_probabilities = -free_energy_float64(rbm, test_data) - log_partition
     if not torch.isfinite(log_probabilities).all():
         raise FloatingPointError("a test image has a non-finite free energy")

@@ -155,6 +155,8 @@ def train_rbm(
     Raises:
         ValueError: ``data`` is not binary.
     """
+    if len(data) == 0:
+        raise ValueError("RBM training data holds no image")
     if not bool(((data == 0) | (data == 1)).all()):
         raise ValueError("RBM training data must be binary (0/1): binarise the images first")
     device = resolve_device(recipe.train.device)
