@@ -205,7 +205,7 @@ def test_training_refuses_grey_data_and_binarising_refuses_colour() -> None:
     with pytest.raises(ValueError, match="holds no image"):  # before: a reshape error from deep inside
         train_rbm(torch.zeros(0, 1, 2, 2), RBMRecipe(n_hidden=2))
     with pytest.raises(ValueError, match="at least one test image"):  # before: a NaN mean
-        mean_log_likelihood(BernoulliRBM(RBMConfig(n_visible=4, n_hidden=2)), torch.zeros(0, 4), 0.0)
+        mean_log_likelihood(BernoulliRBM(RBMConfig((4,), 2)), torch.zeros(0, 4), 0.0)
     with pytest.raises(ValueError, match="binary"):
         train_rbm(torch.full((4, 1, 2, 2), 0.5), RBMRecipe(n_hidden=2))
     with pytest.raises(ValueError, match=r"greyscale.*\(2, 3, 4, 4\)"):
