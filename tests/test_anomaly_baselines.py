@@ -48,3 +48,12 @@ def test_ecod_puts_values_beyond_both_training_tails_highest() -> None:
     scores = fit_score("ecod", train, pd.DataFrame({"x": [-5.0, 50.0, 200.0]}))
     assert scores[0] > scores[1] and scores[2] > scores[1]
     assert scores[0] == pytest.approx(np.log(101.0))  # no training value at or below -5: (0 + 1)/(n + 1)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_test_columns_are_read_by_name_not_by_position(name: str) -> None:
+    # before: a reordered test frame, or one with an extra column, mixed the features up silently
+    train, test = rows(300, 0), rows(40, 1)
+    expected = fit_score(name, train, test)
+    reordered = test[test.columns[::-1]].assign(extra=7.0)
+    np.testing.assert_allclose(fit_score(name, train, reordered), expected)

@@ -15,6 +15,7 @@ from torch import Tensor
 from ebm.anomaly.detector import DetectorConfig, EnergyAnomalyDetector, make_detector
 from ebm.anomaly.explain import attribute, reference_row, score_and_attribute, to_raw_columns
 from ebm.anomaly.metrics import detection_metrics
+from ebm.anomaly.preprocessing import PreprocessConfig
 from ebm.anomaly.validation import ValidationError
 from ebm.checkpoint import CheckpointError, load_checkpoint
 
@@ -378,3 +379,31 @@ def test_scored_reasons_are_measured_from_the_typical_row(uniform_detector: Ener
     rare = uniform_category_rows(20, 34).assign(category="casino")
     rare_reasons = score_frame(uniform_detector, rare, top_k=1, reasons="all")["reason_1"]
     assert (rare_reasons == "category").mean() > 0.9
+
+
+def test_category_codes_score_the_same_as_ints_floats_arrow_ints_or_text() -> None:
+    # before: codes fitted as ints and scored as floats (after a join or fillna) read "5411.0", so every
+    # row was an unseen category and flagged; Arrow int codes crashed with an AttributeError
+    import pyarrow as pa
+
+    train = make_rows(600, 0).assign(mcc=np.random.default_rng(0).choice([5411, 5812, 4111], 600))
+    config = quick_config(steps=5, preprocess=PreprocessConfig(categorical_columns=("category", "mcc")))
+    detector = EnergyAnomalyDetector(config).fit(train)
+    test = make_rows(50, 1).assign(mcc=np.random.default_rng(1).choice([5411, 5812, 4111], 50))
+    expected = detector.decision_function(test)
+    for codes in (
+        test.mcc.astype(float),
+        test.mcc.astype(str),
+        test.mcc.astype(pd.ArrowDtype(pa.int64())),
+    ):
+        np.testing.assert_allclose(detector.decision_function(test.assign(mcc=codes)), expected, rtol=1e-6)
+
+
+def test_a_bool_column_scores_the_same_as_text_or_python_bools() -> None:
+    # before: True/False as text (a CSV written by pandas) or in an object array were "non-numeric"
+    train = make_rows(600, 0).assign(flag=np.random.default_rng(0).random(600) < 0.3)
+    detector = EnergyAnomalyDetector(quick_config(steps=5)).fit(train)
+    test = make_rows(50, 1).assign(flag=np.random.default_rng(1).random(50) < 0.3)
+    expected = detector.decision_function(test)
+    np.testing.assert_allclose(detector.decision_function(test.assign(flag=test.flag.astype(str))), expected)
+    np.testing.assert_allclose(detector.decision_function(test.to_numpy()), expected, rtol=1e-6)

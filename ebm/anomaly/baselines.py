@@ -27,7 +27,12 @@ BASELINES = ("iforest", "ecod", "lof")
 
 
 def one_hot(train: pd.DataFrame, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Numeric matrices with every non-numeric column one-hot encoded over the training labels."""
+    """Numeric matrices with every non-numeric column one-hot encoded over the training labels.
+
+    ``test`` is read by column name in ``train``'s order (extra columns left out; a missing one is a
+    ``KeyError``), as the detector reads its input: by position, a reordered frame mixed features up.
+    """
+    test = test[list(train.columns)]
     categorical = [c for c in train.columns if not pd.api.types.is_numeric_dtype(train[c])]
     if not categorical:
         return train.to_numpy(np.float64), test.to_numpy(np.float64)

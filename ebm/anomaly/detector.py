@@ -93,7 +93,10 @@ class DetectorConfig:
             the density part what the joint Gaussian-copula density adds to the product of marginals.
         trim_fraction: before the final fit, drop this share of training rows that a first marginal fit
             scores highest, so clusters of contaminating rows do not become low-energy pockets.
-        contamination: expected share of anomalies in the training data; sets ``threshold_``.
+        contamination: expected share of anomalies in the training data; sets ``threshold_``, the
+            ``1 − contamination`` quantile of the training scores (interpolated, as PyOD sets its
+            threshold): with fewer than ``1 / contamination`` rows it still flags about one of them.
+            :meth:`EnergyAnomalyDetector.calibrate` instead flags at most ``⌊fpr · n⌋`` of its rows.
         seed: seed of initialisation, buffer and chains (member ``m`` uses ``seed + m``).
     """
 

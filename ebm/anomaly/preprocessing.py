@@ -202,12 +202,8 @@ class TabularPreprocessor:
         return encoded
 
     def transform(self, frame: pd.DataFrame, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Raw frame → robust-scaled features (N, C).
-
-        Raises:
-            ValidationError: a log-transformed column holds negative values; the message names the
-                column and the first such rows (in the file, for a chunk of a file).
-        """
+        """Raw frame → robust-scaled features (N, C). A negative value in a log-transformed column maps
+        to the mirror image of the log (see :func:`_log_amount`), so it scores far out, not as an error."""
         if not self.is_fitted:
             raise RuntimeError("the preprocessor is not fitted; call fit() first")
         encoded = self._encode(frame)

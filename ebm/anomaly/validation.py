@@ -145,7 +145,7 @@ def validate_frame(
         out[column] = _numeric(frame[column], column, source, offset)
     for column in schema.categorical:
         values = frame[column]
-        text = values if isinstance(values.dtype, pd.ArrowDtype) else values.astype(str)
+        text = _category_text(values)
         blank = (text.str.strip() == "").to_numpy(dtype=bool, na_value=True)
         missing = values.isna().to_numpy() | blank
         _reject_rows(missing, offset, column, f"{source}: column {column!r} has empty values")
@@ -162,6 +162,18 @@ def validate_frame(
     return pd.DataFrame(out, index=frame.index)
 
 
+def _category_text(values: pd.Series) -> pd.Series:
+    """Category labels as the text they are matched by. A code that is a whole number reads the same
+    whether it came as an int, a float (after a join or ``fillna``: 5411.0) or text: ``"5411"``."""
+    if isinstance(values.dtype, pd.ArrowDtype) and pd.api.types.is_string_dtype(values.dtype):
+        return values  # Arrow strings stay as they are (no Python objects)
+    if pd.api.types.is_float_dtype(values):
+        whole = values.notna() & np.isfinite(values) & (values == values.round())
+        if whole[values.notna()].all():
+            return values.astype("Int64").astype(str).where(values.notna(), values.astype(str))
+    return values.astype(str)
+
+
 def _numeric(values: pd.Series, column: str, source: str, offset: int) -> pd.Series:
     if pd.api.types.is_bool_dtype(values):
         values = values.astype(np.float64)
@@ -170,6 +182,9 @@ def _numeric(values: pd.Series, column: str, source: str, offset: int) -> pd.Ser
         not_numeric = np.zeros(len(values), dtype=bool)
     else:
         text = values.astype("string").str.strip()
+        lowered = text.str.lower()
+        # a bool column as text (pandas writes True/False to CSV, and object arrays hold Python bools)
+        text = text.mask(lowered == "true", "1").mask(lowered == "false", "0")
         converted = pd.to_numeric(text, errors="coerce").astype(np.float64)
         blank = values.isna().to_numpy() | (text == "").fillna(True).to_numpy(dtype=bool)
         not_numeric = converted.isna().to_numpy() & ~blank
