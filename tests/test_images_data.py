@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 
 import numpy as np
@@ -26,6 +27,7 @@ import pytest
 import torch
 from torchvision import datasets
 
+import ebm.data.images as images_module
 from ebm.data.images import (
     IDX_FILES,
     IMAGE_DATASETS,
@@ -332,6 +334,27 @@ def test_a_cifar_batch_of_another_row_width_is_named(tmp_path: Path) -> None:
         load_original(_cifar_config(tmp_path / "copy"))
 
 
+class _TouchesAFile:
+    """Unpickled, it calls Path.touch: what a malicious batch would do with os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_cifar_pickle_that_calls_code_is_refused_before_the_code_runs(tmp_path: Path) -> None:
+    # before: the check unpickled it with pickle.load, ran the call, and only then refused the copy
+    write_cifar_copy(tmp_path / "copy", per_batch=2, n_test=2)
+    marker = tmp_path / "ran"
+    batch = tmp_path / "copy" / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({"data": _TouchesAFile(marker), "labels": [0, 1]}, protocol=2))
+    with pytest.raises(ImageDataUnavailableError, match=r"data_batch_1 is not a readable.*refused to load"):
+        load_original(_cifar_config(tmp_path / "copy"))
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("name", ["data_batch_3", "test_batch", "batches.meta"])
 def test_a_missing_cifar_file_is_named(tmp_path: Path, name: str) -> None:
     write_cifar_copy(tmp_path / "copy", per_batch=2, n_test=2)
@@ -444,6 +467,35 @@ def test_a_prepared_split_unlike_what_prepare_writes_is_named(
     path = _write_split(tmp_path, "validation", payload)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:? {message}"):
         load_image_split(tmp_path, "validation")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"labels": torch.full((50,), 99)}, "SHA-256 differs"),  # any edit after prepare wrote the file
+        (None, "holds label 99; mnist has 10"),  # the same edit, its hash written into the manifest too
+    ],
+    ids=["edited", "edited-and-rehashed"],
+)
+def test_a_prepared_split_edited_after_prepare_is_named(
+    tmp_path: Path, change: dict[str, torch.Tensor] | None, message: str
+) -> None:
+    # before: labels ≥ the class count, images of another shape or an edited file loaded without a word
+    write_mnist_copy(tmp_path / "copy", n_train=60, n_test=20)
+    config = ImageDataConfig(
+        dataset="mnist", local_copy=str(tmp_path / "copy"), download=False, n_validation=10
+    )
+    out = tmp_path / "out"
+    prepare_image_data(config, out, seed=3)
+    payload = torch.load(out / "train.pt", weights_only=True)
+    torch.save({**payload, "labels": torch.full((50,), 99)}, out / "train.pt")
+    if change is None:
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["splits"]["train"]["sha256"] = hashlib.sha256((out / "train.pt").read_bytes()).hexdigest()
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out / 'train.pt'))}.*{message}"):
+        load_image_split(out, "train")
+    assert load_image_split(out, "test").images.shape == (20, 1, 28, 28)  # the untouched split still loads
 
 
 @pytest.mark.parametrize(
@@ -582,8 +634,8 @@ def _cifar_archive(path: Path, staging: Path, extra: tarfile.TarInfo | None = No
 
 
 @pytest.mark.parametrize("mode", ["data-filter", "by-hand"])  # by hand: Python < 3.11.4 has no filter
-@pytest.mark.parametrize("kind", ["dotdot", "symlink-out"])
-def test_a_cifar_archive_member_leading_outside_is_refused(
+@pytest.mark.parametrize("kind", ["dotdot", "symlink-out", "symlink-as-batch", "too-large"])
+def test_a_cifar_archive_unpacks_only_its_seven_files_and_refuses_a_bad_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, kind: str
 ) -> None:
     temp = tmp_path / "tmp"  # the temporary folder the archive is unpacked into lies in here
@@ -597,17 +649,29 @@ def test_a_cifar_archive_member_leading_outside_is_refused(
         load_original(_cifar_config(good.parent)).test_images, torch.from_numpy(written["images"][10:])
     )
 
+    member: tarfile.TarInfo | None = None
     if kind == "dotdot":
         member = tarfile.TarInfo("../escaped.txt")  # from <temp>/ebm-images-*/ to <temp>/escaped.txt
         member.size = 5
-    else:
+    elif kind == "symlink-out":
         member = tarfile.TarInfo("cifar-10-batches-py/escape")
         member.type, member.linkname = tarfile.SYMTYPE, "../../escaped.txt"
+    elif kind == "symlink-as-batch":
+        member = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        member.type, member.linkname = tarfile.SYMTYPE, "../../escaped.txt"
+    else:  # before: every member was unpacked whatever its size; a 400 MiB pad filled the temp folder
+        monkeypatch.setattr(images_module, "MAX_CIFAR_MEMBER_BYTES", 1000)
     bad = _cifar_archive(tmp_path / "bad" / "cifar-10-python.tar.gz", tmp_path / "staging", member)
-    with pytest.raises(
-        ImageDataUnavailableError, match=rf"{re.escape(str(bad))} holds member {re.escape(repr(member.name))}"
-    ):
-        load_original(_cifar_config(bad.parent))
+    if kind in ("dotdot", "symlink-out"):  # not one of CIFAR-10's files: left in the archive
+        assert torch.equal(
+            load_original(_cifar_config(bad.parent)).test_images, torch.from_numpy(written["images"][10:])
+        )
+    else:
+        refused = "cifar-10-batches-py/data_batch_1" if kind == "symlink-as-batch" else "cifar-10-batches-py/"
+        with pytest.raises(
+            ImageDataUnavailableError, match=rf"{re.escape(str(bad))} holds member '{refused}"
+        ):
+            load_original(_cifar_config(bad.parent))
     assert list(temp.iterdir()) == []  # nothing outside the (removed) extraction folder
 
 

@@ -384,25 +384,39 @@ def _arrange_cifar(local: Path, root: Path) -> tuple[bool | None, dict[str, str]
     return None, origins  # decided when reading: torchvision checks the batches' MD5 sums itself
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
-    """Unpack ``archive`` into ``dest``, refusing any member that would be written outside ``dest``.
+MAX_CIFAR_MEMBER_BYTES = 64 * 2**20
+"""The largest archive member unpacked; the official batches are ~31 MB each."""
 
-    tarfile's ``data`` filter (Python ≥ 3.11.4) refuses ``..`` paths, links leading out and device files;
-    before it, each member's resolved path is checked here and only plain files and folders are unpacked.
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    """Unpack CIFAR-10's seven files from ``archive`` into ``dest``, and nothing else.
+
+    Other members are skipped (an archive padded with a huge file would fill the disk), a wanted member
+    larger than :data:`MAX_CIFAR_MEMBER_BYTES` or not a plain file is refused, and so is any member that
+    would be written outside ``dest``: tarfile's ``data`` filter (Python ≥ 3.11.4) refuses ``..`` paths,
+    links leading out and device files; before it, each member's resolved path is checked here.
 
     Raises:
         ImageDataUnavailableError: the archive is unreadable, or a member is refused (both named).
     """
+    wanted = {f"{CIFAR_FOLDER}/{name}" for name in CIFAR_FILES}
     try:
         with tarfile.open(archive, "r:*") as tar:
+            members = [m for m in tar.getmembers() if m.name.removeprefix("./").lstrip("/") in wanted]
+            for member in members:
+                if not member.isfile():
+                    _refuse_member(archive, member.name, "not a plain file")
+                if member.size > MAX_CIFAR_MEMBER_BYTES:
+                    _refuse_member(
+                        archive, member.name, f"{member.size:,} bytes, more than any CIFAR-10 file"
+                    )
             if hasattr(tarfile, "data_filter"):
                 try:
-                    tar.extractall(dest, filter="data")
+                    tar.extractall(dest, members=members, filter="data")
                 except tarfile.FilterError as err:
                     _refuse_member(archive, err.tarinfo.name, str(err))
                 return
             inside = dest.resolve()
-            members = tar.getmembers()
             for member in members:
                 target = (inside / member.name).resolve()
                 if not (member.isfile() or member.isdir()):
@@ -517,15 +531,40 @@ def _read_idx(dataset_class: Any, root: Path, raw: Path, where: dict[str, str], 
         ) from err
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10's batches: dicts, lists, strings and NumPy arrays, no other objects."""
+
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),  # how NumPy pickles an array (the official files)
+            ("numpy._core.multiarray", "_reconstruct"),  # the same under NumPy 2
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays"
+            )
+        return super().find_class(module, name)
+
+
 def _check_cifar_file(path: Path, where: str, n_classes: int, *, meta: bool) -> None:
     """Check one CIFAR-10 pickle as torchvision will read it: a batch's ``data`` rows and ``labels`` pair up.
 
     torchvision concatenates the five training batches, so a batch with more labels than images would
     shift every label after it onto the wrong image; each batch is checked on its own here.
+
+    The pickle is read by :class:`_CifarUnpickler`, which builds NumPy arrays and nothing else: a pickle
+    that names any other callable is refused before it runs (torchvision's own plain ``pickle.load``
+    then reads only files that passed).
     """
     try:
         with open(path, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
+            entry = _CifarUnpickler(handle, encoding="latin1").load()
     except Exception as err:  # a corrupt pickle raises many types (UnpicklingError, EOFError, ...)
         raise ImageDataUnavailableError(
             f"{where} is not a readable CIFAR-10 pickle ({type(err).__name__}: {err})"
@@ -697,10 +736,15 @@ def prepare_image_data(
 def load_image_split(data_dir: Path, split: str) -> ImageSplit:
     """Read one prepared split (``train``, ``validation``, ``test``) that :func:`prepare_image_data` wrote.
 
+    With the folder's ``manifest.json`` beside it (as :func:`prepare_image_data` writes it), the file
+    must also be the one the manifest lists (its SHA-256), and its images and labels must fit the
+    manifest's image shape and class count.
+
     Raises:
         FileNotFoundError: the split was not prepared.
-        ValueError: the file is unreadable or does not hold what :func:`prepare_image_data` writes (uint8
-            images ``(N, C, H, W)``, int64 labels ``(N,)`` ≥ 0, int64 source indices ``(N,)``); names it.
+        ValueError: the file is unreadable, does not hold what :func:`prepare_image_data` writes (uint8
+            images ``(N, C, H, W)``, int64 labels ``(N,)`` ≥ 0, int64 source indices ``(N,)``), or was
+            changed after it was written; names it.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
@@ -715,7 +759,26 @@ def load_image_split(data_dir: Path, split: str) -> ImageSplit:
             f"{path} is not a readable prepared {split} split ({type(err).__name__}; truncated, corrupt or "
             f"not written by prepare_images); rerun the prepare_images stage"
         ) from err
-    return _check_split(payload, path)
+    checked = _check_split(payload, path)
+    if (Path(data_dir) / "manifest.json").is_file():
+        _check_against_manifest(checked, path, split, read_manifest(data_dir))
+    return checked
+
+
+def _check_against_manifest(checked: ImageSplit, path: Path, split: str, manifest: dict[str, Any]) -> None:
+    listed = manifest.get("splits", {}).get(split, {})
+    if listed.get("sha256") != _sha256(path):
+        raise ValueError(
+            f"{path} is not the {split} split manifest.json lists (its SHA-256 differs): it was changed "
+            "after prepare_images wrote it; rerun the prepare_images stage"
+        )
+    shape, n_classes = tuple(manifest.get("image_shape", ())), manifest.get("n_classes")
+    if tuple(checked.images.shape[1:]) != shape:
+        raise ValueError(f"{path} holds images of shape {tuple(checked.images.shape[1:])}, not {shape}")
+    if isinstance(n_classes, int) and checked.labels.numel() and int(checked.labels.max()) >= n_classes:
+        raise ValueError(
+            f"{path} holds label {int(checked.labels.max())}; {manifest.get('dataset')} has {n_classes}"
+        )
 
 
 SPLIT_FIELDS: dict[str, tuple[torch.dtype, int]] = {
