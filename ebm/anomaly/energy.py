@@ -407,8 +407,9 @@ class GaussianCopula(nn.Module):
         """
         precision = self.precision.to(z.dtype)
         shares = (z - reference) * (self.weight * (0.5 * (z + reference) @ precision))
-        change = self.quadratic(z) - self.quadratic(reference)
-        passed = self(z) - self(reference)
+        at_z, at_reference = self.quadratic(z), self.quadratic(reference)
+        change = at_z - at_reference
+        passed = torch.relu(at_z) - torch.relu(at_reference)
         safe = torch.where(change != 0, change, torch.ones_like(change))
         return shares * torch.where(change != 0, passed / safe, torch.zeros_like(change))[:, None]
 

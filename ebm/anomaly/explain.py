@@ -157,13 +157,14 @@ def score_and_attribute(
 
 def _exact_parts(energy: AnomalyEnergy, x: Tensor, baseline: Tensor) -> tuple[Tensor, Tensor]:
     """The marginal and copula parts of the score (B,) and their exact attributions (B, C)."""
-    per_feature = energy.marginal.per_feature(x)
-    score, attributions = per_feature.sum(1), per_feature - energy.marginal.per_feature(baseline)
-    if energy.copula is not None:
-        z = energy.marginal.normal_scores_of(x)
-        score = score + energy.copula(z)
-        attributions = attributions + energy.copula.attribute(z, energy.marginal.normal_scores_of(baseline))
-    return score, attributions
+    if energy.copula is None:
+        per_feature = energy.marginal.per_feature(x)
+        return per_feature.sum(1), per_feature - energy.marginal.per_feature(baseline)
+    # one look-up of the grid positions gives both tables, for the rows and for the reference
+    per_feature, z = energy.marginal.per_feature_and_normal_scores(x)
+    baseline_energy, baseline_z = energy.marginal.per_feature_and_normal_scores(baseline)
+    score = per_feature.sum(1) + energy.copula(z)
+    return score, per_feature - baseline_energy + energy.copula.attribute(z, baseline_z)
 
 
 def to_raw_columns(attributions: Tensor, sources: Sequence[int], n_columns: int) -> Tensor:
