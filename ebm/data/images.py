@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -751,8 +752,9 @@ def load_image_split(data_dir: Path, split: str) -> ImageSplit:
     path = Path(data_dir) / f"{split}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no prepared {split} split at {path}; run the prepare_images stage first")
+    content = path.read_bytes()  # read once: loaded, and hashed against the manifest
     try:
-        payload = torch.load(path, weights_only=True)
+        payload = torch.load(io.BytesIO(content), weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
         # torch's own message suggests weights_only=False, which would run code from the file: not repeated.
         raise ValueError(
@@ -761,13 +763,16 @@ def load_image_split(data_dir: Path, split: str) -> ImageSplit:
         ) from err
     checked = _check_split(payload, path)
     if (Path(data_dir) / "manifest.json").is_file():
-        _check_against_manifest(checked, path, split, read_manifest(data_dir))
+        sha256 = hashlib.sha256(content).hexdigest()
+        _check_against_manifest(checked, path, split, read_manifest(data_dir), sha256)
     return checked
 
 
-def _check_against_manifest(checked: ImageSplit, path: Path, split: str, manifest: dict[str, Any]) -> None:
+def _check_against_manifest(
+    checked: ImageSplit, path: Path, split: str, manifest: dict[str, Any], sha256: str
+) -> None:
     listed = manifest.get("splits", {}).get(split, {})
-    if listed.get("sha256") != _sha256(path):
+    if listed.get("sha256") != sha256:
         raise ValueError(
             f"{path} is not the {split} split manifest.json lists (its SHA-256 differs): it was changed "
             "after prepare_images wrote it; rerun the prepare_images stage"
