@@ -213,3 +213,12 @@ def test_unsupported_suffix_and_missing_file(tmp_path: Path) -> None:
         read_table(tmp_path / "t.xlsx", SCHEMA)
     with pytest.raises(FileNotFoundError):
         read_table(tmp_path / "absent.csv", SCHEMA)
+
+
+def test_float_category_codes_read_as_the_integers_they_are_unless_too_large_to_be_exact() -> None:
+    # before: a whole code of 2**53 or more (1e20) crashed the conversion to integer text
+    from ebm.anomaly.validation import _category_text
+
+    assert _category_text(pd.Series([5411.0, 7.0])).tolist() == ["5411", "7"]
+    assert _category_text(pd.Series([1e20, 7.0])).tolist() == ["1e+20", "7.0"]
+    assert _category_text(pd.Series([1.5, 7.0])).tolist() == ["1.5", "7.0"]

@@ -168,9 +168,9 @@ def _category_text(values: pd.Series) -> pd.Series:
     if isinstance(values.dtype, pd.ArrowDtype) and pd.api.types.is_string_dtype(values.dtype):
         return values  # Arrow strings stay as they are (no Python objects)
     if pd.api.types.is_float_dtype(values):
-        whole = values.notna() & np.isfinite(values) & (values == values.round())
-        if whole[values.notna()].all():
-            return values.astype("Int64").astype(str).where(values.notna(), values.astype(str))
+        present = values.dropna()  # missing labels are refused by the caller, whatever their text
+        if ((present == present.round()) & (present.abs() < 2**53)).all():  # exact as integers
+            return values.astype("Int64").astype(str)
     return values.astype(str)
 
 
