@@ -144,9 +144,20 @@ def test_labels_may_be_booleans_or_whole_floats_but_not_text() -> None:
 
 
 @pytest.mark.parametrize(
-    ("labels", "scores"),
-    [([0, 0, 0], [1.0, 2.0, 3.0]), ([0, 1, 2], [1.0, 2.0, 3.0]), ([0, 1], [1.0, np.nan]), ([0, 1], [1.0])],
+    ("labels", "scores", "message"),
+    [
+        ([0, 0, 0], [1.0, 2.0, 3.0], "labels must hold both 0 .normal. and 1 .anomaly. rows"),
+        (
+            [0, 1, 2],
+            [1.0, 2.0, 3.0],
+            "labels must be exactly 0 .normal. or 1 .anomaly.; 1 are not, the first at position 2",
+        ),
+        ([0, 1], [1.0, np.nan], "scores hold NaN or infinite values"),
+        ([0, 1], [1.0], "labels and scores differ in length: 2 vs 1"),
+    ],
 )
-def test_bad_inputs_are_refused(labels: list[int], scores: list[float]) -> None:
-    with pytest.raises(ValueError):
+def test_bad_inputs_are_refused(labels: list[int], scores: list[float], message: str) -> None:
+    """By the module's own checks, naming the problem: scikit-learn raises a ValueError for each of
+    these too, so without ``match`` the test passed with the checks deleted."""
+    with pytest.raises(ValueError, match=message):
         detection_metrics(labels, scores)
