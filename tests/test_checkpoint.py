@@ -203,6 +203,51 @@ def test_atomic_write_keeps_the_old_file_and_no_temp_file_when_the_writer_raises
     assert files_in(tmp_path) == ["run.ckpt"]
 
 
+def _fail_halfway(*args: Any, **kwargs: Any) -> None:
+    """A stand-in for ``torch.save`` / ``Path.write_text`` that writes half a file, then fails."""
+    target = args[0] if isinstance(args[0], Path) else args[1]  # path.write_text(text), torch.save(obj, file)
+    if isinstance(target, Path):
+        with open(target, "wb") as file:
+            file.write(b"half of a new")
+    else:
+        target.write(b"half of a new")
+        target.flush()
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize(
+    ("writer", "patched"),
+    [
+        ("write_json", (Path, "write_text")),
+        ("write_report_json", (Path, "write_text")),
+        ("torch_save", (torch, "save")),
+        ("save_checkpoint", (torch, "save")),
+        ("save_model", (torch, "save")),
+    ],
+)
+def test_every_writer_keeps_the_old_file_when_a_write_fails_halfway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str, patched: tuple[Any, str]
+) -> None:
+    """The refusals above happen before any byte is written; this is the failure after some are: each
+    public writer must go through :func:`atomic_write`, not open its target."""
+    path = tmp_path / "out.file"
+    path.write_bytes(b"the old file")
+    write = {
+        "write_json": lambda: write_json(path, {"loss": 1.0}),
+        "write_report_json": lambda: write_report_json(path, {"loss": 1.0}),
+        "torch_save": lambda: torch_save({"w": torch.zeros(2)}, path),
+        "save_checkpoint": lambda: save_checkpoint(path, {"step": 1, "w": torch.zeros(2)}),
+        "save_model": lambda: save_model(path, tiny_energy(), kind="mlp_energy", config=tiny_energy().config),
+    }[writer]
+    monkeypatch.setattr(*patched, _fail_halfway)
+
+    with pytest.raises(OSError, match="disk full"):
+        write()
+
+    assert path.read_bytes() == b"the old file"
+    assert files_in(tmp_path) == ["out.file"]
+
+
 def test_atomic_write_replaces_the_file_and_makes_missing_folders(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "folder" / "run.ckpt"
     written = atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"first"))
