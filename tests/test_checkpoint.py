@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
 import json
@@ -719,3 +720,24 @@ def test_write_json_refuses_a_non_finite_number_and_keeps_the_old_file(tmp_path:
     with pytest.raises(ValueError, match=r"metrics.json: Out of range float"):
         write_json(path, {"auroc": {"set": bad}})
     assert json.loads(path.read_text()) == {"auroc": 0.9} and files_in(tmp_path) == ["metrics.json"]
+
+
+def test_every_torch_load_in_the_package_is_weights_only() -> None:
+    """Opening a model, buffer or sample file never runs code: every ``torch.load`` in ``ebm/`` passes
+    ``weights_only=True`` literally (a missing keyword means the default, which torch has changed before)."""
+    package = Path(__file__).resolve().parents[1] / "ebm"
+    unsafe, seen = [], 0
+    for source in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr != "load" or not (
+                isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+            ):
+                continue
+            seen += 1
+            flag = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
+            if not (isinstance(flag, ast.Constant) and flag.value is True):
+                unsafe.append(f"{source.relative_to(package.parent)}:{node.lineno}")
+    assert seen >= 5, f"found only {seen} torch.load calls: is the scan still looking at the package?"
+    assert unsafe == [], f"torch.load without weights_only=True at {unsafe}"
