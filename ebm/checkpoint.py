@@ -387,7 +387,13 @@ def load_model(path: str | os.PathLike[str], map_location: MapLocation = "cpu") 
     written by :func:`save_model` never holds those, so one that does is not silently used.
     """
     path = Path(path)
-    payload = load_checkpoint(path, map_location)
+    return model_from_payload(load_checkpoint(path, map_location), path, map_location)
+
+
+def model_from_payload(payload: dict[str, Any], path: Path, map_location: MapLocation = "cpu") -> nn.Module:
+    """The model in ``payload``, what :func:`load_checkpoint` read from the model file ``path``: what
+    :func:`load_model` does after reading, for a caller that also needs the file's ``metadata`` from
+    the same read. Raises as :func:`load_model` does, naming ``path``."""
     kind = payload.get("kind")
     if not isinstance(kind, str) or kind not in MODEL_BUILDERS:
         raise CheckpointError(

@@ -345,13 +345,14 @@ def cmd_rbm_loglik(args: argparse.Namespace) -> int:
     from ebm.boltzmann.ais import RBMAISConfig, ais_log_partition, mean_log_likelihood
     from ebm.boltzmann.rbm import MAX_ENUMERATED_UNITS, BernoulliRBM, exact_log_partition
     from ebm.boltzmann.training import BinarizeConfig, binarize
-    from ebm.checkpoint import load_checkpoint, load_model
+    from ebm.checkpoint import load_checkpoint, model_from_payload
     from ebm.data.images import load_image_split
 
-    rbm = load_model(args.model)
+    payload = load_checkpoint(args.model)  # one read: the weights and the metadata recorded beside them
+    rbm = model_from_payload(payload, args.model)
     if not isinstance(rbm, BernoulliRBM):
         raise ValueError(f"{args.model} holds a {type(rbm).__name__}, not an RBM")
-    recorded = load_checkpoint(args.model).get("metadata", {})
+    recorded = payload.get("metadata", {})
     config = BinarizeConfig(**recorded.get("binarize", {}))  # as the train_rbm stage binarised
     for field, value in (
         ("method", args.binarize),
