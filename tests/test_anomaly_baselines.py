@@ -57,3 +57,15 @@ def test_test_columns_are_read_by_name_not_by_position(name: str) -> None:
     expected = fit_score(name, train, test)
     reordered = test[test.columns[::-1]].assign(extra=7.0)
     np.testing.assert_allclose(fit_score(name, train, reordered), expected)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_higher_means_more_anomalous_for_every_baseline(name: str) -> None:
+    """The detector's convention, which scikit-learn's ``score_samples`` reverses: rows far outside the
+    training cloud, in a numeric column or by an unseen category, score above every typical row."""
+    train, typical = rows(300, seed=0), rows(40, seed=1)
+    outliers = typical.iloc[:3].copy()
+    outliers["amount"] = [1e5, 3e5, 1e6]  # the training amounts' 99.9th percentile is ~500
+    outliers["hour"] = [47, 60, 99]
+    scores = fit_score(name, train, pd.concat([typical, outliers], ignore_index=True), seed=0)
+    assert scores[-3:].min() > scores[:-3].max()

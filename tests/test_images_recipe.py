@@ -23,6 +23,7 @@ from ebm.images import (
     MixedPrecisionImageEnergy,
     buffer_grid_callback,
     build_image_energy,
+    build_objective,
     denoise,
     generate,
     half_mask,
@@ -398,3 +399,22 @@ def test_class_gaussian_buffer_init_starts_chains_from_the_data_statistics() -> 
 
     with pytest.raises(ValueError, match="buffer_init"):
         dataclasses.replace(recipe, buffer_init="data")
+
+
+def test_the_recipe_s_chains_stay_on_the_unit_interval_that_images_live_on() -> None:
+    """Langevin noise alone carries a pixel at 0.999 past 1; the recipe's sampler clamps to [0, 1], and
+    its negatives (what the classifier sees as model samples) hold no pixel outside it."""
+    recipe = ImageRecipe(model=TINY_CNN)
+    assert recipe.sampler.clamp == (0.0, 1.0)
+    energy = make_energy(
+        ImageEnergySpec(TINY_CNN, (1, 28, 28), n_classes=10), device=torch.device("cpu"), seed=0
+    )
+    objective = build_objective(
+        recipe, (1, 28, 28), device=torch.device("cpu"), generator=torch.Generator().manual_seed(0)
+    )
+    assert objective.cd is not None
+    positives = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    negatives, _ = objective.cd.negatives(energy, positives, generator=torch.Generator().manual_seed(2))
+    assert negatives.min() >= 0.0 and negatives.max() <= 1.0
+    at_the_bounds = ((negatives == 0.0) | (negatives == 1.0)).float().mean()
+    assert at_the_bounds > 0.001, "no pixel reached a bound: the test no longer tests the clamp"

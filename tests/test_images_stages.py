@@ -97,6 +97,8 @@ def test_the_cifar10_path_runs_end_to_end_from_pickle_batches_to_a_loadable_mode
     assert metrics["n_fd_matched"] == min(metrics["n_buffer_samples"], n_validation)
     assert metrics["n_fd_small"] == min(metrics["n_noise_samples"], n_validation)
     assert np.isfinite(metrics["fd_buffer_samples_matched"]) and metrics["fd_real_floor_small"] >= 0
+    # FD tells sets apart: uniform noise (the uniform proposal's draws) sits far above real images' floor
+    assert metrics["fd_proposal_draws"] > 2 * metrics["fd_real_floor_small"] > 0
     assert np.isfinite(metrics["ais"]["log_partition"]) and metrics["ais"]["standard_error"] >= 0
     assert set(metrics["restoration"]) == {
         "inpaint_psnr_before",
