@@ -226,6 +226,18 @@ def test_hybrid_loss_reports_the_generative_term(moons_train: tuple[Tensor, Tens
     assert discriminative_only.generative is None
 
 
+def test_the_generative_term_s_buffer_takes_the_configured_size_and_reinitialisation(
+    moons_train: tuple[Tensor, Tensor],
+) -> None:
+    x, _ = moons_train
+    config = dataclasses.replace(
+        HYBRID, loss=dataclasses.replace(HYBRID.loss, buffer_size=300, reinit_prob=0.3)
+    )
+    objective = generative_term(config, x, generator=torch.Generator().manual_seed(0))
+    assert objective.buffer is not None
+    assert objective.buffer.reinit_prob == 0.3 and len(objective.buffer.states) == 300
+
+
 # --- the figure -------------------------------------------------------------------------------------
 
 

@@ -277,3 +277,19 @@ def test_nll_and_true_nll_refuse_an_empty_set_of_points() -> None:
         nll(mixture, torch.empty(0, 2), 0.0)
     with pytest.raises(ValueError, match="no points"):
         true_nll(lambda points: -mixture(points), torch.empty(0, 2))
+
+
+def test_nll_of_an_unnormalised_energy_does_not_depend_on_its_constant() -> None:
+    """nll adds log Z: E + c has log Z − c, and the same NLL. Every other test's energy is normalised
+    (log Z ≈ 0), where a wrong sign on log Z shows nowhere."""
+    mixture = eight_gaussians()
+    x = sample_mixture(mixture, 500, torch.Generator().manual_seed(0))
+    reference = nll(mixture, x, grid_log_partition(mixture, BOUNDS, 256))
+    for c in (-7.0, 3.0):
+
+        def shifted(points: Tensor, c: float = c) -> Tensor:
+            return mixture(points) + c
+
+        log_z = grid_log_partition(shifted, BOUNDS, 256)
+        assert log_z == pytest.approx(grid_log_partition(mixture, BOUNDS, 256) - c, abs=1e-5)
+        assert nll(shifted, x, log_z) == pytest.approx(reference, abs=1e-5)

@@ -326,6 +326,40 @@ def test_same_seed_gives_the_same_weights_and_another_seed_different_ones() -> N
     )
 
 
+@pytest.mark.parametrize("grad_clip", [None, 1e-3])
+def test_grad_clip_caps_the_gradient_norm_the_optimiser_steps_with(grad_clip: float | None) -> None:
+    """Adam's steps barely change when every gradient is scaled alike, so the weights cannot show a
+    clip; the gradient the optimiser is handed can. Unclipped, it is far above 1e-3."""
+    trainer = small_trainer(small_config(steps=3, grad_clip=grad_clip))
+    norms: list[float] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for p in trainer.energy.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step  # type: ignore[method-assign]
+    trainer.fit()
+    assert len(norms) == 3
+    if grad_clip is None:
+        assert min(norms) > 100 * 1e-3
+    else:
+        assert max(norms) <= grad_clip * (1 + 1e-5)
+
+
+def test_load_state_dict_restores_torch_s_global_random_stream() -> None:
+    """Code outside the trainer's own generator (a user's objective, dropout) draws from torch's global
+    stream; a resumed run must draw what the uninterrupted one would."""
+    trainer = small_trainer(small_config())
+    with torch.random.fork_rng():
+        state = trainer.state_dict()
+        expected = torch.rand(8)
+        torch.rand(100)  # the stream moves on, as it does in the steps after a checkpoint
+        trainer.load_state_dict(state)
+        assert torch.equal(torch.rand(8), expected)
+
+
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
