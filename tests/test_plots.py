@@ -67,6 +67,38 @@ def test_learned_density_panel_integrates_to_one_over_the_box() -> None:
     assert float(density.sum()) * cell_area == pytest.approx(1.0, abs=1e-6)
 
 
+def off_centre_unnormalised(points: Tensor) -> Tensor:
+    """One Gaussian at (2.125, −0.875) (a cell centre), its energy shifted by 5 (so log Z = −5): neither
+    normalised nor symmetric under swapping x and y, as the mixtures above are."""
+    return GaussianMixtureEnergy(torch.tensor([[2.125, -0.875]]), 0.5)(points) + 5.0
+
+
+def test_every_heatmap_is_normalised_and_puts_x_across_and_y_up() -> None:
+    cell = (BOUNDS[1] - BOUNDS[0]) / RESOLUTION
+    where = (int((-0.875 - BOUNDS[0]) // cell), int((2.125 - BOUNDS[0]) // cell))  # (row = y, column = x)
+    figures = [
+        plot_energy_and_density(off_centre_unnormalised, BOUNDS, resolution=RESOLUTION),
+        plot_density_grid(
+            [
+                DensityPanel(
+                    "off centre",
+                    off_centre_unnormalised,
+                    BOUNDS,
+                    true_log_prob=lambda x: -off_centre_unnormalised(x) + 5.0,
+                )
+            ],
+            resolution=RESOLUTION,
+        ),
+    ]
+    for fig in figures:
+        for ax in heatmap_axes(fig):
+            values = torch.as_tensor(ax.images[0].get_array().filled(float("nan")))
+            extremes = {divmod(int(values.argmax()), RESOLUTION), divmod(int(values.argmin()), RESOLUTION)}
+            assert where in extremes, f"{ax.get_title()}: extremes at {extremes}, the mode is at {where}"
+            if "density" in ax.get_title().lower():
+                assert float(values.sum()) * cell**2 == pytest.approx(1.0, abs=1e-4), ax.get_title()
+
+
 def test_density_grid_has_four_panels_per_dataset_and_states_the_metrics() -> None:
     mixture = four_gaussians()
     wider_truth = GaussianMixtureEnergy(mixture.means, 0.6)  # peaks lower than the learned density
