@@ -648,7 +648,21 @@ def where_results_are(root: Path, summary: PipelineSummary) -> str:
         f"  plots:    {', '.join(map(str, plots[:6])) or 'none yet'}{' …' if len(plots) > 6 else ''}",
         f"  MLflow:   {tracking_uri(root)}  (browse: mlflow ui --backend-store-uri {tracking_uri(root)})",
     ]
+    lines += [f"  model:    {line}" for line in registered_models(summary.metrics)]
     return "\n".join(lines)
+
+
+def registered_models(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A line per model a registration stage's metrics file names (``model_name``, ``champion_version``,
+    ``decision``: :class:`ebm.anomaly.registry.RegistrationOutcome`): the URI that serves it."""
+    from ebm.anomaly.registry import CHAMPION
+
+    return [
+        f"models:/{values['model_name']}@{CHAMPION} (version {values['champion_version']}; "
+        f"this run: {values['decision']})  [{path}]"
+        for path, values in metrics.items()
+        if {"model_name", "champion_version", "decision"} <= set(values)
+    ]
 
 
 if __name__ == "__main__":

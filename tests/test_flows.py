@@ -1,5 +1,6 @@
 """flows/: the Prefect flow runs DVC stages (DVC deciding what to skip) and the deployment's schedule."""
 
+import dataclasses
 import json
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from flows.pipeline import (
     PREPARE_POLICY,
     SUMMARY_ARTIFACT_KEY,
     PipelineLockedError,
+    PipelineSummary,
     StageOutcome,
     StagePolicy,
     StageTimeoutError,
@@ -27,6 +29,7 @@ from flows.pipeline import (
     pipeline,
     stage_order,
     stage_policy,
+    where_results_are,
 )
 
 
@@ -354,6 +357,64 @@ def test_the_summary_links_only_runs_logged_during_this_flow_run(
     assert "/#/experiments/1/runs/new-report) |" in markdown
     assert "/#/experiments/1/runs/old-prepare) (previous) |" in markdown
     assert read_run_links(tmp_path)["train"] == "#/experiments/1/runs/old-train"
+
+
+def test_each_stage_task_gets_its_policy_s_retries_delay_and_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schedule = {"stages": {"train": {"retries": 2, "retry_delay_seconds": 5.0, "timeout_seconds": 60.0}}}
+    options: dict[str, dict[str, Any]] = {}
+    timeouts: dict[str, float | None] = {}
+
+    class RecordingTask:
+        def with_options(self, **kwargs: Any) -> Any:
+            stage = kwargs["name"].removeprefix("dvc-")
+            options[stage] = kwargs
+
+            def run(root: str, stage_name: str, **call: Any) -> StageOutcome:
+                timeouts[stage_name] = call["timeout_seconds"]
+                return StageOutcome(stage_name, "ran", 0.1)
+
+            return run
+
+    monkeypatch.setattr(flows.pipeline, "reproduce_stage", RecordingTask())
+    monkeypatch.setattr(flows.pipeline, "load_schedule_config", lambda root: schedule)
+    monkeypatch.setattr(flows.pipeline, "stage_order", lambda root, targets=None: ["prepare_toy", "train"])
+    monkeypatch.setattr(flows.pipeline, "collect_metrics", lambda root: {})
+    monkeypatch.setattr(flows.pipeline, "create_markdown_artifact", lambda markdown, **_: None)
+
+    _run_stages(tmp_path, None, False)
+
+    for stage in ("prepare_toy", "train"):
+        policy = stage_policy(stage, schedule)
+        assert (options[stage]["retries"], options[stage]["retry_delay_seconds"], timeouts[stage]) == (
+            policy.retries,
+            policy.retry_delay_seconds,
+            policy.timeout_seconds,
+        )
+    assert (options["train"]["retries"], timeouts["train"]) == (2, 60.0)  # the schedule's, not a default
+    assert options["prepare_toy"]["retries"] == PREPARE_POLICY.retries > 0
+
+
+def test_the_closing_lines_name_each_stage_s_run_the_plots_and_the_registered_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(flows.pipeline.MLFLOW_UI_ENV, "http://127.0.0.1:5000")
+    (tmp_path / "reports" / "toy").mkdir(parents=True)
+    (tmp_path / "reports" / "toy" / "heatmaps.png").write_bytes(b"png")
+    registration = {"model_name": "ebm-anomaly-detector", "champion_version": "3", "decision": "v3 won"}
+    summary = PipelineSummary(
+        stages=(StageOutcome("train_toy", "ran", 12.0), StageOutcome("register_anomaly", "skipped", 0.2)),
+        metrics={"reports/anomaly/registration.json": {**registration, "version": "3"}},
+        run_links={"train_toy": "#/experiments/1/runs/abc"},
+        previous_run_links={"register_anomaly": "#/experiments/2/runs/def"},
+    )
+    text = where_results_are(tmp_path, summary)
+    assert "http://127.0.0.1:5000/#/experiments/1/runs/abc" in text
+    assert "http://127.0.0.1:5000/#/experiments/2/runs/def (previous)" in text
+    assert "reports/toy/heatmaps.png" in text
+    assert "models:/ebm-anomaly-detector@champion (version 3; this run: v3 won)" in text
+    assert "model:" not in where_results_are(tmp_path, dataclasses.replace(summary, metrics={}))
 
 
 @pytest.mark.slow

@@ -104,6 +104,10 @@ def test_quick_pipeline_runs_every_stage_then_skips_them_and_dvc_agrees(
     rows = pd.read_parquet(root / "data" / "anomaly" / "test.parquet").head(4)
     scored = mlflow.pyfunc.load_model("models:/ebm-anomaly-detector@champion").predict(rows)
     assert len(scored) == 4 and "anomaly_score" in scored
+    from flows.pipeline import where_results_are
+
+    closing = where_results_are(root, first)  # what `python -m flows.pipeline` prints last
+    assert "models:/ebm-anomaly-detector@champion (version 1; this run: v1 is the first champion" in closing
 
     second = pipeline(project_root=str(root))
     assert {outcome.outcome for outcome in second.stages} == {"skipped"}
