@@ -159,6 +159,8 @@ def test_the_four_stages_write_their_outs_and_log_to_the_boltzmann_experiment(
     printed = capsys.readouterr().out
     assert f"log Z (exact, by enumeration) = {metrics['cd1']['exact_log_partition']:.3f}" in printed
     assert f"test log-likelihood = {metrics['cd1']['test_log_likelihood']:.2f}" in printed
+    assert ebm_main([*command[:-1], "60", "--chains", "8", "--temperatures", "10"]) == 0
+    assert "nats per image (60 images)" in capsys.readouterr().out  # fewer than the split holds
     assert ebm_main(["rbm", "loglik", "--model", str(root / "models" / "boltzmann" / "structured.pt")]) == 2
     assert "not an RBM" in capsys.readouterr().err
 

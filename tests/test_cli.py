@@ -351,3 +351,110 @@ def test_anomaly_fit_on_a_text_column_suggests_declaring_it_categorical(
     )
     assert "column 'city' has non-numeric values" in (err := capsys.readouterr().err)
     assert "name it with --categorical" in err and not (tmp_path / "d.pt").exists()
+
+
+# --- every option reaches the work it names -------------------------------------------------------------
+# Each test stops the command where it hands its settings on, and reads them there: a flag parsed and then
+# dropped (or a seed left at its default, which the smoke runs above all use) shows here, not at all there.
+
+
+class Handed(Exception):
+    """Raised by a stand-in to stop a command once it has handed its settings on."""
+
+
+def test_toy_train_trains_with_the_steps_seed_and_points_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import ebm.toy
+    from ebm.cli import _toy_data
+
+    seen: dict[str, Any] = {}
+
+    def train_energy(x_train: Any, recipe: Any, **_: Any) -> Any:
+        seen.update(x_train=x_train, recipe=recipe)
+        raise Handed
+
+    monkeypatch.setattr(ebm.toy, "train_energy", train_energy)
+    with pytest.raises(Handed):
+        main(["toy", "train", "--dataset", "rings", "--n-train", "50", "--steps", "17", "--seed", "5"])
+    assert (seen["recipe"].train.steps, seen["recipe"].train.seed) == (17, 5)
+    assert torch.equal(seen["x_train"], _toy_data("rings", 50, 5))
+    assert not torch.equal(seen["x_train"], _toy_data("rings", 50, 0))
+
+
+def test_toy_evaluate_and_render_sample_with_the_seed_given_and_write_every_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    import torch
+
+    import ebm.cli
+    import ebm.toy
+    from ebm.energies import MLPEnergy, MLPEnergyConfig
+    from ebm.evaluation.density2d import DensityReport
+
+    energy = MLPEnergy(MLPEnergyConfig(in_features=2, widths=(8,)))
+    monkeypatch.setattr(ebm.cli, "_load_on_device", lambda args, recipe: energy)
+    report = DensityReport(**{f.name: i + 1 for i, f in enumerate(dataclasses.fields(DensityReport))})
+    seeds: list[int] = []
+
+    def evaluate_energy(*_: Any, seed: int, **__: Any) -> Any:
+        seeds.append(seed)
+        return report, None
+
+    def sample_energy(*_: Any, generator: torch.Generator, **__: Any) -> torch.Tensor:
+        seeds.append(generator.initial_seed())
+        return torch.zeros(10, 2)
+
+    monkeypatch.setattr(ebm.toy, "evaluate_energy", evaluate_energy)
+    monkeypatch.setattr(ebm.toy, "sample_energy", sample_energy)
+    metrics, png = tmp_path / "metrics.json", tmp_path / "heatmap.png"
+    common = ["--dataset", "moons", "--model", str(tmp_path / "unused.pt"), "--n-train", "50", "--seed", "9"]
+    assert main(["toy", "evaluate", *common, "--n-test", "50", "--json", str(metrics)]) == 0
+    assert main(["toy", "render", *common, "--out", str(png)]) == 0
+    assert seeds == [9, 9]
+    assert json.loads(metrics.read_text()) == dataclasses.asdict(report)  # every figure, gap and MMD too
+
+
+def test_toy_classify_trains_for_the_steps_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ebm.classify2d
+
+    seen: list[Any] = []
+
+    def train_classifier(x: Any, y: Any, config: Any) -> Any:
+        seen.append(config)
+        raise Handed
+
+    monkeypatch.setattr(ebm.classify2d, "train_classifier", train_classifier)
+    with pytest.raises(Handed):
+        main(["toy", "classify", "--dataset", "moons", "--n-train", "50", "--steps", "7"])
+    assert seen[0].steps == 7
+
+
+def test_anomaly_fit_fits_with_the_seed_it_is_given(
+    anomaly_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ebm.anomaly.detector import EnergyAnomalyDetector
+
+    seeds: list[int] = []
+
+    def fit(self: EnergyAnomalyDetector, x: Any, *_: Any, **__: Any) -> Any:
+        seeds.append(self.config.seed)
+        raise Handed
+
+    monkeypatch.setattr(EnergyAnomalyDetector, "fit", fit)
+    fit_command = ["anomaly", "fit", "--data", str(anomaly_files["test"]), "--label", "is_fraud"]
+    with pytest.raises(Handed):
+        main([*fit_command, "--seed", "4"])
+    assert seeds == [4]
+
+
+def test_ebm_pipeline_hands_its_stages_to_the_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.pipeline
+
+    handed: list[list[str]] = []
+    monkeypatch.setattr(flows.pipeline, "main", lambda argv: handed.append(argv))
+    assert main(["pipeline", "--stages", "train_toy", "evaluate_toy"]) == 0
+    assert main(["pipeline"]) == 0
+    assert handed == [["--stages", "train_toy", "evaluate_toy"], []]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 import yaml
 from paramfiles import quick_params
 from stage_sources import assert_declared, executed_sources
+
+from ebm.evaluation.density2d import DensityReport
 
 
 @pytest.mark.slow
@@ -33,5 +36,10 @@ def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
 
     metrics = json.loads((root / "reports" / "toy" / "metrics.json").read_text())
     assert set(metrics) == {"moons"} and metrics["moons"]["nll"] > metrics["moons"]["entropy_floor"] - 0.5
+    # every figure of the report (MMD, the KDE baseline, log Z and its grid), each a number
+    assert set(metrics["moons"]) == {field.name for field in dataclasses.fields(DensityReport)}
+    assert metrics["moons"]["gap"] == pytest.approx(
+        metrics["moons"]["nll"] - metrics["moons"]["entropy_floor"]
+    )
     assert (root / "models" / "toy" / "moons.pt").is_file()
     assert any((root / "reports" / "toy").glob("*.png"))
