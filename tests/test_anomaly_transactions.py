@@ -82,6 +82,46 @@ def test_split_by_time_puts_earlier_rows_first(table: pd.DataFrame) -> None:
     assert train.timestamp.max() <= test.timestamp.min()
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.8])
+def test_split_by_time_trains_on_the_fraction_asked_for(table: pd.DataFrame, fraction: float) -> None:
+    train, _ = split_by_time(table, fraction)
+    assert len(train) / len(table) == pytest.approx(fraction, abs=0.01)
+
+
+def test_the_warm_up_only_builds_history_and_is_not_in_the_table(table: pd.DataFrame) -> None:
+    # timestamps count seconds from the end of the warm-up: a warm-up row kept would be negative
+    assert table.timestamp.min() >= 0 and table.timestamp.max() < (SMALL.days + 1) * 86_400
+    assert (table.minutes_since_prev < 24 * 60 * 30).mean() > 0.9  # most cards had a warm-up purchase
+
+
+def test_history_features_use_only_the_card_s_earlier_purchases() -> None:
+    """On three purchases of one card: the amount against the geometric mean of the *earlier* amounts,
+    the hour against the earlier hours; a feature that saw the row itself would differ."""
+    from types import SimpleNamespace
+
+    from ebm.anomaly.transactions import _history_features
+
+    events = pd.DataFrame(
+        {
+            "customer": [0, 0, 0],
+            "time_h": [1.0, 27.0, 53.0],  # 01:00, 03:00, 05:00 on three days
+            "x": [0.0, 3.0, 3.0],
+            "y": [0.0, 4.0, 4.0],
+            "merchant": [5, 6, 5],
+            "category": [0, 1, 0],
+            "amount": [10.0, 20.0, 40.0],
+            "fraud_type": ["", "", ""],
+        }
+    )
+    features = _history_features(events, SimpleNamespace(home_xy=np.zeros((1, 2))))  # type: ignore[arg-type]
+    np.testing.assert_allclose(features.amount_to_customer_avg, [1.0, 2.0, 40.0 / np.sqrt(10.0 * 20.0)])
+    np.testing.assert_allclose(features.hour_deviation, [0.0, 2.0, 3.0], atol=1e-9)  # 05:00 vs 01:00–03:00
+    np.testing.assert_allclose(features.km_from_prev, [0.0, 5.0, 0.0])
+    np.testing.assert_allclose(features.minutes_since_prev[1:], [26 * 60, 26 * 60])
+    np.testing.assert_allclose(features.new_merchant, [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(features.category_share, [0.0, 0.0, 0.5])
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_write_and_load_round_trip(table: pd.DataFrame, tmp_path: Path, suffix: str) -> None:
     path = write_table(table, tmp_path / f"t{suffix}")
