@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ebm.anomaly.public import ANOMALY_TYPES, PUBLIC_SETS, make_public_split, make_typed_split
+from ebm.anomaly.public import ANOMALY_TYPES, PUBLIC_SETS, TYPE_SOURCES, make_public_split, make_typed_split
 from ebm.anomaly.transactions import (
     CREDITCARD_FEATURES,
     FRAUD_TYPES,
@@ -157,3 +157,41 @@ def test_public_sets_are_seeded_and_hold_few_anomalies(name: str) -> None:
 def test_typed_anomalies_are_built_for_every_kind(kind: str) -> None:
     split = make_typed_split("wine", kind, seed=0)
     assert np.isfinite(split.x_train).all() and 0.03 < np.r_[split.y_train, split.y_test].mean() < 0.08
+
+
+@pytest.mark.parametrize("name", ["breast_cancer", "wine", "digits_one_class"])
+def test_public_split_labels_each_row_by_its_class_and_stratifies(name: str) -> None:
+    spec = PUBLIC_SETS[name]
+    x_all, target, _ = spec.loader()
+    for seed in (0, 1, 2):
+        normal_classes = spec.normal_classes(seed)
+        row_is_normal = {
+            row.tobytes(): bool(np.isin(t, normal_classes)) for row, t in zip(x_all, target, strict=True)
+        }
+        split = make_public_split(name, seed=seed)
+        for x, y in ((split.x_train, split.y_train), (split.x_test, split.y_test)):
+            assert [row_is_normal[row.tobytes()] for row in x] == list(y == 0)  # each row keeps its class
+        n_anomalies = int(split.y_train.sum() + split.y_test.sum())
+        n_test = len(split.y_test)
+        expected = n_anomalies * n_test / (n_test + len(split.y_train))
+        assert abs(split.y_test.sum() - expected) <= 1  # stratified: the anomaly share of both halves
+
+
+def test_typed_anomalies_have_the_shape_their_kind_names() -> None:
+    x_all, target, _ = PUBLIC_SETS["wine"].loader()
+    real = x_all[np.isin(target, TYPE_SOURCES["wine"][1])]
+    low, high = real.min(axis=0), real.max(axis=0)
+
+    def anomalies(kind: str) -> np.ndarray:
+        split = make_typed_split("wine", kind, seed=0)
+        return np.r_[split.x_train[split.y_train == 1], split.x_test[split.y_test == 1]]
+
+    uniform = anomalies("global")  # over the bounding box widened by 5 % a side
+    pad = 0.05 * (high - low)
+    assert ((uniform >= low - pad) & (uniform <= high + pad)).all()
+    assert ((uniform < low) | (uniform > high)).any(axis=1).mean() > 0.3
+    shuffled = anomalies("dependency")  # every value from the real column, rows broken up
+    for column in range(real.shape[1]):
+        assert np.isin(shuffled[:, column], real[:, column]).all()
+    real_rows = {row.tobytes() for row in real}
+    assert sum(row.tobytes() in real_rows for row in shuffled) == 0
