@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,23 @@ def test_float_category_codes_read_as_the_integers_they_are_unless_too_large_to_
     assert _category_text(pd.Series([5411.0, 7.0])).tolist() == ["5411", "7"]
     assert _category_text(pd.Series([1e20, 7.0])).tolist() == ["1e+20", "7.0"]
     assert _category_text(pd.Series([1.5, 7.0])).tolist() == ["1.5", "7.0"]
+
+
+def test_a_required_label_column_that_is_missing_is_refused_and_an_optional_one_is_not(
+    tmp_path: Path,
+) -> None:
+    path = write_csv(tmp_path / "t.csv", "amount,hour,category\n1,2,a\n")
+    with pytest.raises(ValidationError, match="missing column") as error:
+        read_table(path, dataclasses.replace(SCHEMA, label_required=True))
+    assert error.value.column == "is_fraud"
+    assert "is_fraud" not in read_table(path, SCHEMA).columns  # scoring: the label is optional
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_pass_through_ids_keep_their_text(tmp_path: Path, suffix: str) -> None:
+    """Ids are names, not numbers: letters and leading zeros survive (as numbers they became NaN or 7)."""
+    frame = pd.DataFrame({"amount": [1.0, 2.0], "transaction_id": ["T-001", "007"]})
+    path = tmp_path / f"t{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    schema = TableSchema(numeric=("amount",), passthrough=("transaction_id",))
+    assert read_table(path, schema)["transaction_id"].tolist() == ["T-001", "007"]
