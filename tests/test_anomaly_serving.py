@@ -327,6 +327,12 @@ def test_the_champion_moves_only_against_a_finite_value_of_the_same_metric(
     again = register_detector(third_path, example, metric_name="auprc", metric_value=0.9, model_name=name)
     assert again.reused and again.version == "3" and again.alias_moved and champion() == "3"
 
+    # A tie keeps the champion: moving the alias needs a strictly better value.
+    tie_path = _variant(tiny_detector_path, tmp_path, 3.0)
+    tie = register_detector(tie_path, example, metric_name="auprc", metric_value=0.9, model_name=name)
+    assert tie.version == "4" and not tie.alias_moved and champion() == "3"
+    assert "kept champion v3: its auprc 0.9000 ≥ v4's 0.9000" in tie.decision
+
 
 @pytest.mark.slow
 def test_the_logged_model_lists_tqdm_and_takes_float64_numbers_in_process(
