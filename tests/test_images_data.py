@@ -151,14 +151,18 @@ def test_idx_local_copy_is_read_by_torchvision_and_split_with_a_record(
 def test_splits_are_fixed_by_the_seed_and_change_with_it(tmp_path: Path) -> None:
     write_mnist_copy(tmp_path / "copy", n_train=40, n_test=10)
     config = ImageDataConfig(
-        dataset="fashion_mnist", local_copy=str(tmp_path / "copy"), n_validation=8, max_train=20
+        dataset="fashion_mnist", local_copy=str(tmp_path / "copy"), n_validation=8, max_train=20, max_test=5
     )
     indices = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         prepare_image_data(config, tmp_path / name, seed=seed)
-        indices[name] = load_image_split(tmp_path / name, "validation").source_indices
-    assert torch.equal(indices["a"], indices["b"])
-    assert not torch.equal(indices["a"], indices["c"])
+        indices[name] = torch.cat(
+            [load_image_split(tmp_path / name, split).source_indices for split in ("validation", "test")]
+        )
+    assert torch.equal(indices["a"], indices["b"])  # the test subset too: drawn from the seeded generator
+    assert not torch.equal(indices["a"][:8], indices["c"][:8]) and not torch.equal(
+        indices["a"][8:], indices["c"][8:]
+    )
     assert load_image_split(tmp_path / "a", "train").images.shape[0] == 20
 
 
@@ -708,3 +712,37 @@ def test_a_relative_local_copy_lies_under_the_project_root(
     with pytest.raises(ImageDataUnavailableError, match="download failed"):
         load_original(system, project_root=project)
     assert attempts
+
+
+@pytest.mark.parametrize("matching", [4, 3])
+def test_a_local_copy_is_the_official_release_only_when_every_gz_file_has_torchvision_s_md5(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, matching: int
+) -> None:
+    """Debian's re-compressed files match none (not checkable: null), a copy of the official .gz files
+    all four; three of four is a copy of something else."""
+    write_mnist_copy(tmp_path / "copy", n_train=30, n_test=10)
+    md5 = {
+        f"{name}.gz": hashlib.md5((tmp_path / "copy" / f"{name}.gz").read_bytes()).hexdigest()
+        for name in IDX_FILES
+    }
+    published = [(name, digest if i < matching else "0" * 32) for i, (name, digest) in enumerate(md5.items())]
+    monkeypatch.setattr(datasets.MNIST, "resources", published)
+    config = ImageDataConfig(
+        dataset="mnist", local_copy=str(tmp_path / "copy"), download=False, n_validation=5
+    )
+    manifest = prepare_image_data(config, tmp_path / "out", seed=0)
+    assert manifest["official_checksums"] is (True if matching == 4 else None)
+
+
+def test_a_split_of_another_image_shape_than_its_manifest_says_is_named(tmp_path: Path) -> None:
+    write_mnist_copy(tmp_path / "copy", n_train=30, n_test=10)
+    config = ImageDataConfig(
+        dataset="mnist", local_copy=str(tmp_path / "copy"), download=False, n_validation=5
+    )
+    out = tmp_path / "out"
+    prepare_image_data(config, out, seed=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["image_shape"] = [3, 32, 32]  # the split's bytes and hash untouched
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"train\.pt.*\(3, 32, 32\)"):
+        load_image_split(out, "train")
