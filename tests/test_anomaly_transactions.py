@@ -82,6 +82,12 @@ def test_split_by_time_puts_earlier_rows_first(table: pd.DataFrame) -> None:
     assert train.timestamp.max() <= test.timestamp.min()
 
 
+def test_split_by_time_puts_a_timestamp_at_the_cut_on_one_side_only() -> None:
+    table = pd.DataFrame({"timestamp": [0, 1, 1, 1, 2], "row": range(5)})  # the 0.6 quantile is 1, a tie
+    train, test = split_by_time(table, 0.6)
+    assert train.row.tolist() == [0, 1, 2, 3] and test.row.tolist() == [4]
+
+
 @pytest.mark.parametrize("fraction", [0.3, 0.8])
 def test_split_by_time_trains_on_the_fraction_asked_for(table: pd.DataFrame, fraction: float) -> None:
     train, _ = split_by_time(table, fraction)
