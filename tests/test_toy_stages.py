@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -28,6 +30,13 @@ def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     root = tmp_path / "project"
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
+    import ebm.plots
+
+    drawn: list[Any] = []
+    grid = ebm.plots.plot_density_grid
+    monkeypatch.setattr(
+        ebm.plots, "plot_density_grid", lambda panels, **kw: drawn.extend(panels) or grid(panels, **kw)
+    )
 
     for stage in ("prepare", "train", "evaluate", "render"):
         with executed_sources() as executed:
@@ -43,3 +52,20 @@ def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
     )
     assert (root / "models" / "toy" / "moons.pt").is_file()
     assert any((root / "reports" / "toy").glob("*.png"))
+    trained = json.loads((root / "reports" / "toy" / "train.json").read_text())["moons"]
+    assert set(trained) == {"train_seconds", "steps", "recoveries", "final_gap"} and trained["steps"] == 20
+    curve = (root / "reports" / "toy" / "curves" / "moons.csv").read_text().splitlines()
+    assert [float(row.split(",")[0]) for row in curve[1:]] == [1, 5, 10, 15, 20]  # the first, then every 5
+    (panel,) = drawn  # the heatmap figure: the truth beside the model, the data, samples and figures
+    assert panel.name == "moons" and panel.true_log_prob is not None
+    assert panel.data is not None and len(panel.data) == 500 and panel.samples is not None
+    assert (panel.nll, panel.gap) == (metrics["moons"]["nll"], metrics["moons"]["gap"])
+
+    data = np.load(root / "data" / "toy" / "moons.npz")  # prepare draws from the params' seed
+    raw["seed"] += 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    main(["prepare", "--params", str(tmp_path / "params.yaml"), "--root", str(root)])
+    reseeded = np.load(root / "data" / "toy" / "moons.npz")
+    assert set(data.files) == set(reseeded.files) and not any(
+        np.array_equal(data[k], reseeded[k]) for k in data.files
+    )
