@@ -55,7 +55,8 @@ def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
     trained = json.loads((root / "reports" / "toy" / "train.json").read_text())["moons"]
     assert set(trained) == {"train_seconds", "steps", "recoveries", "final_gap"} and trained["steps"] == 20
     curve = (root / "reports" / "toy" / "curves" / "moons.csv").read_text().splitlines()
-    assert [float(row.split(",")[0]) for row in curve[1:]] == [1, 5, 10, 15, 20]  # the first, then every 5
+    steps = [float(row.split(",")[0]) for row in curve[1:]]
+    assert steps == [1, 6, 11, 16, 20]  # every 5th step from the first, and the last
     (panel,) = drawn  # the heatmap figure: the truth beside the model, the data, samples and figures
     assert panel.name == "moons" and panel.true_log_prob is not None
     assert panel.data is not None and len(panel.data) == 500 and panel.samples is not None
