@@ -534,12 +534,18 @@ class PendingRunsError(ValueError):
         )
 
 
-def log_pending_runs(project_root: Path) -> list[str]:
+def log_pending_runs(project_root: Path, *, recorded_since_ms: int | None = None) -> list[str]:
     """Log every deferred run of ``project_root`` to MLflow (see :data:`DEFER_ENV`), then delete its record.
 
     Each record is logged on its own: one that fails (unreadable, or MLflow rejects what it holds) has its
     half-made run ended FAILED and is moved to :data:`FAILED_RUNS_DIR`, so it neither stops the others
     nor is retried, and failing again, at every later call.
+
+    The ``dvc_deps`` tag holds the stage's dep hashes as they are when the run is logged, which are the
+    ones the stage ran with when it is logged right after the stage. ``recorded_since_ms`` (epoch ms: when
+    the caller's stage began) tells such runs from ones an earlier, interrupted flow left behind: a run
+    that started before it gets no ``dvc_deps`` (its deps may have changed since) but a ``dvc_deps_note``
+    saying why. ``None``: every run counts as just recorded.
 
     Returns:
         The logged runs' links, relative to the MLflow UI root.
@@ -560,7 +566,7 @@ def log_pending_runs(project_root: Path) -> list[str]:
     failures: dict[Path, str] = {}
     for folder in records:
         try:
-            links.append(_log_pending_run(client, root, folder))
+            links.append(_log_pending_run(client, root, folder, recorded_since_ms))
         except Exception as err:
             failures[_set_aside(root, folder, err)] = f"{type(err).__name__}: {err}"
     if failures:
@@ -603,8 +609,8 @@ def _delete_run_if_present(client: MlflowClient, run_id: str) -> None:
             raise
 
 
-def _log_pending_run(client: MlflowClient, root: Path, folder: Path) -> str:
-    """Log one deferred run record, delete it and return the run's link.
+def _log_pending_run(client: MlflowClient, root: Path, folder: Path, recorded_since_ms: int | None) -> str:
+    """Log one deferred run record, delete it and return the run's link (see :func:`log_pending_runs`).
 
     A run this creates and cannot complete is ended FAILED before the error propagates.
     """
@@ -624,7 +630,13 @@ def _log_pending_run(client: MlflowClient, root: Path, folder: Path) -> str:
     experiment_id = _get_or_create_experiment(client, experiment, artifact_location(root, uri, experiment))
     status = "KILLED" if record.get("status", "RUNNING") == "RUNNING" else str(record["status"])
     tags = dict(record.get("tags", {}))
-    tags["dvc_deps"] = json.dumps(dvc_dep_hashes(root, stage), sort_keys=True)
+    if recorded_since_ms is None or start_time >= recorded_since_ms:
+        tags["dvc_deps"] = json.dumps(dvc_dep_hashes(root, stage), sort_keys=True)
+    else:
+        tags["dvc_deps_note"] = (
+            "logged by a later stage than the one that recorded it; its deps may have changed since it "
+            "ran, so their hashes are not recorded"
+        )
     # MlflowClient.create_run takes the run's user from the ``mlflow.user`` tag (the record has it).
     run = client.create_run(
         experiment_id,

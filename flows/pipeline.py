@@ -410,11 +410,12 @@ def _logging_deferred_runs(project_root: str) -> Iterator[None]:
     When the stage failed, its own exception is the one raised: a failure to log the runs is attached to it
     as a note (and logged), never put in its place. When the stage passed, that failure fails the task.
     """
+    began_ms = int(time.time() * 1000)  # a run recorded earlier is an interrupted flow's leftover
     try:
         yield
     except BaseException as stage_error:
         try:
-            links = log_pending_runs(Path(project_root))
+            links = log_pending_runs(Path(project_root), recorded_since_ms=began_ms)
         except Exception as logging_error:
             _logger().error("logging the stage's MLflow runs failed as well: %s", logging_error)
             stage_error.add_note(f"logging the stage's MLflow runs failed as well: {logging_error}")
@@ -422,7 +423,7 @@ def _logging_deferred_runs(project_root: str) -> Iterator[None]:
         for link in links:
             _logger().info("MLflow run logged: %s", link)
         raise
-    for link in log_pending_runs(Path(project_root)):
+    for link in log_pending_runs(Path(project_root), recorded_since_ms=began_ms):
         _logger().info("MLflow run logged: %s", link)
 
 

@@ -318,6 +318,31 @@ def test_a_failure_to_log_deferred_runs_is_noted_on_the_stage_error_not_raised_i
         pass
 
 
+def test_a_run_an_interrupted_flow_left_behind_is_logged_without_dep_hashes_that_may_have_changed(
+    tiny_pipeline: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hashes are taken when the run is logged: right after its stage, they are the ones it ran with;
+    a record a killed flow left is logged by a later stage, after edits it never saw."""
+    import time
+
+    import mlflow
+
+    from ebm.tracking import DEFER_ENV, start_run
+
+    monkeypatch.setenv(DEFER_ENV, "1")
+    with start_run(project_root=tiny_pipeline, experiment="toy2d", stage="train", params={}):
+        pass  # recorded, never logged: the flow that ran it was killed
+    time.sleep(0.01)
+    with _logging_deferred_runs(str(tiny_pipeline)):
+        with start_run(project_root=tiny_pipeline, experiment="toy2d", stage="report", params={}):
+            pass
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("toy2d").experiment_id])
+    tags = {run.data.tags["dvc_stage"]: run.data.tags for run in runs}
+    assert json.loads(tags["report"]["dvc_deps"])  # this stage's, just now
+    assert "dvc_deps" not in tags["train"] and "may have changed" in tags["train"]["dvc_deps_note"]
+
+
 def test_the_summary_links_only_runs_logged_during_this_flow_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
