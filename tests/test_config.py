@@ -362,3 +362,24 @@ def test_every_stage_refuses_a_section_that_is_not_a_mapping_naming_it(family: s
     # `anomaly: null` ended in "TypeError: 'NoneType' object is not iterable", naming no key
     with pytest.raises(ConfigError, match=rf"^{family} must be a mapping, got "):
         family_params_reader(family)({**shipped_params(), family: value})
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "configs/quick.yaml"])
+@pytest.mark.parametrize("family", ["toy", "images", "anomaly", "boltzmann"])
+def test_mlflow_gets_each_section_resolved_with_every_value_the_file_gives(
+    params_file: str, family: str
+) -> None:
+    """Stages log ``Params.logged()``: the file's values at the file's keys, plus the defaults it leaves
+    out (the section as written would record nothing for those)."""
+    from ebm.stages.anomaly import AnomalyParams
+    from ebm.stages.boltzmann import BoltzmannParams
+    from ebm.stages.images import ImagesParams
+    from ebm.stages.toy import ToyParams
+    from ebm.tracking import flatten_params
+
+    parse = {"toy": ToyParams, "images": ImagesParams, "anomaly": AnomalyParams, "boltzmann": BoltzmannParams}
+    raw = load_params(Path(__file__).resolve().parents[1] / params_file)
+    written = flatten_params(raw[family])
+    logged = flatten_params(parse[family].from_params(raw).logged())
+    assert {key: logged.get(key) for key in written} == written
+    assert len(logged) > len(written)  # the defaults the file leaves out are there too

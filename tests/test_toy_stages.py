@@ -21,7 +21,7 @@ from ebm.evaluation.density2d import DensityReport
 def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
     tmp_path: Path, mlflow_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ebm.stages.toy import main
+    from ebm.stages.toy import ToyParams, main
 
     raw = quick_params()
     raw["toy"].update(datasets=["moons"], n_train=500, n_test=500)
@@ -61,6 +61,19 @@ def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
     assert panel.name == "moons" and panel.true_log_prob is not None
     assert panel.data is not None and len(panel.data) == 500 and panel.samples is not None
     assert (panel.nll, panel.gap) == (metrics["moons"]["nll"], metrics["moons"]["gap"])
+
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    (train_run,) = client.search_runs(
+        [client.get_experiment_by_name("toy2d").experiment_id], "tags.dvc_stage = 'train_toy'"
+    )
+    assert (
+        "lag_threshold" not in raw["toy"]["loss"]
+    )  # a default the params file leaves out, logged all the same
+    assert train_run.data.params["toy.loss.lag_threshold"] == str(
+        ToyParams.from_params(raw).recipe.loss.lag_threshold
+    )
 
     data = np.load(root / "data" / "toy" / "moons.npz")  # prepare draws from the params' seed
     raw["seed"] += 1

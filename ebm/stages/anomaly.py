@@ -43,7 +43,7 @@ from ebm.anomaly.transactions import (
     write_table,
 )
 from ebm.checkpoint import write_json
-from ebm.config import from_dict, load_params
+from ebm.config import from_dict, load_params, to_dict
 from ebm.stages.common import StagePaths, read_mapping, read_seed, refuse_torchrun, stage_arguments
 
 EXPERIMENT = "anomaly"
@@ -124,6 +124,10 @@ class AnomalyParams:
     def from_params(cls, params: Mapping[str, Any]) -> AnomalyParams:
         anomaly = read_mapping(params, "anomaly")
         return from_dict(cls, {"seed": read_seed(params), **anomaly}, "anomaly")
+
+    def logged(self) -> dict[str, Any]:
+        """The ``anomaly`` section as the stages use it, defaults filled in, in ``params.yaml``'s layout."""
+        return {key: value for key, value in to_dict(self).items() if key != "seed"}
 
 
 # --- stages ---------------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         project_root=paths.root,
         experiment=EXPERIMENT,
         stage=stage,
-        params={"seed": raw["seed"], "anomaly": raw["anomaly"]},
+        params={"seed": params.seed, "anomaly": params.logged()},
         run_name=stage,
         deferrable=args.stage != "register",  # registration logs the model into this very run
     ) as run:

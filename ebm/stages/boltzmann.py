@@ -180,6 +180,30 @@ class BoltzmannParams:
             threads=threads,
         )
 
+    def logged(self) -> dict[str, Any]:
+        """The ``boltzmann`` section as the stages use it, defaults filled in, in ``params.yaml``'s layout."""
+        rbm, structured = self.rbm, self.structured
+        return {
+            "threads": self.threads,
+            "binarize": to_dict(self.binarize),
+            "rbm": {
+                "n_hidden": rbm.n_hidden,
+                "weight_std": rbm.weight_std,
+                "variants": {name: to_dict(variant) for name, variant in rbm.variants.items()},
+                "train": to_dict(rbm.train),
+                "evaluation": to_dict(rbm.evaluation),
+            },
+            "structured": {
+                "max_train": structured.max_train,
+                "max_test": structured.max_test,
+                "n_steps": structured.recipe.n_steps,
+                "task": to_dict(structured.task),
+                "model": to_dict(structured.recipe.model),
+                "train": to_dict(structured.recipe.train),
+                "inference": to_dict(structured.inference),
+            },
+        }
+
 
 def _rbm_params(raw: dict[str, Any]) -> RBMParams:
     where = "boltzmann.rbm"
@@ -546,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from ebm.tracking import start_run
 
-    logged = {"seed": raw.get("seed"), "images.data.dataset": params.dataset, "boltzmann": raw["boltzmann"]}
+    logged = {"seed": params.seed, "images.data.dataset": params.dataset, "boltzmann": params.logged()}
     with start_run(
         project_root=paths.root, experiment=EXPERIMENT, stage=args.stage, params=logged, run_name=args.stage
     ) as run:

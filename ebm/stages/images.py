@@ -169,6 +169,16 @@ class ImagesParams:
             raise ConfigError(f"images.classifier (with images.train): {err}") from err
         return parsed
 
+    def logged(self) -> dict[str, Any]:
+        """The ``images`` section as the stages use it, defaults filled in, in ``params.yaml``'s layout."""
+        return {
+            "threads": self.threads,
+            "data": to_dict(self.data),
+            "classifier": to_dict(self.classifier),
+            "evaluation": to_dict(self.evaluation),
+            **to_dict(self.recipe),
+        }
+
     def spec(self) -> ImageEnergySpec:
         dataset = image_dataset(self.data.dataset)
         return ImageEnergySpec(self.recipe.model, dataset.image_shape, dataset.n_classes)
@@ -507,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         project_root=paths.root,
         experiment=EXPERIMENT,
         stage=stage,
-        params={"seed": raw["seed"], "images": raw["images"]},
+        params={"seed": params.seed, "images": params.logged()},
         run_name=stage,
     ) as run:
         if args.stage == "prepare":

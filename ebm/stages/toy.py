@@ -102,6 +102,12 @@ class ToyParams:
             from_dict(Toy2DConfig, recipe, "toy"),
         )
 
+    def logged(self) -> dict[str, Any]:
+        """The ``toy`` section as the stages use it, defaults filled in, in ``params.yaml``'s layout: what
+        MLflow records (the section as written would leave out every key a user left at its default)."""
+        data = {"datasets": list(self.datasets), "n_train": self.n_train, "n_test": self.n_test}
+        return {**data, **to_dict(self.recipe)}
+
 
 # --- stages ---------------------------------------------------------------------------------------
 
@@ -280,7 +286,7 @@ def _run_tracked(stage_name: str, raw: Mapping[str, Any], params: ToyParams, pat
         project_root=paths.root,
         experiment=EXPERIMENT,
         stage=stage,
-        params={"seed": raw["seed"], "toy": raw["toy"]},
+        params={"seed": params.seed, "toy": params.logged()},
         run_name=stage,
     ) as run:
         if stage_name == "prepare":
