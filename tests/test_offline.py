@@ -10,6 +10,7 @@ short-lived Prefect server never reached out in a trial even with its analytics 
 service fires later), so guarding one here would cost ~15 s and show nothing more.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -150,3 +151,50 @@ def test_pipeline_flow_mlflow_and_dvc_stay_on_loopback(
     assert "Data and pipelines are up to date" in by_hand
     # The flow process, the three stage commands and `dvc` all ran under the guard.
     assert guarded.guarded_processes >= 5
+
+
+_READ_SWITCHES = """
+import json, os, sys
+if sys.argv[1] == "apply":
+    from ebm.offline import apply_offline_env
+    apply_offline_env()
+from dvc import analytics
+from mlflow.telemetry.utils import is_telemetry_disabled
+from prefect.settings import get_current_settings
+server = get_current_settings().server
+print(json.dumps({
+    "mlflow_telemetry": not is_telemetry_disabled(),
+    "prefect_analytics": server.analytics_enabled,
+    "prefect_promotions": server.ui.show_promotional_content,
+    "dvc_analytics": analytics.is_enabled(),
+    "do_not_track": os.environ.get("DO_NOT_TRACK"),
+}))
+"""
+
+
+def test_each_tool_reads_its_own_switch_as_off(tmp_path: Path) -> None:
+    """What each library itself decides, in a fresh process: the loopback guard cannot see a switch go
+    missing where another covers it, or where a short run happens not to phone home."""
+
+    def read(mode: str) -> dict[str, object]:
+        keep = ("PATH", "HOME", "PYTHONPATH")  # none of the switches: each must come from apply_offline_env
+        env = {name: os.environ[name] for name in keep if name in os.environ}
+        result = subprocess.run(
+            [sys.executable, "-c", _READ_SWITCHES, mode],
+            env=env,
+            cwd=tmp_path,  # not the checkout, whose ebm/ would come first on sys.path
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    default = read("plain")
+    assert default["mlflow_telemetry"] and default["prefect_analytics"]  # on by default: the test can fail
+    assert read("apply") == {
+        "mlflow_telemetry": False,
+        "prefect_analytics": False,
+        "prefect_promotions": False,
+        "dvc_analytics": False,
+        "do_not_track": "true",
+    }
