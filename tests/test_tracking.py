@@ -105,7 +105,8 @@ def test_stage_run_logs_params_metrics_artifacts_and_provenance_tags(
     assert logged.info.status == "FINISHED"
     assert logged.info.run_name == "smoke"
     assert logged.data.params == {"train.lr": "0.01", "train.sampler.name": "langevin"}
-    assert [m.value for m in client.get_metric_history(run.run_id, "loss")] == pytest.approx([1.0, 0.9, 0.8])
+    history = client.get_metric_history(run.run_id, "loss")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 1.0), (1, 0.9), (2, 0.8)]
 
     tags = logged.data.tags
     assert tags["git_commit"] == _head(tiny_pipeline)
@@ -173,6 +174,10 @@ def test_a_deferred_run_is_recorded_without_mlflow_and_logged_later_as_the_same_
     monkeypatch.setenv(DEFER_ENV, "1")
     monkeypatch.setenv(FLOW_RUN_ID_ENV, "flow-run-456")
     (tiny_pipeline / "prepared.txt").write_text("prepared\n")
+    grids = tiny_pipeline / "grids"
+    (grids / "sub").mkdir(parents=True)
+    (grids / "step-1.png").write_bytes(b"\x89PNG one")
+    (grids / "sub" / "step-2.png").write_bytes(b"\x89PNG two")
     figure = plt.figure()
     with start_run(
         project_root=tiny_pipeline, experiment="toy2d", stage="train", params={"train": {"lr": 0.5}}
@@ -180,6 +185,7 @@ def test_a_deferred_run_is_recorded_without_mlflow_and_logged_later_as_the_same_
         for step in range(3):
             run.log_metrics({"loss": 2.0 - step}, step=step)
         run.log_artifact(tiny_pipeline / "raw.txt", artifact_path="inputs")
+        run.log_artifact(grids, artifact_path="grids")  # a folder, as the image stages log theirs
         run.log_figure(figure, "figures/energy.png")
         run.set_tags({"family": "toy"})
         assert not hasattr(run, "run_id")
@@ -211,6 +217,10 @@ def test_a_deferred_run_is_recorded_without_mlflow_and_logged_later_as_the_same_
     artifacts = tiny_pipeline / "mlruns" / "toy2d" / logged.info.run_id / "artifacts"
     assert (artifacts / "inputs" / "raw.txt").read_text() == (tiny_pipeline / "raw.txt").read_text()
     assert (artifacts / "figures" / "energy.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.relative_to(artifacts).as_posix() for p in (artifacts / "grids").rglob("*.png")) == [
+        "grids/grids/step-1.png",  # a folder lands under its own name, as MlflowClient.log_artifact puts it
+        "grids/grids/sub/step-2.png",
+    ]
 
 
 def test_a_deferred_run_that_fails_is_logged_failed(
