@@ -286,6 +286,7 @@ def rank_worker(rank: int, port: int, folder: str, tracking_uri: str) -> None:
         "divergence": diverge_on_one_rank(rank),
         "adaptive_divergence": diverge_inside_an_adaptive_objective(rank),
         "controller": controller_lengths(rank),
+        "mean": context.mean({"rank": float(rank), "one": 1.0}),  # the logged metrics' reduction
     }
     run_train_stage(rank, out / "params.yaml", out / "project", out / "writers")  # leaves the group
     torch.save(results, out / f"rank{rank}.pt")
@@ -384,6 +385,11 @@ def test_every_rank_runs_the_chain_length_of_the_ranks_average_gap(ranks: Path) 
     first, second = rank_results(ranks)
     # mean gap −4.5 on both ranks: past the dead band from the first step, +1 per step up to 9
     assert first["controller"] == second["controller"] == [4, 5, 6, 7, 8, 9, 9, 9]
+
+
+def test_every_rank_logs_the_mean_over_the_ranks_not_the_sum(ranks: Path) -> None:
+    first, second = rank_results(ranks)
+    assert first["mean"] == second["mean"] == {"rank": 0.5, "one": 1.0}
 
 
 @pytest.mark.slow
