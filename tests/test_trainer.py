@@ -635,6 +635,41 @@ class BlowsUpObjective(WrappedObjective):
         return loss, stats
 
 
+class PoisonsGradientsObjective(WrappedObjective):
+    """Contrastive divergence whose loss stays finite but whose gradient is NaN whenever ``poisoned(step,
+    sampler step size)``: √0 has an infinite slope, and ∞ · 0 is NaN. Only the weights show it."""
+
+    def __init__(self, inner: ContrastiveDivergence, poisoned: Callable[[int, float], bool]):
+        super().__init__(inner)
+        self.poisoned = poisoned
+        self.poisoned_at: list[int] = []
+
+    def __call__(
+        self,
+        energy: nn.Module,
+        x_pos: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> tuple[Tensor, CDStats]:
+        loss, stats = self.inner(energy, x_pos, generator=generator, step=step)
+        assert step is not None
+        if self.poisoned(step, self.step_size):
+            self.poisoned_at.append(step)
+            loss = loss + torch.sqrt(0.0 * loss)  # the value is unchanged; d/dθ is NaN
+        return loss, stats
+
+
+def test_weights_gone_non_finite_at_the_last_step_are_rolled_back_not_returned() -> None:
+    """No checkpoint falls due at the last step (10 is no multiple of 4): the final check alone sees it."""
+    objective = PoisonsGradientsObjective(pcd_objective(0.1), lambda step, eta: step == 9 and eta > 0.06)
+    trainer = small_trainer(small_config(steps=10, checkpoint_every=4, recovery_factor=0.5), objective)
+    result = trainer.fit()
+    assert objective.poisoned_at == [9] and result.recoveries == 1 and result.steps == 10
+    for name, tensor in trainer.energy.state_dict().items():
+        assert torch.isfinite(tensor).all(), name
+
+
 @pytest.fixture
 def written_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Every state the trainer writes to disk, each checked for NaN and infinities as it is written."""
@@ -695,6 +730,9 @@ def test_divergence_rolls_back_shrinks_step_sizes_and_finishes(
     assert sorted({state["step"] for state in written_checkpoints}) == [4, 8, 12]
     saved = load_checkpoint(tmp_path / "run.ckpt")
     assert saved["recoveries"] == 1 and saved["objective"]["step_size"] == pytest.approx(0.05)
+    # the optimizer rolled back with the weights: Adam counts the 12 kept steps, not the 2 undone ones too
+    adam_steps = {float(state["step"]) for state in trainer.optimizer.state_dict()["state"].values()}
+    assert adam_steps == {12.0}
 
 
 @pytest.mark.parametrize("checkpoint_every", [0, 5], ids=["no_checkpoint_between", "checkpoint_between"])
