@@ -348,6 +348,18 @@ def test_grad_clip_caps_the_gradient_norm_the_optimiser_steps_with(grad_clip: fl
         assert max(norms) <= grad_clip * (1 + 1e-5)
 
 
+def test_the_learning_rate_warms_up_linearly_then_decays_on_a_cosine_to_its_floor() -> None:
+    trainer = small_trainer(small_config(steps=10, lr=1e-2, warmup_steps=3, final_lr_fraction=0.1))
+    result = trainer.fit()
+
+    def expected(step: int) -> float:  # the step counted from 0, as the schedule counts it
+        if step < 3:
+            return 1e-2 * (step + 1) / 3
+        return 1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 3) / 7)))
+
+    assert [entry["lr"] for entry in result.history] == pytest.approx([expected(s) for s in range(10)])
+
+
 def test_load_state_dict_restores_torch_s_global_random_stream() -> None:
     """Code outside the trainer's own generator (a user's objective, dropout) draws from torch's global
     stream; a resumed run must draw what the uninterrupted one would."""
