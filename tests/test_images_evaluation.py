@@ -293,6 +293,26 @@ def test_ood_aurocs_tables_every_score_and_set() -> None:
     assert all(row["same"] == pytest.approx(0.5) for row in table.values())  # identical sets: chance
 
 
+@pytest.mark.parametrize("score", ["typicality", "class_typicality"])
+def test_the_fitted_scores_are_fitted_on_the_reference_images_not_the_images_scored(score: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    energy = tiny_energy()
+    images, out = torch.rand(10, *SHAPE, generator=generator), torch.rand(10, *SHAPE, generator=generator)
+    reference_images = 0.3 * torch.rand(30, *SHAPE, generator=generator)  # unlike the images scored
+    table = ood_aurocs(energy, images, {"out": out}, scores=[score], reference_images=reference_images)
+    reference = fit_reference(energy, reference_images)
+    expected = auroc(
+        ood_score(energy, images, score, reference=reference),
+        ood_score(energy, out, score, reference=reference),
+    )
+    assert table[score]["out"] == pytest.approx(expected)
+    wrong = fit_reference(energy, images)  # what a reference fitted on the scored images gives instead
+    mistaken = auroc(
+        ood_score(energy, images, score, reference=wrong), ood_score(energy, out, score, reference=wrong)
+    )
+    assert mistaken != pytest.approx(expected)  # else this test could not tell the two apart
+
+
 def test_frechet_distance_matches_closed_forms() -> None:
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(400, 5, generator=generator) @ torch.randn(5, 5, generator=generator)
