@@ -64,7 +64,7 @@ def tiny_cifar_params(copy_dir: Path) -> dict[str, Any]:
     images["loss"].update(n_steps=2, buffer_size=64)
     images["buffer_init"] = "uniform"  # ten 3072×3072 Cholesky factors would triple this test's time
     images["classifier"].update(steps=20, batch_size=16)
-    images["evaluation"].update(n_buffer_samples=32, n_noise_samples=8, n_restore=4)
+    images["evaluation"].update(n_buffer_samples=32, n_noise_samples=8, n_restore=4, ood_score="grad_norm")
     images["evaluation"]["ais"].update(n_chains=4, n_temperatures=5)
     images["sampling"].update(n_steps=3, buffer_steps=2, inpaint_steps=2, denoise_steps=2, batch_size=16)
     return raw
@@ -92,6 +92,7 @@ def test_the_cifar10_path_runs_end_to_end_from_pickle_batches_to_a_loadable_mode
         0.0 <= value <= 1.0 for row in metrics["ood_auroc_by_score"].values() for value in row.values()
     )
     assert np.isfinite(metrics["fd_buffer_samples"]) and metrics["fd_real_floor"] >= 0
+    assert metrics["ood_auroc"] == metrics["ood_auroc_by_score"]["grad_norm"]  # images.evaluation.ood_score
     # every FD has a floor of its own sample size (an FD estimate is biased upwards by ~1/n)
     n_validation = manifest["splits"]["validation"]["count"]
     assert metrics["n_fd_matched"] == min(metrics["n_buffer_samples"], n_validation)
