@@ -44,6 +44,8 @@ def test_dequantised_pixels_stay_in_their_bin_and_follow_the_generator() -> None
     assert x.dtype == torch.float32
     assert torch.equal(torch.floor(x * 256).to(torch.uint8), pixels)  # (k + u) / 256 ∈ [k/256, (k+1)/256)
     assert x.std() > 0 and not torch.equal(x * 256, pixels.float())
+    offsets = x * 256 - pixels.float()  # uniform on [0, 1): not one constant shift of every pixel
+    assert offsets.std() > 0.25 and offsets.min() < 0.05 and offsets.max() > 0.95
     assert torch.equal(x, dequantise(pixels, generator=torch.Generator().manual_seed(0)))
     floats = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
     jittered = dequantise(floats, generator=torch.Generator().manual_seed(0))
@@ -91,6 +93,18 @@ def test_positives_are_shifted_when_asked_and_only_then() -> None:
     expected = dequantise(random_shift(images, 3, generator=generator), generator=generator)
     assert torch.equal(y, expected) and not torch.equal(x, y)
     assert (y < 1 / 256).sum() > (x < 1 / 256).sum()  # moved: black pixels shifted in
+
+
+def test_positives_get_gaussian_noise_of_noise_std_after_dequantisation() -> None:
+    images, _ = tiny_batch()
+    noisy = JEMObjective(None, JEMConfig(generative_weight=0.0, noise_std=0.1))
+    generator = torch.Generator().manual_seed(0)
+    x = noisy.positives(images, generator=generator)
+    generator = torch.Generator().manual_seed(0)
+    clean = dequantise(images, generator=generator)
+    expected = clean + 0.1 * torch.randn(clean.shape, generator=generator)  # drawn after dequantisation
+    assert torch.equal(x, expected)
+    assert (x - clean).std() == pytest.approx(0.1, rel=0.1)
 
 
 def test_pixels_shifted_in_are_dequantised_not_a_point_mass_at_zero() -> None:
