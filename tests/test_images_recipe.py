@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,15 @@ def test_denoising_by_energy_minimisation_raises_psnr_and_restore_images_reports
     assert report.denoise_psnr_after > report.denoise_psnr_before + 10
     assert report.inpaint_psnr_after > report.inpaint_psnr_before + 10
     assert set(panels) == {"original", "masked", "inpainted", "noisy", "denoised"}
+    noise = (panels["noisy"] - panels["original"]).flatten()
+    unclipped = (panels["original"].flatten() > 0.05) & (panels["original"].flatten() < 0.95)
+    assert noise[unclipped].std() == pytest.approx(0.3, rel=0.2)  # sampling.denoise_std
+
+    quieter = dataclasses.replace(recipe, sampling=dataclasses.replace(recipe.sampling, denoise_std=0.05))
+    quiet_report, _ = restore_images(WellEnergy(target), images, quieter, generator=generator)
+    # PSNR of N(0, σ²) noise on [0, 1] images: −20 log10 σ, less what the clamp cuts off
+    assert quiet_report.denoise_psnr_before == pytest.approx(-20 * math.log10(0.05), abs=1.5)
+    assert report.denoise_psnr_before < quiet_report.denoise_psnr_before - 10
 
 
 def test_generation_from_noise_in_batches_reaches_the_energy_minimum() -> None:
