@@ -19,6 +19,8 @@ from ebm.boltzmann.structured import (
     InferenceConfig,
     StructuredRecipe,
     compare_inference,
+    decode_annealed,
+    independent_labels,
     make_denoising_states,
     seed_grid_crf_,
     segmentation_scores,
@@ -97,6 +99,24 @@ def test_icm_only_lowers_the_energy_and_ends_where_no_single_flip_lowers_it() ->
         field = model.pairwise_field(state[:, 1:]) - model.unary(x)
     flip_change = torch.where(state[:, 1:] > 0.5, -field, field)  # E(flipped) − E(now), per pixel
     assert torch.all(flip_change >= -1e-5)
+
+
+def test_annealed_gibbs_ends_with_icm_where_no_single_flip_lowers_the_energy() -> None:
+    model = random_crf(seed=7)
+    x = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(8))
+    labels = decode_annealed(
+        model, x, torch.Generator().manual_seed(9), sweeps=3, beta_end=2.0, icm_sweeps=10
+    )
+    with torch.no_grad():
+        field = model.pairwise_field(labels) - model.unary(x)
+    flip_change = torch.where(labels > 0.5, -field, field)  # E(flipped) − E(now), per pixel
+    assert torch.all(flip_change >= -1e-5)
+    # three sweeps at β ≤ 2 alone leave flips that lower it: the ICM finish did the rest
+    state = torch.cat([x, independent_labels(model, x)], dim=1)
+    hot, _ = Gibbs(1.0, 2.0).run(model, state, 3, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        hot_field = model.pairwise_field(hot[:, 1:]) - model.unary(x)
+    assert torch.any(torch.where(hot[:, 1:] > 0.5, -hot_field, hot_field) < -1e-5)
 
 
 def test_segmentation_scores() -> None:
