@@ -140,6 +140,15 @@ def test_the_four_stages_write_their_outs_and_log_to_the_boltzmann_experiment(
     methods = structured["methods"]
     assert structured["table_order"][:2] == ["noisy_threshold", "independent"]
     assert set(structured["table_order"]) == set(methods) and "langevin" in methods
+    # the pixel-wise reference thresholds the noisy input at the task's own mask threshold (0.25 here)
+    from ebm.boltzmann.structured import segmentation_scores, split_state
+
+    parsed = stage_module.BoltzmannParams.from_params(raw)
+    x, truth = split_state(stage_module.structured_states(parsed, stage_module.BoltzmannPaths(root), "test"))
+    threshold = parsed.structured.task.mask_threshold
+    assert threshold != 0.5 and structured["n_test"] == len(x)
+    accuracy, _ = segmentation_scores((x > threshold).float(), truth)
+    assert methods["noisy_threshold"]["accuracy"] == pytest.approx(accuracy)
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in methods.values())
     assert sorted(p.name for p in (reports / "structured_figures").iterdir()) == [
         "examples.png",
