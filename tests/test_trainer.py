@@ -624,7 +624,9 @@ class BlowsUpObjective(WrappedObjective):
     """Contrastive divergence whose loss and data energy become ``blowup`` whenever ``blows_up(step,
     sampler step size)`` says so: NaN for non-finite energies, a huge number for exploding ones."""
 
-    def __init__(self, inner: ContrastiveDivergence, blows_up: Callable[[int, float], bool], blowup: float):
+    def __init__(
+        self, inner: ContrastiveDivergence, blows_up: Callable[[int, float], bool], blowup: float = math.nan
+    ):
         super().__init__(inner)
         self.blows_up = blows_up
         self.blowup = blowup
@@ -642,34 +644,20 @@ class BlowsUpObjective(WrappedObjective):
         assert step is not None
         if self.blows_up(step, self.step_size):
             self.blown_up_at.append(step)
-            loss = loss * self.blowup  # a NaN loss also turns the weights NaN at the optimiser step
-            stats = dataclasses.replace(stats, energy_pos=stats.energy_pos + self.blowup)
+            loss, stats = self.blow_up(loss, stats)
         return loss, stats
 
+    def blow_up(self, loss: Tensor, stats: CDStats) -> tuple[Tensor, CDStats]:
+        # a NaN loss also turns the weights NaN at the optimiser step
+        return loss * self.blowup, dataclasses.replace(stats, energy_pos=stats.energy_pos + self.blowup)
 
-class PoisonsGradientsObjective(WrappedObjective):
-    """Contrastive divergence whose loss stays finite but whose gradient is NaN whenever ``poisoned(step,
-    sampler step size)``: √0 has an infinite slope, and ∞ · 0 is NaN. Only the weights show it."""
 
-    def __init__(self, inner: ContrastiveDivergence, poisoned: Callable[[int, float], bool]):
-        super().__init__(inner)
-        self.poisoned = poisoned
-        self.poisoned_at: list[int] = []
+class PoisonsGradientsObjective(BlowsUpObjective):
+    """The loss and energies stay finite, but the gradient is NaN: √0 has an infinite slope, and ∞ · 0 is
+    NaN. Only the weights show it."""
 
-    def __call__(
-        self,
-        energy: nn.Module,
-        x_pos: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        step: int | None = None,
-    ) -> tuple[Tensor, CDStats]:
-        loss, stats = self.inner(energy, x_pos, generator=generator, step=step)
-        assert step is not None
-        if self.poisoned(step, self.step_size):
-            self.poisoned_at.append(step)
-            loss = loss + torch.sqrt(0.0 * loss)  # the value is unchanged; d/dθ is NaN
-        return loss, stats
+    def blow_up(self, loss: Tensor, stats: CDStats) -> tuple[Tensor, CDStats]:
+        return loss + torch.sqrt(0.0 * loss), stats  # the value is unchanged; d/dθ is NaN
 
 
 def test_weights_gone_non_finite_at_the_last_step_are_rolled_back_not_returned() -> None:
@@ -677,7 +665,7 @@ def test_weights_gone_non_finite_at_the_last_step_are_rolled_back_not_returned()
     objective = PoisonsGradientsObjective(pcd_objective(0.1), lambda step, eta: step == 9 and eta > 0.06)
     trainer = small_trainer(small_config(steps=10, checkpoint_every=4, recovery_factor=0.5), objective)
     result = trainer.fit()
-    assert objective.poisoned_at == [9] and result.recoveries == 1 and result.steps == 10
+    assert objective.blown_up_at == [9] and result.recoveries == 1 and result.steps == 10
     for name, tensor in trainer.energy.state_dict().items():
         assert torch.isfinite(tensor).all(), name
 
