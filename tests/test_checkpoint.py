@@ -23,6 +23,7 @@ from ebm.checkpoint import (
     atomic_write,
     load_checkpoint,
     load_model,
+    run_fingerprint,
     save_checkpoint,
     save_model,
     torch_save,
@@ -741,3 +742,15 @@ def test_every_torch_load_in_the_package_is_weights_only() -> None:
                 unsafe.append(f"{source.relative_to(package.parent)}:{node.lineno}")
     assert seen >= 5, f"found only {seen} torch.load calls: is the scan still looking at the package?"
     assert unsafe == [], f"torch.load without weights_only=True at {unsafe}"
+
+
+def test_a_run_fingerprint_changes_with_any_setting_or_data_byte_and_not_with_key_order() -> None:
+    """Checkpoints are named by it: the same run must find its own, another run (other data, other
+    settings) must not resume it."""
+    settings, data = {"lr": 0.01, "steps": 100}, b"training points"
+    name = run_fingerprint(settings, data)
+    assert run_fingerprint({"steps": 100, "lr": 0.01}, data) == name
+    assert run_fingerprint(settings, b"training pointz") != name
+    assert run_fingerprint(settings, data, b"more") != name
+    assert run_fingerprint({**settings, "lr": 0.02}, data) != name
+    assert len(name) == 12 and int(name, 16) >= 0

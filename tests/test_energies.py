@@ -352,3 +352,20 @@ def test_a_gaussian_mixture_refuses_points_of_the_wrong_dimension() -> None:
     energy = GaussianMixtureEnergy(MIXTURE_MEANS, MIXTURE_STDS, MIXTURE_WEIGHTS)
     with pytest.raises(ValueError, match=r"x must have shape \(B, 2\)"):
         energy(torch.zeros(3, 1))
+
+
+def test_spectral_norm_parametrises_every_linear_layer_of_the_mlp() -> None:
+    from torch.nn.utils import parametrize
+
+    plain = MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16)))
+    normed = MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16), spectral_norm=True))
+    linears = [layer for layer in normed.modules() if isinstance(layer, nn.Linear)]
+    assert len(linears) == 3 and all(parametrize.is_parametrized(layer, "weight") for layer in linears)
+    assert not any(
+        parametrize.is_parametrized(layer, "weight")
+        for layer in plain.modules()
+        if isinstance(layer, nn.Linear)
+    )
+    normed.eval()
+    for layer in linears:  # the weight the layer uses has largest singular value 1
+        assert float(torch.linalg.matrix_norm(layer.weight.detach(), ord=2)) == pytest.approx(1.0, abs=0.05)
