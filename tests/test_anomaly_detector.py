@@ -84,6 +84,16 @@ def test_calibrate_sets_the_false_positive_rate_on_held_out_rows(train_rows: pd.
     assert detector.predict(make_rows(2000, 14)).mean() == pytest.approx(0.05, abs=0.02)
 
 
+def test_the_residual_offset_is_its_median_on_the_training_rows(
+    detector: EnergyAnomalyDetector, train_rows: pd.DataFrame
+) -> None:
+    """f̄₀, from which the residual part counts, is the median residual: half the training rows get none."""
+    with torch.inference_mode():
+        residual = detector.energy.residual(detector.transform(train_rows))
+    assert float(detector.energy.offset) == pytest.approx(float(residual.median()), abs=1e-6)
+    assert float(residual.mean()) != pytest.approx(float(residual.median()), abs=1e-6)  # the two differ here
+
+
 @pytest.fixture(scope="module")
 def marginal_detector(train_rows: pd.DataFrame) -> EnergyAnomalyDetector:
     """No residual members: quick to fit, and ``calibrate`` may move its threshold freely."""

@@ -152,6 +152,49 @@ def test_anomaly_energy_adds_only_the_residual_above_its_offset(marginal: Margin
         assert torch.allclose(energy(x), expected)
 
 
+def test_the_residual_is_the_members_mean_and_its_part_is_measured_from_the_offset(
+    marginal: MarginalEnergy,
+) -> None:
+    members = [
+        seed_linear_layers_(
+            MLPEnergy(MLPEnergyConfig(5, (4,))), generator=torch.Generator().manual_seed(seed)
+        )
+        for seed in (1, 2)
+    ]
+    members = [member.double() for member in members]
+    energy = AnomalyEnergy(marginal, members, scale=2.0, offset=0.1)
+    x = torch.randn(32, 5, dtype=torch.float64)
+    with torch.no_grad():
+        mean = (members[0](x) + members[1](x)) / 2
+        assert not torch.allclose(members[0](x), members[1](x))
+        assert torch.allclose(energy.residual(x), mean)
+        assert torch.allclose(energy.residual_part(x), 2.0 * (mean - 0.1).clamp_min(0))
+
+
+def test_integrated_gradients_take_the_midpoint_rule() -> None:
+    """On a residual quadratic along the path one midpoint is exact; a left or right sum is not."""
+    from ebm.anomaly.explain import attribute
+
+    class Quadratic(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 1.0 + (x.square() * torch.tensor([1.0, 2.0, 3.0], dtype=x.dtype)).sum(1)
+
+    data = torch.randn(200, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    energy = AnomalyEnergy(MarginalEnergy.fit(data, grid_size=64).double(), [Quadratic()], scale=1.0)
+    x, reference = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        marginal_part = attribute(energy, x, method="integrated_gradients", n_steps=1, reference=reference)
+        residual_only = marginal_part - attribute(
+            AnomalyEnergy(energy.marginal, [], scale=1.0),
+            x,
+            method="integrated_gradients",
+            reference=reference,
+        )
+    # ∫₀¹ ∂f/∂xⱼ(αx) dα · xⱼ = cⱼ xⱼ² for f = 1 + Σ cⱼ xⱼ² (the relu is open: f ≥ 1 > offset 0)
+    expected = torch.tensor([[1.0 * 0.25, 2.0 * 1.0, 3.0 * 4.0]], dtype=torch.float64)
+    assert torch.allclose(residual_only, expected, atol=1e-9)
+
+
 # --- normal scores and the Gaussian copula ----------------------------------------------------------
 
 
