@@ -119,6 +119,42 @@ def test_nightly_deployment_runs_one_pipeline_at_a_time_on_the_params_schedule(t
     assert deployment.entrypoint == "flows/pipeline.py:pipeline"
 
 
+@pytest.mark.parametrize("image", [None, "registry.local/ebm:1"])
+def test_a_work_pool_deployment_keeps_the_schedule_the_limit_of_one_and_the_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image: str | None
+) -> None:
+    """``python -m flows.deploy --work-pool POOL [--image IMAGE]``: what reaches Prefect's deploy."""
+    import flows.deploy
+
+    _write_params(tmp_path, {"schedule": {"cron": "15 3 * * *"}})
+    calls: list[dict[str, Any]] = []
+
+    class Recorder:
+        def from_source(self, source: str, entrypoint: str) -> "Recorder":
+            calls.append({"source": source, "entrypoint": entrypoint})
+            return self
+
+        def deploy(self, **options: Any) -> None:
+            calls.append(options)
+
+    monkeypatch.setattr(flows.deploy, "pipeline", Recorder())
+    flows.deploy.main(
+        ["--project-root", str(tmp_path), "--work-pool", "pool", *(["--image", image] if image else [])]
+    )
+
+    options = calls[-1]
+    assert options["work_pool_name"] == "pool" and options["name"] == "nightly"
+    assert [schedule.cron for schedule in options["schedules"]] == ["15 3 * * *"]
+    limit = options["concurrency_limit"]
+    assert (limit.limit, limit.collision_strategy) == (1, "CANCEL_NEW")
+    if image is None:  # from this checkout, run where it lies
+        assert calls[0] == {"source": str(tmp_path.resolve()), "entrypoint": "flows/pipeline.py:pipeline"}
+        assert options["parameters"] == {"project_root": str(tmp_path.resolve())}
+    else:  # the image holds the project in its working directory
+        assert (options["image"], options["build"], options["push"]) == (image, False, False)
+        assert options["parameters"] == {"project_root": "."}
+
+
 @pytest.mark.slow
 def test_flow_runs_stages_through_dvc_then_skips_them_all(
     prefect_harness: None, tiny_pipeline: Path, mlflow_tracking_uri: str
