@@ -64,6 +64,16 @@ METHODS = ("ebm", *BASELINES)
 PARTS = ("synthetic", "public", "typed", "creditcard", "throughput", "serving")
 
 
+def best_of_baselines(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The best AUROC and the best AUPRC over the baselines (each from whichever baseline has it)."""
+    return {m: max(results[b][m] for b in BASELINES) for m in ("auroc", "auprc")}
+
+
+def bars_against(ebm: dict[str, Any], best: dict[str, float]) -> dict[str, bool]:
+    """The issue's bar: the EBM's AUROC and AUPRC each at least the best baseline's."""
+    return {f"ebm_{m}_ge_best_baseline": ebm[m] >= best[m] for m in ("auroc", "auprc")}
+
+
 def compare(
     train: pd.DataFrame | np.ndarray, test: pd.DataFrame | np.ndarray, labels: np.ndarray, seed: int
 ) -> dict[str, dict[str, float]]:
@@ -94,8 +104,8 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
     for kind in FRAUD_TYPES:
         rows = ((test.fraud_type == kind) | (test[LABEL] == 0)).to_numpy()
         by_type[kind] = detection_metrics(labels[rows], np.asarray(scores)[rows]).auroc
-    best = {m: max(results[b][m] for b in BASELINES) for m in ("auroc", "auprc")}
-    bars = {f"ebm_{m}_ge_best_baseline": results["ebm"][m] >= best[m] for m in ("auroc", "auprc")}
+    best = best_of_baselines(results)
+    bars = bars_against(results["ebm"], best)
     _print_table("synthetic transactions (test period)", {"transactions": results})
     print("EBM AUROC by fraud type: " + ", ".join(f"{k} {v:.3f}" for k, v in by_type.items()))
     return {

@@ -585,17 +585,19 @@ def ceiling(batch: int, n_steps: int, rounds: int, repeats: int) -> dict[str, An
         row["floor_ms"] = row["conv_ms"] + sum(non_conv_floor_ms(model, x, repeats).values())
         rows.append(row)
 
-    def median_ratio(part: str) -> float:
-        return statistics.median(r["textbook_ms"] / r[part] for r in rows)
-
     return {
         "batch": batch,
         "steps": n_steps,
         "rounds": rows,
-        "speedup": median_ratio("library_ms"),
-        "ceiling": median_ratio("floor_ms"),
-        "convolutions_only_ceiling": median_ratio("conv_ms"),
+        "speedup": median_ratio(rows, "library_ms"),
+        "ceiling": median_ratio(rows, "floor_ms"),
+        "convolutions_only_ceiling": median_ratio(rows, "conv_ms"),
     }
+
+
+def median_ratio(rows: list[dict[str, float]], part: str) -> float:
+    """The median over interleaved rounds of the textbook's time over ``part``'s: a speed-up."""
+    return statistics.median(r["textbook_ms"] / r[part] for r in rows)
 
 
 def anatomy(batch: int, repeats: int, peak: float, bandwidth: float, step_ms: float) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +41,17 @@ def draw(name: str, n_train: int, n_test: int, seed: int) -> tuple[ToyDataset, T
     x_train = dataset.sample(n_train, generator=torch.Generator().manual_seed(seed * 1000 + index))
     x_test = dataset.sample(n_test, generator=torch.Generator().manual_seed(seed * 1000 + 500 + index))
     return dataset, x_train, x_test
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The bar's counts over the datasets' rows: within the gap goal, below the KDE's NLL; the median
+    training time."""
+    return {
+        "within_goal": sum(r["gap"] <= GAP_GOAL for r in rows),
+        "beats_kde": sum(r["nll"] < r["kde_nll"] for r in rows),
+        "gap_goal": GAP_GOAL,
+        "median_train_seconds": statistics.median(r["train_seconds"] for r in rows),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,19 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-    within = sum(r["gap"] <= GAP_GOAL for r in rows)
-    beats_kde = sum(r["nll"] < r["kde_nll"] for r in rows)
-    median_seconds = statistics.median(r["train_seconds"] for r in rows)
+    totals = summarise(rows)
     print(
-        f"\nwithin {GAP_GOAL} nats of the floor: {within}/{len(rows)}; "
-        f"lower NLL than CV-KDE: {beats_kde}/{len(rows)}; median training time {median_seconds:.1f} s"
+        f"\nwithin {GAP_GOAL} nats of the floor: {totals['within_goal']}/{len(rows)}; "
+        f"lower NLL than CV-KDE: {totals['beats_kde']}/{len(rows)}; "
+        f"median training time {totals['median_train_seconds']:.1f} s"
     )
     summary = {
         "rows": rows,
-        "within_goal": within,
-        "beats_kde": beats_kde,
-        "gap_goal": GAP_GOAL,
-        "median_train_seconds": median_seconds,
+        **totals,
         "config": to_dict(config),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
