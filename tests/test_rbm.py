@@ -292,3 +292,23 @@ def test_a_diverging_rbm_is_told_to_lower_its_lr_not_a_step_size_or_alpha_it_doe
     assert str(raised.value).endswith("Try a smaller lr or smaller initial weights.")
     assert "smaller learning rates did not help" in str(raised.value)
     assert "lr × 0.5" in capsys.readouterr().out and "sampler step" not in str(raised.value)
+
+
+def test_stochastic_binarising_draws_from_its_seed_and_offset_and_keeps_the_intensity() -> None:
+    """Train (offset 0) and test (offset 2) must not share their noise; the seed picks the draw."""
+    images = torch.full((200, 1, 4, 4), 64, dtype=torch.uint8)  # intensity 64/255 ≈ 0.25
+    config = BinarizeConfig(seed=3)
+    train, again = binarize(images, config), binarize(images, config)
+    assert torch.equal(train, again)
+    assert not torch.equal(train, binarize(images, config, offset=2))
+    assert not torch.equal(train, binarize(images, BinarizeConfig(seed=4)))
+    assert float(train.mean()) == pytest.approx(64 / 255, abs=0.02)
+
+
+def test_reconstruction_error_is_the_mean_squared_error_per_pixel() -> None:
+    data = (torch.rand(5, 1, 2, 2, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    rbm = BernoulliRBM(RBMConfig((1, 2, 2), n_hidden=3))
+    init_rbm_(rbm, data, generator=torch.Generator().manual_seed(0), weight_std=1.0)
+    with torch.no_grad():
+        expected = float((rbm.reconstruct(data) - data).square().mean())
+    assert reconstruction_error(rbm, data, batch_size=2) == pytest.approx(expected)
