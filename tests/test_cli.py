@@ -458,3 +458,82 @@ def test_ebm_pipeline_hands_its_stages_to_the_flow(monkeypatch: pytest.MonkeyPat
     assert main(["pipeline", "--stages", "train_toy", "evaluate_toy"]) == 0
     assert main(["pipeline"]) == 0
     assert handed == [["--stages", "train_toy", "evaluate_toy"], []]
+
+
+def test_anomaly_generate_split_writes_earlier_rows_to_train_and_later_ones_to_test(tmp_path: Path) -> None:
+    import pandas as pd
+
+    out = tmp_path / "tx.parquet"
+    assert (
+        main(["anomaly", "generate", "--out", str(out), "--customers", "30", "--days", "2", "--split"]) == 0
+    )
+    table, train, test = (pd.read_parquet(tmp_path / f"tx{part}.parquet") for part in ("", "-train", "-test"))
+    assert len(train) + len(test) == len(table) and len(train) and len(test)
+    assert set(train.transaction_id).isdisjoint(test.transaction_id)
+    assert train.timestamp.max() <= test.timestamp.min()
+
+
+def test_anomaly_evaluate_writes_every_metric_it_prints(
+    tmp_path: Path, anomaly_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+
+    from ebm.anomaly.metrics import DetectionMetrics
+
+    report = tmp_path / "metrics.json"
+    command = [
+        "anomaly",
+        "evaluate",
+        "--model",
+        str(anomaly_files["model"]),
+        "--data",
+        str(anomaly_files["test"]),
+    ]
+    assert main([*command, "--label", "is_fraud", "--json", str(report)]) == 0
+    values = json.loads(report.read_text())
+    assert set(values) == {field.name for field in dataclasses.fields(DetectionMetrics)}
+    printed = capsys.readouterr().out
+    assert all(f"{name:>20}: {value:.4f}" in printed for name, value in values.items())
+
+
+def test_score_hands_on_its_chunk_size_reasons_and_top_k(
+    tmp_path: Path, anomaly_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ebm.anomaly.scoring
+
+    seen: dict[str, Any] = {}
+
+    def score_file(detector: Any, source: Path, output: Path, **options: Any) -> Any:
+        seen.update(options)
+        raise Handed
+
+    monkeypatch.setattr(ebm.anomaly.scoring, "score_file", score_file)
+    command = ["score", "--model", str(anomaly_files["model"]), "--input", str(anomaly_files["test"])]
+    options = ["--chunk-rows", "5", "--top-k", "1", "--reasons", "all"]
+    with pytest.raises(Handed):
+        main([*command, "--output", str(tmp_path / "scored.csv"), *options])
+    assert (seen["chunk_rows"], seen["top_k"], seen["reasons"]) == (5, 1, "all")
+
+
+def test_the_score_histogram_draws_the_scores_and_flags_written(
+    tmp_path: Path, anomaly_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    import pandas as pd
+
+    import ebm.anomaly.explain
+
+    drawn: list[Any] = []
+    monkeypatch.setattr(
+        ebm.anomaly.explain,
+        "plot_score_histogram",
+        lambda scores, flags, threshold, path: drawn.append((scores, flags, threshold)) or path,
+    )
+    scored = tmp_path / "scored.csv"
+    command = ["score", "--model", str(anomaly_files["model"]), "--input", str(anomaly_files["test"])]
+    assert main([*command, "--output", str(scored), "--histogram", str(tmp_path / "h.png")]) == 0
+    written = pd.read_csv(scored)
+    ((scores, flags, _),) = drawn
+    np.testing.assert_array_equal(scores, written.anomaly_score.to_numpy())
+    np.testing.assert_array_equal(flags, written.is_anomaly.to_numpy())
+    assert flags.sum() > 0  # else a histogram with no flags would pass
