@@ -256,3 +256,14 @@ def test_trains_on_cuda(moons_train: tuple[Tensor, Tensor], moons_test: tuple[Te
     assert next(energy.parameters()).device.type == "cuda"
     x, y = moons_test
     assert accuracy(energy, x.cuda(), y.cuda()) >= 0.9
+
+
+def test_each_labelled_set_puts_its_labels_where_its_docstring_says() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, y = make_labelled_2d("xor", 2000, generator=generator)
+    signs_differ = (x[:, 0] > 0) != (x[:, 1] > 0)
+    assert (y == signs_differ.long()).float().mean() > 0.98  # y = 1 where the two coordinates' signs differ
+    x, y = make_labelled_2d("blobs", 2000, generator=generator)
+    assert (y == (x.sum(1) > 0).long()).float().mean() > 0.98  # y = 1 is the upper-right blob
+    x, y = make_labelled_2d("moons", 2000, generator=generator)
+    assert x[y == 0, 1].mean() > x[y == 1, 1].mean() + 0.5  # y = 0 is the upper moon
