@@ -183,3 +183,16 @@ def test_segmentation_scores_refuse_labels_that_are_not_binary() -> None:
         segmentation_scores(torch.tensor([0.2, 0.2, 0.9]), torch.tensor([0.0, 1.0, 1.0]))
     scores = segmentation_scores(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
     assert scores == pytest.approx((2 / 3, 0.5))
+
+
+def test_the_example_panels_stack_input_truth_and_each_method_clipped_to_the_unit_interval() -> None:
+    from ebm.boltzmann.figures import structured_examples
+
+    generator = torch.Generator().manual_seed(0)
+    noisy = 2.0 * torch.randn(10, 1, 5, 5, generator=generator)  # far outside [0, 1]
+    truth = (torch.rand(10, 1, 5, 5, generator=generator) < 0.5).float()
+    labels = {"icm": 1 - truth, "gibbs": truth}
+    rows = structured_examples(torch.cat([noisy, truth], dim=1), labels, n_images=4)
+    assert rows.shape == ((2 + 2) * 4, 1, 5, 5)
+    assert torch.equal(rows[:4], noisy[:4].clamp(0, 1)) and rows.min() >= 0 and rows.max() <= 1
+    assert torch.equal(rows[4:8], truth[:4]) and torch.equal(rows[8:12], 1 - truth[:4])
