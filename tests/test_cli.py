@@ -235,6 +235,11 @@ def anomaly_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": model, "test": folder / "tx-test.parquet"}
 
 
+def evaluate_command(files: dict[str, Path]) -> list[str]:
+    """``ebm anomaly evaluate`` of the fixture's detector on its test rows."""
+    return ["anomaly", "evaluate", "--model", str(files["model"]), "--data", str(files["test"])]
+
+
 @pytest.mark.parametrize("suffix", [".pq", ".PARQUET", ".parquet", ".csv"])
 def test_score_histogram_reads_the_output_in_the_format_it_was_written(
     tmp_path: Path, anomaly_files: dict[str, Path], suffix: str
@@ -263,21 +268,15 @@ def test_a_failed_json_write_keeps_the_previous_report_whole(
         return real_write_text(self, data, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", disk_full_half_way)
-    evaluate = [
-        "anomaly",
-        "evaluate",
-        "--model",
-        str(anomaly_files["model"]),
-        "--data",
-        str(anomaly_files["test"]),
-    ]
-    assert main([*evaluate, "--label", "is_fraud", "--json", str(report)]) == 2  # an error, not a traceback
+    assert (
+        main([*evaluate_command(anomaly_files), "--label", "is_fraud", "--json", str(report)]) == 2
+    )  # an error, not a traceback
     assert "ebm: error: [Errno 28] No space left on device" in capsys.readouterr().err
 
     assert json.loads(report.read_text()) == {"previous": "good run"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary file left behind
     monkeypatch.undo()
-    assert main([*evaluate, "--label", "is_fraud", "--json", str(report)]) == 0
+    assert main([*evaluate_command(anomaly_files), "--label", "is_fraud", "--json", str(report)]) == 0
     assert "auroc" in json.loads(report.read_text())
 
 
@@ -481,15 +480,7 @@ def test_anomaly_evaluate_writes_every_metric_it_prints(
     from ebm.anomaly.metrics import DetectionMetrics
 
     report = tmp_path / "metrics.json"
-    command = [
-        "anomaly",
-        "evaluate",
-        "--model",
-        str(anomaly_files["model"]),
-        "--data",
-        str(anomaly_files["test"]),
-    ]
-    assert main([*command, "--label", "is_fraud", "--json", str(report)]) == 0
+    assert main([*evaluate_command(anomaly_files), "--label", "is_fraud", "--json", str(report)]) == 0
     values = json.loads(report.read_text())
     assert set(values) == {field.name for field in dataclasses.fields(DetectionMetrics)}
     printed = capsys.readouterr().out
