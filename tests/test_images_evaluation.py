@@ -155,7 +155,7 @@ def test_typicality_refuses_statistics_of_the_wrong_width_or_with_nan() -> None:
     typicality = Typicality(torch.randn(10, 3, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match=r"must be \(M, 3\)"):
         typicality.log_density(torch.zeros(4, 2))
-    with pytest.raises(ValueError, match="1 of 4 rows of statistics hold NaN"):
+    with pytest.raises(ValueError, match=r"1 of 4 rows of statistics are not finite, e.g. row 3: \[0.0, nan"):
         typicality.log_density(torch.tensor([[0.0, 0.0, 0.0]] * 3 + [[0.0, float("nan"), 0.0]]))
 
 
@@ -189,7 +189,7 @@ def test_typicality_scores_atypical_statistics_on_either_side_as_out_of_distribu
         -0.5 * math.log(2 * math.pi) * 2 - math.log(1.0) - math.log(3.0)
     )  # N(5, 1) × N(0, 9) at the mean
     assert float(log_density[0]) == pytest.approx(expected, abs=0.1)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="1 of 2 rows of reference statistics are not finite"):
         Typicality(torch.tensor([[0.0], [float("nan")]]))
 
 

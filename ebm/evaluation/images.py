@@ -115,8 +115,7 @@ class Typicality:
     def __init__(self, reference: Tensor) -> None:
         if reference.ndim != 2 or reference.shape[0] < 2:
             raise ValueError(f"reference statistics must be (N ≥ 2, S), got {tuple(reference.shape)}")
-        if not torch.isfinite(reference).all():
-            raise ValueError("reference statistics hold NaN or infinite values")
+        raise_if_rows_not_finite(reference, "reference statistics")
         self.reference = reference.double()
         n = self.reference.shape[0]
         spread = self.reference.std(dim=0).clamp_min(1e-12)
@@ -134,9 +133,7 @@ class Typicality:
             raise ValueError(
                 f"statistics must be (M, {columns}) like the reference, got {tuple(statistics.shape)}"
             )
-        if not torch.isfinite(statistics).all():
-            bad = int((~torch.isfinite(statistics)).any(dim=1).sum())
-            raise ValueError(f"{bad} of {len(statistics)} rows of statistics hold NaN or infinite values")
+        raise_if_rows_not_finite(statistics, "statistics")
         total = torch.zeros(statistics.shape[0], dtype=torch.float64)
         n = self.reference.shape[0]
         for s, bandwidth in enumerate(self.bandwidths):
