@@ -247,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.anomaly", __doc__, STAGES)
     args = parser.parse_args(argv)
     refuse_torchrun(parser, "anomaly")
-    raw = load_params(args.params)
-    params = AnomalyParams.from_params(raw)
+    params = AnomalyParams.from_params(load_params(args.params))
     paths = AnomalyPaths(args.root.resolve())
     stage = f"{args.stage}_anomaly"
 

@@ -562,8 +562,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.boltzmann", __doc__, STAGES)
     args = parser.parse_args(argv)
     refuse_torchrun(parser, "boltzmann")
-    raw = load_params(args.params)
-    params = BoltzmannParams.from_params(raw)
+    params = BoltzmannParams.from_params(load_params(args.params))
     paths = BoltzmannPaths(args.root.resolve())
     if params.threads is not None:
         torch.set_num_threads(params.threads)  # the entry point owns the process: a CLI-boundary setting

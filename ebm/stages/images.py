@@ -504,8 +504,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.images", __doc__, STAGES)
     args = parser.parse_args(argv)
     refuse_torchrun(parser, "images")
-    raw = load_params(args.params)
-    params = ImagesParams.from_params(raw)
+    params = ImagesParams.from_params(load_params(args.params))
     paths = ImagePaths(args.root.resolve())
     if params.threads is not None:
         torch.set_num_threads(params.threads)  # the entry point owns the process: a CLI-boundary setting

@@ -262,22 +262,21 @@ STAGES = ("prepare", "train", "evaluate", "render")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.toy", __doc__, STAGES)
     args = parser.parse_args(argv)
-    raw = load_params(args.params)
-    params = ToyParams.from_params(raw)
+    params = ToyParams.from_params(load_params(args.params))
     paths = ToyPaths(args.root.resolve())
     context = init_from_env(params.recipe.train.device)  # joins torchrun's process group, if any
     try:
         if context.is_distributed and args.stage != "train":
             parser.error(f"only the train stage runs under torchrun; run {args.stage} as one process")
         if context.is_main:
-            _run_tracked(args.stage, raw, params, paths)
+            _run_tracked(args.stage, params, paths)
         else:
             train(params, paths)  # the same training as rank 0, which alone logs and writes
     finally:
         context.destroy()
 
 
-def _run_tracked(stage_name: str, raw: Mapping[str, Any], params: ToyParams, paths: ToyPaths) -> None:
+def _run_tracked(stage_name: str, params: ToyParams, paths: ToyPaths) -> None:
     """Run one stage inside its MLflow run."""
     from ebm.tracking import start_run
 
