@@ -78,7 +78,9 @@ def _toy_recipe(args: argparse.Namespace) -> Any:
         sampler,
         **{k: v for k, v in (("name", args.sampler), ("step_size", args.step_size)) if v is not None},
     )
-    return dataclasses.replace(config, train=train, sampler=sampler)
+    polish_steps = getattr(args, "polish_steps", None)
+    polish = config.polish if polish_steps is None else dataclasses.replace(config.polish, steps=polish_steps)
+    return dataclasses.replace(config, train=train, sampler=sampler, polish=polish)
 
 
 def _toy_data(name: str, n: int, seed: int) -> Any:
@@ -89,7 +91,7 @@ def _toy_data(name: str, n: int, seed: int) -> Any:
 
 def cmd_toy_train(args: argparse.Namespace) -> int:
     from ebm.checkpoint import save_model
-    from ebm.toy import train_energy
+    from ebm.toy import polish_checkpoint, train_energy
 
     recipe = _toy_recipe(args)
     dataset = make_toy_dataset(args.dataset)
@@ -103,8 +105,9 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
         config=recipe.model,
         metadata={"dataset": args.dataset, "steps": result.steps, "n_train": args.n_train},
     )
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)  # finished: the next --resume starts afresh, not at step N
+    if checkpoint is not None:  # finished: the next --resume starts afresh, not at step N
+        checkpoint.unlink(missing_ok=True)
+        polish_checkpoint(checkpoint).unlink(missing_ok=True)
     print(
         f"trained {args.dataset} for {result.steps} steps in {result.seconds:.1f} s "
         f"({result.recoveries} rollbacks); model written to {args.out}"
@@ -550,6 +553,13 @@ def _add_recipe_options(parser: argparse.ArgumentParser, *, training: bool = Fal
         parser.add_argument(
             "--steps", type=_positive_int, default=None, help="training steps (default: the recipe's, 8000)"
         )
+        parser.add_argument(
+            "--polish-steps",
+            type=whole_number(0),
+            default=None,
+            help="steps of exact-likelihood fine-tuning after PCD, log Z over a jittered grid; 0: off "
+            "(default: the recipe's, 400)",
+        )
     parser.add_argument(
         "--sampler",
         choices=["langevin", "mala"],
@@ -589,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     dataset_help = "2D dataset: " + ", ".join(TOY_DATASETS) + " (default %(default)s)"
 
     train = toy_commands.add_parser(
-        "train", help="train an energy on a 2D dataset by PCD with MALA negatives"
+        "train",
+        help="train an energy on a 2D dataset by PCD with MALA negatives, then polish it by exact likelihood",
     )
     train.add_argument("--dataset", choices=list(TOY_DATASETS), default="8gaussians", help=dataset_help)
     train.add_argument(

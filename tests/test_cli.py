@@ -47,6 +47,7 @@ def test_toy_train_help_states_the_recipe_s_own_defaults() -> None:
     (toy_commands,) = [a for a in commands.choices["toy"]._actions if isinstance(a.choices, dict)]
     helps = {a.dest: a.help for a in toy_commands.choices["train"]._actions}
     assert f"the recipe's, {recipe.train.steps})" in helps["steps"]
+    assert f"the recipe's, {recipe.polish.steps})" in helps["polish_steps"]
     assert f"the recipe's, {recipe.sampler.name})" in helps["sampler"]
     assert f"the recipe's, {recipe.sampler.step_size})" in helps["step_size"]
 
@@ -117,6 +118,7 @@ def test_bad_input_is_a_clear_error_not_a_traceback(
             id="temperatures",
         ),
         pytest.param(["toy", "train", "--n-train", "-100"], "--n-train", 5, id="toy_n_train"),
+        pytest.param(["toy", "train", "--polish-steps", "-1"], "--polish-steps", 0, id="polish_steps"),
         pytest.param(
             ["toy", "evaluate", "--model", "m.pt", "--n-train", "4"], "--n-train", 5, id="eval_n_train"
         ),
@@ -377,8 +379,12 @@ def test_toy_train_trains_with_the_steps_seed_and_points_it_is_given(monkeypatch
     with pytest.raises(Handed):
         main(["toy", "train", "--dataset", "rings", "--n-train", "50", "--steps", "17", "--seed", "5"])
     assert (seen["recipe"].train.steps, seen["recipe"].train.seed) == (17, 5)
+    assert seen["recipe"].polish == Toy2DConfig().polish
     assert torch.equal(seen["x_train"], _toy_data("rings", 50, 5))
     assert not torch.equal(seen["x_train"], _toy_data("rings", 50, 0))
+    with pytest.raises(Handed):
+        main(["toy", "train", "--n-train", "50", "--polish-steps", "0"])
+    assert seen["recipe"].polish.steps == 0
 
 
 def test_toy_evaluate_and_render_sample_with_the_seed_given_and_write_every_figure(

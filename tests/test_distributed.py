@@ -37,7 +37,7 @@ from ebm.evaluation.density2d import grid_log_partition, nll
 from ebm.losses import CDConfig, CDStats, ContrastiveDivergence, NonFiniteLossError
 from ebm.samplers import MALA, ReplayBuffer, SamplerConfig, SamplerStats, UniformBox
 from ebm.stages.toy import ToyParams, ToyPaths
-from ebm.toy import Toy2DConfig, train_energy
+from ebm.toy import PolishConfig, Toy2DConfig, train_energy
 from ebm.trainer import Objective, TrainConfig, Trainer
 
 # One spawn of the ranks serves every test here: keep them on one xdist worker (`make test` runs
@@ -67,6 +67,7 @@ RECIPE = Toy2DConfig(
         device="cpu",
         progress=False,
     ),
+    polish=PolishConfig(steps=20, resolution=64, batch_size=512),  # the ranks average its gradient too
 )
 RESUME_FROM_STEP, RESUME_TOTAL_STEPS = 8, 16
 
@@ -147,6 +148,8 @@ def train_recipe_on_moons() -> dict[str, Any]:
     shares: dict[str, int] = {}
 
     def note_this_ranks_share(trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if any(name.startswith("polish/") for name in metrics):
+            return  # the polish after PCD: no buffer to share
         assert isinstance(trainer.objective, ContrastiveDivergence) and trainer.objective.buffer is not None
         shares.update(batch=trainer.rank_batch_size, buffer=trainer.objective.buffer.capacity)
 

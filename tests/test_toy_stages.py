@@ -53,7 +53,9 @@ def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
     assert (root / "models" / "toy" / "moons.pt").is_file()
     assert any((root / "reports" / "toy").glob("*.png"))
     trained = json.loads((root / "reports" / "toy" / "train.json").read_text())["moons"]
-    assert set(trained) == {"train_seconds", "steps", "recoveries", "final_gap"} and trained["steps"] == 20
+    assert set(trained) == {"train_seconds", "steps", "recoveries", "final_gap", "polish_steps"}
+    assert (trained["steps"], trained["polish_steps"]) == (20, raw["toy"]["polish"]["steps"])
+    assert not list(root.rglob("*.ckpt")), "a finished stage leaves neither PCD's nor the polish's checkpoint"
     curve = (root / "reports" / "toy" / "curves" / "moons.csv").read_text().splitlines()
     steps = [float(row.split(",")[0]) for row in curve[1:]]
     assert steps == [1, 6, 11, 16, 20]  # every 5th step from the first, and the last

@@ -35,7 +35,7 @@ from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
 from ebm.distributed import init_from_env, process_group_context
 from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
-from ebm.toy import Toy2DConfig, evaluate_energy, train_energy
+from ebm.toy import Toy2DConfig, evaluate_energy, polish_checkpoint, train_energy
 
 EXPERIMENT = "toy2d"
 
@@ -156,10 +156,12 @@ def train(params: ToyParams, paths: ToyPaths, run: Any | None = None) -> dict[st
             )
             _write_curves(paths.reports / "curves" / f"{name}.csv", result.history)
             checkpoint.unlink(missing_ok=True)
+            polish_checkpoint(checkpoint).unlink(missing_ok=True)
         metrics[name] = {
             "train_seconds": seconds,
             "steps": float(result.steps),
             "recoveries": float(result.recoveries),
+            "polish_steps": float(result.polish.steps if result.polish is not None else 0),
         }
         if result.history:  # none when the run logged no step (log_every above the steps left)
             metrics[name]["final_gap"] = result.history[-1]["gap"]
