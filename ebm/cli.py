@@ -108,9 +108,12 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
     if checkpoint is not None:  # finished: the next --resume starts afresh, not at step N
         checkpoint.unlink(missing_ok=True)
         polish_checkpoint(checkpoint).unlink(missing_ok=True)
+    polished = (
+        f", polished for {result.polish.steps} in {result.polish.seconds:.1f} s" if result.polish else ""
+    )
     print(
         f"trained {args.dataset} for {result.steps} steps in {result.seconds:.1f} s "
-        f"({result.recoveries} rollbacks); model written to {args.out}"
+        f"({result.recoveries} rollbacks){polished}; model written to {args.out}"
     )
     return 0
 

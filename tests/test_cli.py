@@ -77,7 +77,9 @@ def test_train_evaluate_render_round_trip(tmp_path: Path, capsys: pytest.Capture
     png = tmp_path / "moons.png"
     assert main(["toy", "render", *common, "--model", str(model), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "model written to" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "model written to" in printed
+    assert "polished for 20 in" in printed  # configs/quick.yaml's toy.polish.steps
 
 
 def test_classify_reports_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
