@@ -232,7 +232,10 @@ def polish_energy(
     polish's steps, batch and learning-rate schedule, and without EMA: the steps are few and small."""
     polish = config.polish
     model = copy.deepcopy(energy).train().requires_grad_(True)
-    device = next(model.parameters()).device  # a stateless energy has nothing to polish
+    weights = list(model.parameters())
+    if not weights:  # else a bare StopIteration, or Adam's "empty parameter list"
+        raise ValueError(f"polish_energy fine-tunes an energy's parameters; {type(energy).__name__} has none")
+    device = weights[0].device
     train = dataclasses.replace(
         config.train,
         steps=polish.steps,

@@ -101,6 +101,11 @@ def test_polish_raises_the_training_likelihood_and_leaves_its_input_alone() -> N
     assert not polished.training
 
 
+def test_an_energy_without_parameters_has_nothing_to_polish_and_says_so() -> None:
+    with pytest.raises(ValueError, match="Square has none"):
+        polish_energy(Square(0.0, 1.0), torch.zeros(8, 2), RECIPE, bounds=(-1.0, 1.0))
+
+
 def test_train_energy_polishes_after_pcd_and_logs_the_polish_after_pcd_s_steps() -> None:
     dataset = make_toy_dataset("8gaussians")
     x_train = dataset.sample(500, generator=torch.Generator().manual_seed(1))
