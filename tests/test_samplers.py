@@ -343,6 +343,27 @@ def test_clamp_keeps_chains_in_the_box() -> None:
     assert (x[:, 0] == 1.0).any() and (x[:, 1] == -1.0).any(), "the box was never reached: test too weak"
 
 
+@pytest.mark.parametrize(
+    ("noise_scale", "sigma"),
+    [pytest.param(0.3, 0.3, id="decoupled_noise_scale"), pytest.param(None, 0.2, id="default_sqrt_2_eta")],
+)
+def test_one_langevin_step_moves_by_the_gradient_step_plus_the_noise_scale_times_the_drawn_noise(
+    noise_scale: float | None, sigma: float
+) -> None:
+    # η = 0.02: the default σ = √(2η) = 0.2 is far from the decoupled 0.3, so a swap of the two shows.
+    step_size = 0.02
+    energy = GaussianEnergy(MEAN, COVARIANCE)
+    sampler = Langevin(step_size=step_size, noise_scale=noise_scale)
+    x0 = 2 * torch.randn(8, 2, generator=seeded(14))
+    xi = torch.randn(x0.shape, generator=seeded(15))  # the ξ the sampler draws first from that generator
+
+    one_step, _ = sampler.run(energy, x0, 1, generator=seeded(15))
+
+    gradient = (x0 - MEAN) @ PRECISION  # ∇ₓE = P(x − μ), one row per chain
+    torch.testing.assert_close(one_step, x0 - step_size * gradient + sigma * xi)
+    assert sampler.sigma == pytest.approx(sigma)
+
+
 def test_zero_noise_is_deterministic_gradient_descent_to_the_mode() -> None:
     energy = GaussianEnergy(MEAN, COVARIANCE)
     sampler = Langevin(step_size=0.2, noise_scale=0.0)
