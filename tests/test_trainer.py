@@ -527,6 +527,21 @@ def test_metrics_history_has_the_documented_keys_and_callbacks_run_at_log_steps(
         assert entry["lr"] == pytest.approx(1e-2)
 
 
+def test_the_progress_bar_shows_the_step_count_and_the_energies_of_each_log_step(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = small_trainer(small_config(steps=4, log_every=2, progress=True)).fit()
+
+    frames = capsys.readouterr().err.split("\r")  # the bar redraws in place, one frame after another
+    assert frames[-1].startswith("train") and "4/4" in frames[-1]
+    assert [entry["step"] for entry in result.history] == [1, 3, 4]
+    for entry in result.history:  # each log step redraws the bar with that step's count and energies
+        shown = [f"{int(entry['step'])}/4"] + [
+            f"{name}={entry[name]:.3g}" for name in ("energy_pos", "energy_neg", "gap")
+        ]
+        assert any(all(part in frame for part in shown) for frame in frames), (shown, frames)
+
+
 def test_learning_rate_warms_up_then_decays_on_a_cosine() -> None:
     config = small_config(steps=12, warmup_steps=4, final_lr_fraction=0.1)
     lrs = [entry["lr"] for entry in small_trainer(config).fit().history]
