@@ -187,6 +187,9 @@ def test_the_four_stages_write_their_outs_and_log_to_the_boltzmann_experiment(
         for a in client.list_artifacts(by_name["evaluate_structured"].info.run_id, "structured_figures")
     }
     assert artifacts == {"structured_figures/examples.png", "structured_figures/inference_table.png"}
+    for stage, logged in (("train_rbm", "rbm/cd1.pt"), ("train_structured", "structured.pt")):
+        path = client.download_artifacts(by_name[stage].info.run_id, logged, str(tmp_path / stage))
+        assert Path(path).read_bytes() == (root / "models" / "boltzmann" / logged).read_bytes()
 
 
 def test_a_missing_prepared_split_says_which_stage_to_run(tmp_path: Path) -> None:

@@ -76,6 +76,8 @@ def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
     assert train_run.data.params["toy.loss.lag_threshold"] == str(
         ToyParams.from_params(raw).recipe.loss.lag_threshold
     )
+    logged = client.download_artifacts(train_run.info.run_id, "models/moons.pt", str(tmp_path / "logged"))
+    assert Path(logged).read_bytes() == (root / "models" / "toy" / "moons.pt").read_bytes()
 
     data = np.load(root / "data" / "toy" / "moons.npz")  # prepare draws from the params' seed
     raw["seed"] += 1

@@ -557,6 +557,9 @@ STAGE_ARTIFACTS = {
     "evaluate_structured": ("structured_figures",),
 }
 
+# the models each training stage writes under models/boltzmann/, logged to its MLflow run as well
+STAGE_MODELS = {"train_rbm": ("rbm",), "train_structured": ("structured.pt",)}
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.boltzmann", __doc__, STAGES)
@@ -580,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run.log_metrics(_flat(metrics))
         for artifact in STAGE_ARTIFACTS[args.stage]:
             run.log_artifact(paths.reports / artifact)  # a folder arrives as <name>/ in the run's artifacts
+        for model in STAGE_MODELS.get(args.stage, ()):
+            run.log_artifact(paths.models / model)  # as `ebm.checkpoint.load_model` reads them
     print(f"{args.stage}: done; MLflow run {run.url}", flush=True)
 
 

@@ -296,6 +296,8 @@ def _run_tracked(stage_name: str, params: ToyParams, paths: ToyPaths) -> None:
             run.log_metrics(_flat(train(params, paths, run)))
             for curve in sorted((paths.reports / "curves").glob("*.csv")):
                 run.log_artifact(curve, "curves")
+            for name in params.datasets:  # the trained energies, as `ebm.checkpoint.load_model` reads them
+                run.log_artifact(paths.models / f"{name}.pt", "models")
         elif stage_name == "evaluate":
             run.log_metrics(_flat(evaluate(params, paths)))
         else:
