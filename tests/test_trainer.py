@@ -248,6 +248,37 @@ def test_the_ema_of_a_spectrally_normalised_energy_keeps_unit_singular_vectors(l
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(vectors, live, strict=True))
 
 
+@pytest.mark.parametrize("spectral_norm", [False, True], ids=["plain", "spectral_norm"])
+def test_each_ema_weight_is_decay_times_its_old_value_plus_the_rest_times_the_new_weight(
+    spectral_norm: bool,
+) -> None:
+    decay = 0.9
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        energy = MLPEnergy(MLPEnergyConfig(in_features=2, widths=(16, 16), spectral_norm=spectral_norm))
+    trainer = Trainer(energy, pcd_objective(), gaussian_data(), small_config(ema_decay=decay))
+    assert trainer.ema is not None
+    ema = trainer.ema.module
+
+    def weights(module: nn.Module) -> dict[str, Tensor]:
+        # with spectral norm, the parameters are each layer's ``parametrizations.weight.original``
+        return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+    trainer.train_step()
+    # The first update starts the average at the stepped weights (AveragedModel copies them).
+    first_weights = weights(trainer.energy)
+    assert_identical(weights(ema), first_weights, "ema after one step")
+    assert any(name.endswith("original") for name in first_weights) == spectral_norm
+
+    old_ema = weights(ema)
+    trainer.train_step()
+    new_weights = weights(trainer.energy)
+    for name, new_ema in weights(ema).items():
+        assert not torch.equal(new_weights[name], first_weights[name]), f"{name} did not train"
+        expected = decay * old_ema[name] + (1 - decay) * new_weights[name]
+        torch.testing.assert_close(new_ema, expected, msg=f"{name} is off the EMA formula")
+
+
 def test_a_spectrally_normalised_ema_run_resumes_exactly(tmp_path: Path, single_thread: None) -> None:
     uninterrupted = spectral_norm_trainer(12)
     uninterrupted.fit()
