@@ -32,6 +32,7 @@ class SamplerCall:
     n_steps: int
     grads_were_none: bool
     requires_grad_after: list[bool]
+    stats: SamplerStats
 
 
 class RecordingSampler:
@@ -57,6 +58,7 @@ class RecordingSampler:
                 n_steps=n_steps,
                 grads_were_none=all(p.grad is None for p in params),
                 requires_grad_after=[p.requires_grad for p in params],
+                stats=stats,
             )
         )
         return x, stats
@@ -128,6 +130,25 @@ def test_pcd_starts_chains_in_the_buffer_and_writes_them_back(monkeypatch: pytes
     untouched[slots] = False
     assert torch.equal(buffer.states[untouched], states_before[untouched])
     assert not torch.equal(buffer.states, states_before)
+
+
+@pytest.mark.parametrize("sampler_name", sorted(SAMPLERS))
+def test_sampler_diagnostics_are_the_samplers_own_for_the_negatives_of_the_loss(sampler_name: str) -> None:
+    energy = ScaledSquaredNorm(2.0)  # steep enough that MALA rejects some of its moves
+    sampler = RecordingSampler(make_sampler(sampler_name, step_size=0.3))
+    cd = ContrastiveDivergence(sampler, n_steps=4)  # CD-k: the sampler is the generator's only user
+
+    _, stats = cd(energy, 2 * torch.randn(12, 2, generator=seeded(11)), generator=seeded(12))
+
+    (call,) = sampler.calls
+    # The same chains run again from the same start and seed: the same negatives, the same diagnostics.
+    x_again, sampler_stats = sampler.sampler.run(energy, call.x0, 4, generator=seeded(12))
+    assert torch.equal(x_again, call.x)
+    assert torch.equal(stats.sampler_grad_norm, sampler_stats.grad_norm)
+    assert torch.equal(stats.acceptance_rate, sampler_stats.acceptance_rate)
+    assert float(stats.sampler_grad_norm) > 0.0 and float(stats.sampler_steps) == 4.0
+    if sampler_name == "mala":  # a rate strictly inside (0, 1) tells it apart from any constant
+        assert 0.0 < float(stats.acceptance_rate) < 1.0
 
 
 @pytest.mark.parametrize("sampler_name", sorted(SAMPLERS))
