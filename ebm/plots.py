@@ -1,4 +1,5 @@
-"""Figures of 2D energies: energy and density heatmaps, dataset grids and decision energies.
+"""Figures of 2D energies (energy and density heatmaps, dataset grids, decision energies) and of detectors
+(ROC and precision–recall curves).
 
 Every function builds a :class:`matplotlib.figure.Figure` with its own Agg canvas, so nothing here
 selects a global backend or keeps figures alive in pyplot's registry; :func:`save_figure` writes one
@@ -11,16 +12,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ebm.checkpoint import atomic_write
 from ebm.energies import EnergyFn
+from ebm.evaluation.curves import DetectionCurves
 from ebm.evaluation.density2d import (
     LogProbFn,
     energy_on_grid,
@@ -238,7 +241,70 @@ def plot_decision_energy(
     return fig
 
 
+def plot_detection_curves(curves: Mapping[str, DetectionCurves], *, title: str | None = None) -> Figure:
+    """Two panels: ROC curves with the diagonal, precision–recall curves with the no-skill line.
+
+    The legends give each model's AUROC and AUPRC (computed from its scores, not the thinned points);
+    the no-skill precision is the positive rate of the first model's labels.
+
+    Raises:
+        ValueError: ``curves`` is empty.
+    """
+    if not curves:
+        raise ValueError("plot_detection_curves needs at least one model's curves")
+    fig = new_figure(11, 4.8)
+    roc_ax, pr_ax = fig.subplots(1, 2)
+    _roc_panel(roc_ax, {f"{name} (AUROC {c.auroc:.4f})": (c.fpr, c.tpr) for name, c in curves.items()})
+    positive_rate = next(iter(curves.values())).positive_rate
+    for name, c in curves.items():
+        pr_ax.plot(c.recall, c.precision, linewidth=1.5, label=f"{name} (AUPRC {c.auprc:.4f})")
+    pr_ax.axhline(
+        positive_rate, color="tab:gray", linestyle="--", linewidth=1, label=f"no skill ({positive_rate:.3f})"
+    )
+    pr_ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title="precision–recall")
+    pr_ax.legend(loc="lower left", fontsize="small", framealpha=0.8)
+    if title is not None:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_roc_curves(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    aurocs: Mapping[str, float] | None = None,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """One panel of ROC curves ``{name: (fpr, tpr)}`` with the diagonal; ``aurocs`` label the legend.
+
+    Raises:
+        ValueError: ``curves`` is empty.
+    """
+    if not curves:
+        raise ValueError("plot_roc_curves needs at least one curve")
+    aurocs = aurocs or {}
+    fig = new_figure(6.4, 5.4)
+    ax = fig.subplots()
+    _roc_panel(
+        ax,
+        {f"{name} (AUROC {aurocs[name]:.4f})" if name in aurocs else name: c for name, c in curves.items()},
+    )
+    if title is not None:
+        ax.set_title(title)
+    return fig
+
+
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _roc_panel(ax: Axes, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    for label, (fpr, tpr) in curves.items():
+        ax.plot(fpr, tpr, linewidth=1.5, label=label)
+    ax.plot([0, 1], [0, 1], color="tab:gray", linestyle="--", linewidth=1, label="chance")
+    ax.set(
+        xlim=(0, 1), ylim=(0, 1.02), xlabel="false-positive rate", ylabel="true-positive rate", title="ROC"
+    )
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize="small", framealpha=0.8)
 
 
 def _density(energies: Tensor, bounds: tuple[float, float]) -> Tensor:

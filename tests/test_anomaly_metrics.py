@@ -161,3 +161,85 @@ def test_bad_inputs_are_refused(labels: list[int], scores: list[float], message:
     these too, so without ``match`` the test passed with the checks deleted."""
     with pytest.raises(ValueError, match=message):
         detection_metrics(labels, scores)
+
+
+# --- curves ---------------------------------------------------------------------------------------
+
+
+def _labels_and_scores(n: int, positive_rate: float, separation: float, seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.uniform(size=n) < positive_rate).astype(int)
+    return labels, rng.normal(size=n) + separation * labels
+
+
+@pytest.mark.parametrize(
+    ("n", "positive_rate", "separation"),
+    [(20_000, 0.15, 1.0), (50_000, 0.02, 2.0), (5_000, 0.5, 0.3), (100_000, 0.15, 0.5)],
+)
+def test_thinned_curves_keep_their_endpoints_their_order_and_their_area(
+    n: int, positive_rate: float, separation: float
+) -> None:
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    from ebm.evaluation.curves import MAX_CURVE_POINTS, detection_curves
+
+    labels, scores = _labels_and_scores(n, positive_rate, separation, seed=n)
+    curves = detection_curves(labels, scores)
+    exact_fpr, exact_tpr, _ = roc_curve(labels, scores)
+    exact_precision, exact_recall, _ = precision_recall_curve(labels, scores)
+    assert len(exact_recall) > MAX_CURVE_POINTS  # there was something to thin
+    assert len(curves.fpr) <= MAX_CURVE_POINTS and len(curves.recall) <= MAX_CURVE_POINTS
+    assert (curves.fpr[0], curves.tpr[0], curves.fpr[-1], curves.tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(curves.fpr) >= 0) and np.all(np.diff(curves.tpr) >= 0)
+    assert (curves.recall[0], curves.precision[0]) == (0.0, 1.0)
+    assert (curves.recall[-1], curves.precision[-1]) == (1.0, pytest.approx(labels.mean()))
+    assert np.all(np.diff(curves.recall) >= 0)
+    assert curves.auroc == pytest.approx(roc_auc_score(labels, scores))
+    assert curves.auprc == pytest.approx(average_precision_score(labels, scores))
+    assert curves.positive_rate == pytest.approx(labels.mean())
+    assert abs(auc(curves.fpr, curves.tpr) - roc_auc_score(labels, scores)) < 1e-3
+    assert abs(auc(curves.recall, curves.precision) - auc(exact_recall, exact_precision)) < 1e-3
+    assert abs(auc(exact_fpr, exact_tpr) - curves.auroc) < 1e-12  # the reference itself is exact
+
+
+def test_thinning_follows_the_curve_not_the_index() -> None:
+    # 1,900 points crowd one corner of a staircase and 100 long steps make the rest: a point every k-th
+    # index would keep the crowd and cut the corners of the steps, losing ~0.005 of area
+    from sklearn.metrics import auc
+
+    from ebm.evaluation.curves import thin_curve
+
+    crowd = np.linspace(0.0, 0.01, 1900)
+    steps = np.repeat(np.linspace(0.01, 1.0, 100), 2)
+    x = np.r_[crowd, steps]
+    y = np.r_[crowd, np.r_[steps[1:], 1.0]]  # up, then right: each step's corner is a point of its own
+    thin_x, thin_y = thin_curve(x, y, max_points=400)
+    assert len(thin_x) <= 400 and (thin_x[0], thin_x[-1]) == (x[0], x[-1])
+    assert abs(auc(thin_x, thin_y) - auc(x, y)) < 1e-3
+
+
+def test_thin_curve_leaves_short_curves_alone_and_refuses_bad_input() -> None:
+    from ebm.evaluation.curves import thin_curve
+
+    x, y = np.linspace(0, 1, 10), np.linspace(0, 1, 10) ** 2
+    assert all(np.array_equal(a, b) for a, b in zip(thin_curve(x, y, 10), (x, y), strict=True))
+    with pytest.raises(ValueError, match="one length"):
+        thin_curve(x, y[:-1])
+    with pytest.raises(ValueError, match="max_points"):
+        thin_curve(x, y, 3)
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores", "message"),
+    [
+        ([0, 0, 0], [0.1, 0.2, 0.3], "both classes"),
+        ([0, 1, 1], [0.1, math.nan, 0.3], "1 of 3 scores are NaN"),
+        ([0, 1, 2], [0.1, 0.2, 0.3], "0 or 1"),
+        ([0, 1], [0.1, 0.2, 0.3], "differ in length"),
+    ],
+)
+def test_curves_refuse_inputs_they_cannot_draw(labels: list[int], scores: list[float], message: str) -> None:
+    from ebm.evaluation.curves import detection_curves
+
+    with pytest.raises(ValueError, match=message):
+        detection_curves(labels, scores)
