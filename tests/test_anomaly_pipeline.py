@@ -1,11 +1,15 @@
-"""The anomaly stages end to end on tiny params, and the registry policy (hash reuse, champion alias)."""
+"""The anomaly stages end to end on tiny params, the registry policy (hash reuse, champion alias), and the
+render stage's curves from a scored test file."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from stage_sources import assert_declared, executed_sources
 
@@ -26,13 +30,12 @@ def test_stages_write_their_outs_and_register_once(
     tmp_path: Path, quick_params: Path, mlflow_tracking_uri: str
 ) -> None:
     import mlflow
-    import pandas as pd
 
     from ebm.anomaly.registry import register_detector
     from ebm.stages.anomaly import AnomalyParams, AnomalyPaths, main
 
     root = tmp_path / "project"
-    for stage in ("prepare", "train", "evaluate", "register"):
+    for stage in ("prepare", "train", "evaluate", "render", "register"):
         with executed_sources() as executed:
             main([stage, "--params", str(quick_params), "--root", str(root)])
         assert_declared(f"{stage}_anomaly", executed)
@@ -47,6 +50,19 @@ def test_stages_write_their_outs_and_register_once(
     assert set(metrics) == {"ebm", *AnomalyParams.from_params(load_params(quick_params)).evaluate.baselines}
     assert metrics["ebm"]["auroc"] > 0.8
     assert (paths.reports / "energy_histogram.png").stat().st_size > 5_000
+    models = ["ebm", *AnomalyParams.from_params(load_params(quick_params)).evaluate.baselines]
+    assert sorted(p.name for p in (paths.reports / "roc").iterdir()) == sorted(f"{m}.csv" for m in models)
+    roc = pd.read_csv(paths.reports / "roc" / "ebm.csv")
+    assert abs(np.trapezoid(roc["tpr"], roc["fpr"]) - metrics["ebm"]["auroc"]) < 1e-3
+    assert (paths.reports / "curves.png").stat().st_size > 5_000
+    render_run = mlflow.MlflowClient(mlflow_tracking_uri).search_runs(
+        [mlflow.get_experiment_by_name("anomaly").experiment_id], "tags.dvc_stage = 'render_anomaly'"
+    )[0]
+    logged = {
+        a.path
+        for a in mlflow.MlflowClient(mlflow_tracking_uri).list_artifacts(render_run.info.run_id, "curves/roc")
+    }
+    assert logged == {f"curves/roc/{m}.csv" for m in models}
     first = json.loads((paths.reports / "registration.json").read_text())
     assert first["version"] == "1" and first["alias_moved"] and not first["reused"]
 
@@ -98,3 +114,83 @@ def test_a_detector_without_residual_members_reports_no_nan_training_metrics(
     text = (AnomalyPaths(root).reports / "train.json").read_text()
     metrics = json.loads(text, parse_constant=lambda token: pytest.fail(f"train.json holds {token}"))
     assert "final_gap" not in metrics and "acceptance_rate" not in metrics and metrics["train_rows"] > 0
+
+
+def write_scored_test(path: Path, n: int = 4000, seed: int = 0) -> pd.DataFrame:
+    """A scored test file as the evaluate stage writes it: labels, the EBM's and the baselines' scores."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.uniform(size=n) < 0.15).astype(np.int64)
+    scored = pd.DataFrame(
+        {
+            "transaction_id": np.arange(n),
+            "is_fraud": labels,
+            "anomaly_score": rng.normal(size=n) + 2.0 * labels,
+            "iforest_score": rng.normal(size=n) + 1.0 * labels,
+            "ecod_score": rng.normal(size=n) + 1.5 * labels,
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scored.to_parquet(path)
+    return scored
+
+
+def test_render_writes_roc_and_pr_curves_of_every_model_and_one_figure(tmp_path: Path) -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from ebm.stages.anomaly import AnomalyParams, AnomalyPaths, render
+
+    params = AnomalyParams()  # the EBM, IsolationForest and ECOD
+    paths = AnomalyPaths(tmp_path)
+    scored = write_scored_test(paths.scored_test)
+    (paths.reports / "roc").mkdir()
+    (paths.reports / "roc" / "lof.csv").write_text("model,fpr,tpr\n")  # a baseline no longer evaluated
+
+    curves = render(params, paths)
+
+    models = ["ebm", *params.evaluate.baselines]
+    assert list(curves) == models
+    for folder, columns in (("roc", ["model", "fpr", "tpr"]), ("pr", ["model", "recall", "precision"])):
+        assert sorted(p.name for p in (paths.reports / folder).iterdir()) == sorted(
+            f"{m}.csv" for m in models
+        )
+        for model in models:
+            table = pd.read_csv(paths.reports / folder / f"{model}.csv")
+            assert list(table.columns) == columns and set(table["model"]) == {model}
+    roc = pd.read_csv(paths.reports / "roc" / "ebm.csv")
+    assert roc["fpr"].is_monotonic_increasing and roc["tpr"].is_monotonic_increasing
+    assert (roc["fpr"].iloc[0], roc["tpr"].iloc[0], roc["fpr"].iloc[-1], roc["tpr"].iloc[-1]) == (0, 0, 1, 1)
+    assert (
+        abs(np.trapezoid(roc["tpr"], roc["fpr"]) - roc_auc_score(scored["is_fraud"], scored["anomaly_score"]))
+        < 1e-3
+    )
+    pr = pd.read_csv(paths.reports / "pr" / "iforest.csv")
+    assert pr["recall"].is_monotonic_increasing and len(pr) <= 1000
+    assert pr["precision"].iloc[-1] == pytest.approx(scored["is_fraud"].mean())
+    assert curves["ecod"].auprc == pytest.approx(
+        average_precision_score(scored["is_fraud"], scored["ecod_score"])
+    )
+    assert (paths.reports / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda frame: frame.assign(is_fraud=0), r"scored_test\.parquet: column 'is_fraud' must hold both"),
+        (
+            lambda frame: frame.assign(iforest_score=frame["iforest_score"].where(frame.index != 7)),
+            r"scored_test\.parquet: column 'iforest_score': 1 of 4000 scores are NaN",
+        ),
+        (lambda frame: frame.drop(columns="ecod_score"), r"scored_test\.parquet: no column \['ecod_score'\]"),
+    ],
+    ids=["one-class", "nan-score", "missing-column"],
+)
+def test_render_names_the_file_and_the_column_it_cannot_draw(
+    tmp_path: Path, spoil: Callable[[pd.DataFrame], pd.DataFrame], message: str
+) -> None:
+    from ebm.stages.anomaly import AnomalyParams, AnomalyPaths, render
+
+    paths = AnomalyPaths(tmp_path)
+    spoil(write_scored_test(paths.scored_test)).to_parquet(paths.scored_test)
+    with pytest.raises(ValueError, match=message):
+        render(AnomalyParams(), paths)
+    assert not (paths.reports / "curves.png").exists() and not (paths.reports / "roc").exists()

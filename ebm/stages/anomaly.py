@@ -1,17 +1,22 @@
-"""Pipeline stages for the transaction anomaly detector: prepare → train → evaluate → register.
+"""Pipeline stages for the transaction anomaly detector: prepare → train → evaluate → render, register.
 
 Each stage is a function with explicit paths that writes exactly the outs ``dvc.yaml`` declares, plus
 a thin entry point::
 
-    python -m ebm.stages.anomaly prepare|train|evaluate|register [--params params.yaml] [--root .]
+    python -m ebm.stages.anomaly prepare|train|evaluate|render|register [--params params.yaml] [--root .]
 
 - ``prepare``: the synthetic transactions (``data/anomaly/transactions.{parquet,csv}``) and their split by
   time (``train.parquet``: earlier 60 %, ``test.parquet``: later 40 %).
 - ``train``: :class:`~ebm.anomaly.detector.EnergyAnomalyDetector` fitted on the training rows without
   their labels → ``models/anomaly/detector.pt``; ``reports/anomaly/train.json``.
 - ``evaluate``: the detector and the baselines on the test rows → ``reports/anomaly/metrics.json``
-  (AUROC, AUPRC, recall at 1 % FPR, precision@k), the scored test file with reasons, and the energy
-  histogram of normal vs flagged rows (``reports/anomaly/energy_histogram.png``).
+  (AUROC, AUPRC, recall at 1 % FPR, precision@k), the scored test file with reasons and each baseline's
+  score (``<baseline>_score``), and the energy histogram of normal vs flagged rows
+  (``reports/anomaly/energy_histogram.png``).
+- ``render``: ROC and precision–recall curves of the detector and the baselines from the scored test
+  file → ``reports/anomaly/roc/<model>.csv`` (``model,fpr,tpr``), ``reports/anomaly/pr/<model>.csv``
+  (``model,recall,precision``), at most :data:`~ebm.evaluation.curves.MAX_CURVE_POINTS` points each,
+  and both in one figure, ``reports/anomaly/curves.png``.
 - ``register``: the detector as an MLflow pyfunc, registered as ``ebm-anomaly-detector``; the alias
   ``champion`` moves only to a better model (see :mod:`ebm.anomaly.registry`) →
   ``reports/anomaly/registration.json``.
@@ -44,12 +49,16 @@ from ebm.anomaly.transactions import (
 )
 from ebm.checkpoint import write_json
 from ebm.config import from_dict, load_params, to_dict
+from ebm.evaluation.curves import DetectionCurves
 from ebm.stages.common import StagePaths, read_mapping, read_seed, refuse_torchrun, stage_arguments
 
 EXPERIMENT = "anomaly"
 
 METRIC_NAMES = ("auroc", "auprc", "recall_at_1pct_fpr", "precision_at_k")
 """The detection metrics the evaluate stage writes for every detector (``DetectionMetrics``' fields)."""
+
+EBM_SCORE = "anomaly_score"
+"""The detector's column in the scored test file; each baseline's is ``<baseline>_score``."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,10 @@ class AnomalyPaths(StagePaths):
     @property
     def model(self) -> Path:
         return self.models / "detector.pt"
+
+    @property
+    def scored_test(self) -> Path:
+        return self.reports / "scored_test.parquet"
 
 
 @dataclass(frozen=True)
@@ -188,17 +201,20 @@ def evaluate(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, dict[str, 
     detector = EnergyAnomalyDetector.load(paths.model)
     labels = test_frame[LABEL].to_numpy()
     scored = score_frame(detector, detector.validate(test_frame[FEATURES]), reasons="all")
-    metrics = {"ebm": detection_metrics(labels, scored["anomaly_score"]).as_dict()}
+    metrics = {"ebm": detection_metrics(labels, scored[EBM_SCORE]).as_dict()}
     metrics["ebm"]["flagged_share"] = float(scored["is_anomaly"].mean())
+    baseline_scores = {}
     for name in params.evaluate.baselines:
         scores = fit_score(name, train_frame[FEATURES], test_frame[FEATURES], seed=params.seed)
         metrics[name] = detection_metrics(labels, scores).as_dict()
+        baseline_scores[f"{name}_score"] = scores  # kept for the render stage's curves
     ids = test_frame[["transaction_id", LABEL, "fraud_type"]].reset_index(drop=True)
     write_table(
-        pd.concat([ids, scored.reset_index(drop=True)], axis=1), paths.reports / "scored_test.parquet"
+        pd.concat([ids, scored.reset_index(drop=True), pd.DataFrame(baseline_scores)], axis=1),
+        paths.scored_test,
     )
     plot_score_histogram(
-        scored["anomaly_score"].to_numpy(),
+        scored[EBM_SCORE].to_numpy(),
         scored["is_anomaly"].to_numpy(),
         detector.threshold_,
         paths.reports / "energy_histogram.png",
@@ -207,6 +223,53 @@ def evaluate(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, dict[str, 
     )
     write_json(paths.reports / "metrics.json", metrics)
     return metrics
+
+
+def render(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, DetectionCurves]:
+    """ROC and precision–recall curves of the detector and the baselines on the test rows, as CSV and PNG.
+
+    Reads the scored test file the evaluate stage wrote; writes one ``roc/<model>.csv`` and one
+    ``pr/<model>.csv`` per model (CSV files of models no longer evaluated are removed) and
+    ``curves.png``. Returns each model's curves.
+
+    Raises:
+        ValueError: the scored test file lacks a column, its labels hold one class only, or a score is
+            NaN or infinite; the message names the file and the column.
+    """
+    from ebm.evaluation.curves import detection_curves, write_curve_csv
+    from ebm.plots import plot_detection_curves, save_figure
+
+    columns = {"ebm": EBM_SCORE, **{name: f"{name}_score" for name in params.evaluate.baselines}}
+    scored = pd.read_parquet(paths.scored_test)
+    if missing := [column for column in (LABEL, *columns.values()) if column not in scored]:
+        raise ValueError(
+            f"{paths.scored_test}: no column {missing} (rerun the evaluate stage); it holds {list(scored)}"
+        )
+    labels = scored[LABEL].to_numpy()
+    if set(np.unique(labels).tolist()) != {0, 1}:
+        raise ValueError(
+            f"{paths.scored_test}: column {LABEL!r} must hold both 0 (normal) and 1 (fraud) to draw "
+            f"curves, got the values {np.unique(labels)[:5].tolist()}"
+        )
+    curves = {}
+    for model, column in columns.items():
+        try:
+            curves[model] = detection_curves(labels, scored[column].to_numpy())
+        except ValueError as err:
+            raise ValueError(f"{paths.scored_test}: column {column!r}: {err}") from None
+    for folder in (paths.reports / "roc", paths.reports / "pr"):
+        for stale in folder.glob("*.csv") if folder.is_dir() else ():
+            if stale.stem not in curves:
+                stale.unlink()
+    for model, c in curves.items():
+        write_curve_csv(paths.reports / "roc" / f"{model}.csv", {"model": model, "fpr": c.fpr, "tpr": c.tpr})
+        write_curve_csv(
+            paths.reports / "pr" / f"{model}.csv",
+            {"model": model, "recall": c.recall, "precision": c.precision},
+        )
+    figure = plot_detection_curves(curves, title="Synthetic transactions, test period")
+    save_figure(figure, paths.reports / "curves.png")
+    return curves
 
 
 def register(params: AnomalyParams, paths: AnomalyPaths, run_id: str) -> dict[str, Any]:
@@ -240,7 +303,7 @@ def _flat(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-STAGES = ("prepare", "train", "evaluate", "register")
+STAGES = ("prepare", "train", "evaluate", "render", "register")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -268,6 +331,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.stage == "evaluate":
             run.log_metrics(_flat(evaluate(params, paths)))
             run.log_artifact(paths.reports / "energy_histogram.png", "figures")
+        elif args.stage == "render":
+            render(params, paths)  # the areas under the curves are evaluate's metrics, logged there
+            run.log_artifact(paths.reports / "curves.png", "figures")
+            run.log_artifact(paths.reports / "roc", "curves")  # a folder lands under its own name
+            run.log_artifact(paths.reports / "pr", "curves")
         else:
             assert isinstance(run, MlflowRun)  # not deferrable, so live
             outcome = register(params, paths, run.run_id)
