@@ -15,6 +15,7 @@ from ebm.evaluation.images import (
     N_STATISTICS,
     OOD_SCORES,
     AISConfig,
+    OODScores,
     ReferenceStatistics,
     TemperedLogitEnergy,
     Typicality,
@@ -28,6 +29,7 @@ from ebm.evaluation.images import (
     model_statistics,
     ood_aurocs,
     ood_score,
+    ood_scores,
     ood_sets,
     penultimate_features,
     photo_patches,
@@ -291,6 +293,31 @@ def test_ood_aurocs_tables_every_score_and_set() -> None:
     )
     assert set(table) == set(OOD_SCORES) and all(set(row) == {"same", "noise"} for row in table.values())
     assert all(row["same"] == pytest.approx(0.5) for row in table.values())  # identical sets: chance
+
+
+def test_the_roc_curves_are_those_of_the_scores_behind_the_aurocs_from_one_pass() -> None:
+    from sklearn.metrics import auc
+
+    generator = torch.Generator().manual_seed(0)
+    energy = tiny_energy()
+    images = torch.rand(40, *SHAPE, generator=generator)
+    out_sets = {"dark": 0.2 * torch.rand(30, *SHAPE, generator=generator), "same": images.clone()}
+    scores = ood_scores(energy, images, out_sets, scores=["energy", "max_softmax"])
+    table, curves = scores.aurocs(), scores.roc_curves("energy")
+    assert table == ood_aurocs(energy, images, out_sets, scores=["energy", "max_softmax"])
+    assert set(curves) == {"dark", "same"}
+    for name, (fpr, tpr) in curves.items():
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+        assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+        assert auc(fpr, tpr) == pytest.approx(table["energy"][name], abs=1e-3)
+    with pytest.raises(ValueError, match="no 'grad_norm' scores computed"):
+        scores.roc_curves("grad_norm")
+
+
+def test_a_roc_curve_of_a_nan_score_names_the_score_and_the_set() -> None:
+    scores = OODScores({"energy": torch.rand(5)}, {"noise": {"energy": torch.tensor([0.1, float("nan")])}})
+    with pytest.raises(ValueError, match="score 'energy' on the OOD set 'noise': 1 of 7 scores are NaN"):
+        scores.roc_curves("energy")
 
 
 @pytest.mark.parametrize("score", ["typicality", "class_typicality"])

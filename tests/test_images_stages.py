@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -17,7 +18,9 @@ from stage_sources import assert_declared, executed_sources
 from test_images_data import write_cifar_copy, write_mnist_copy
 
 import ebm
+from ebm.checkpoint import write_json
 from ebm.config import ConfigError
+from ebm.evaluation.curves import write_curve_csv
 from ebm.evaluation.images import bits_per_dim
 from ebm.jem import dequantise
 from ebm.stages.images import ImagePaths, ImagesParams, evaluate, main, prepare, render, train
@@ -115,7 +118,16 @@ def test_the_cifar10_path_runs_end_to_end_from_pickle_batches_to_a_loadable_mode
         "inpainting.png",
         "denoising.png",
         "curves.png",
+        "ood_roc.png",
     }
+    # the ROC curves of the headline score (grad_norm here) against every OOD set, the AUROCs' own
+    ood_roc = {p.stem: pd.read_csv(p) for p in (paths.reports / "ood_roc").iterdir()}
+    assert set(ood_roc) == set(metrics["ood_auroc_by_score"]["grad_norm"])
+    for name, table in ood_roc.items():
+        assert list(table.columns) == ["ood_set", "fpr", "tpr"] and set(table["ood_set"]) == {name}
+        assert table["fpr"].is_monotonic_increasing and table["tpr"].is_monotonic_increasing
+        area = np.trapezoid(table["tpr"], table["fpr"])
+        assert area == pytest.approx(metrics["ood_auroc_by_score"]["grad_norm"][name], abs=1e-3)
     model = ebm.load_model(paths.models / "energy.pt")
     x = torch.from_numpy(pixels[-40:]).float() / 255
     assert model.energy(x).shape == (40,)
@@ -173,6 +185,10 @@ def test_the_stage_cli_logs_each_stage_to_the_images_experiment(
     assert {"accuracy", "ood_auroc/uniform_noise", "ais/log_partition", "fd_real_floor"} <= set(evaluated)
     metrics = json.loads((root / "reports" / "images" / "metrics.json").read_text())
     assert metrics["n_test"] == 60 and metrics["dataset"] == "fashion_mnist"
+    logged = {a.path for a in client.list_artifacts(by_name["evaluate_images"].info.run_id, "ood_roc")}
+    assert logged == {f"ood_roc/{name}.csv" for name in metrics["ood_auroc_by_score"]["energy"]}
+    figures = {a.path for a in client.list_artifacts(by_name["render_images"].info.run_id, "figures")}
+    assert "figures/ood_roc.png" in figures
 
 
 @pytest.mark.slow
@@ -311,6 +327,54 @@ def test_a_failed_render_keeps_the_previous_pngs_and_leaves_no_temporary_file(
     assert (figures / "samples_noise.png").read_bytes() == b"the previous run's grid"
     assert (figures / "samples_buffer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written before
     assert sorted(p.name for p in figures.iterdir()) == ["samples_buffer.png", "samples_noise.png"]
+
+
+def write_render_inputs(paths: ImagePaths) -> None:
+    """What the render stage reads, as train and evaluate write it, with tiny images and two OOD sets."""
+    samples = paths.reports / "samples"
+    samples.mkdir(parents=True)
+    grids = {name: torch.rand(8, 1, 6, 6) for name in ("buffer", "noise", "proposal", "start")}
+    torch.save(grids, samples / "generated.pt")
+    rows = ("original", "masked", "inpainted", "noisy", "denoised")
+    torch.save({row: torch.rand(8, 1, 6, 6) for row in rows}, samples / "restoration.pt")
+    curve = {"step": [0, 5], "energy_pos": [0, 1], "energy_neg": [0, 2], "energy_noise": [1, 3]}
+    pd.DataFrame({**curve, "accuracy": [0.1, 0.5], "cross_entropy": [2.0, 1.0]}).to_csv(
+        paths.reports / "curves.csv", index=False
+    )
+    write_curve_csv(
+        paths.reports / "ood_roc" / "uniform_noise.csv",
+        {"ood_set": "uniform_noise", "fpr": [0.0, 0.0, 1.0], "tpr": [0.0, 1.0, 1.0]},
+    )
+    write_curve_csv(
+        paths.reports / "ood_roc" / "inverted.csv",
+        {"ood_set": "inverted", "fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.7, 1.0]},
+    )
+    aurocs = {"uniform_noise": 1.0, "inverted": 0.6}
+    write_json(
+        paths.reports / "metrics.json", {"ood_score": "energy", "ood_auroc_by_score": {"energy": aurocs}}
+    )
+
+
+def test_render_draws_the_ood_roc_curves_the_evaluate_stage_wrote(tmp_path: Path) -> None:
+    paths = ImagePaths(tmp_path)
+    write_render_inputs(paths)
+
+    figures = render(ImagesParams.from_params(quick_params()), paths)
+
+    assert paths.reports / "figures" / "ood_roc.png" in figures
+    assert (paths.reports / "figures" / "ood_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_names_the_ood_roc_file_it_cannot_read(tmp_path: Path) -> None:
+    paths = ImagePaths(tmp_path)
+    write_render_inputs(paths)
+    (paths.reports / "ood_roc" / "inverted.csv").write_text("ood_set,fpr,tpr\ninverted,0.0,nan\n")
+    with pytest.raises(ValueError, match=r"ood_roc/inverted\.csv: the columns 'fpr' and 'tpr' hold NaN"):
+        render(ImagesParams.from_params(quick_params()), paths)
+    for stale in (paths.reports / "ood_roc").iterdir():
+        stale.unlink()
+    with pytest.raises(ValueError, match=r"ood_roc: no OOD ROC curves"):
+        render(ImagesParams.from_params(quick_params()), paths)
 
 
 def test_class_gaussians_with_a_class_of_one_image_names_the_class_and_the_keys() -> None:

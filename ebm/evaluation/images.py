@@ -2,7 +2,8 @@
 
 Every score here follows the library's one sign convention for energies and, for OOD detection, says
 "higher = more like the training data"; AUROC is scikit-learn's ``roc_auc_score`` with the training
-distribution's test images as the positive class.
+distribution's test images as the positive class. :func:`ood_scores` keeps the scores themselves, so the
+ROC curves behind those AUROCs (:meth:`OODScores.roc_curves`) cost no second pass over the images.
 
 OOD scores (:data:`OOD_SCORES`), each a different answer to the known failure of likelihood-style models
 (Nalisnick et al. 2019, https://arxiv.org/abs/1810.09136), which give *simpler* images (mostly black
@@ -51,6 +52,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from ebm.energies import ClassConditionalEnergy, energy_and_grad, frozen
+from ebm.evaluation.curves import MAX_CURVE_POINTS, roc_points
 from ebm.evaluation.density2d import raise_if_rows_not_finite
 from ebm.samplers import MALA
 
@@ -286,7 +288,7 @@ def auroc(in_scores: Tensor, out_scores: Tensor, *, what: str = "scores") -> flo
 
     Raises:
         ValueError: either side is empty or not 1-D, or holds a NaN or infinite score; the message starts
-            with ``what`` (``ood_aurocs`` passes the score's and the OOD set's names).
+            with ``what`` (:meth:`OODScores.aurocs` passes the score's and the OOD set's names).
     """
     for side, side_scores in (("in-distribution", in_scores), ("out-of-distribution", out_scores)):
         if side_scores.ndim != 1 or len(side_scores) == 0:
@@ -358,7 +360,56 @@ def ood_sets(images: Tensor, *, generator: torch.Generator, n_photo_patches: int
     }
 
 
-def ood_aurocs(
+@dataclass(frozen=True)
+class OODScores:
+    """Every OOD score of the in-distribution images and of each OOD set (higher = more "in").
+
+    Attributes:
+        in_distribution: ``{score: (N,)}`` for the in-distribution images.
+        out_of_distribution: ``{ood_set: {score: (M,)}}`` for each OOD set.
+    """
+
+    in_distribution: dict[str, Tensor]
+    out_of_distribution: dict[str, dict[str, Tensor]]
+
+    def aurocs(self) -> dict[str, dict[str, float]]:
+        """``{score: {ood_set: AUROC}}``, the in-distribution images the positive class (:func:`auroc`)."""
+        return {
+            score: {
+                name: auroc(in_scores, out[score], what=f"score {score!r} on the OOD set {name!r}")
+                for name, out in self.out_of_distribution.items()
+            }
+            for score, in_scores in self.in_distribution.items()
+        }
+
+    def roc_curves(
+        self, score: str, *, max_points: int = MAX_CURVE_POINTS
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{ood_set: (fpr, tpr)}``: the thinned ROC curve of ``score`` against each OOD set.
+
+        In-distribution images are the positives, as in :meth:`aurocs`: the false-positive rate is the
+        share of OOD images taken for in-distribution ones.
+
+        Raises:
+            ValueError: ``score`` was not computed, or a score is NaN or infinite (naming score and set).
+        """
+        if score not in self.in_distribution:
+            raise ValueError(f"no {score!r} scores computed; computed: {list(self.in_distribution)}")
+        in_scores = self.in_distribution[score].double().numpy()
+        curves = {}
+        for name, out in self.out_of_distribution.items():
+            out_scores = out[score].double().numpy()
+            labels = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
+            try:
+                curves[name] = roc_points(
+                    labels, np.concatenate([in_scores, out_scores]), max_points=max_points
+                )
+            except ValueError as err:
+                raise ValueError(f"score {score!r} on the OOD set {name!r}: {err}") from None
+        return curves
+
+
+def ood_scores(
     model: ClassConditionalEnergy,
     in_images: Tensor,
     out_sets: Mapping[str, Tensor],
@@ -366,8 +417,8 @@ def ood_aurocs(
     scores: Sequence[str] | None = None,
     batch_size: int = 500,
     reference_images: Tensor | None = None,
-) -> dict[str, dict[str, float]]:
-    """``{score: {ood_set: AUROC}}`` for every score and OOD set.
+) -> OODScores:
+    """Every requested OOD score of ``in_images`` and of each OOD set, one model pass per image set.
 
     ``reference_images`` (held-out in-distribution images, disjoint from ``in_images``) fit the
     ``typicality`` and ``class_typicality`` scores. ``scores`` defaults to every score the arguments
@@ -387,15 +438,22 @@ def ood_aurocs(
         statistics = model_statistics(model, images, batch_size=batch_size)
         return {s: scores_from_statistics(statistics, images, s, reference=reference) for s in scores}
 
-    in_scores = every_score(in_images)
-    out_scores = {name: every_score(images) for name, images in out_sets.items()}
-    return {
-        s: {
-            name: auroc(in_scores[s], out[s], what=f"score {s!r} on the OOD set {name!r}")
-            for name, out in out_scores.items()
-        }
-        for s in scores
-    }
+    return OODScores(every_score(in_images), {name: every_score(images) for name, images in out_sets.items()})
+
+
+def ood_aurocs(
+    model: ClassConditionalEnergy,
+    in_images: Tensor,
+    out_sets: Mapping[str, Tensor],
+    *,
+    scores: Sequence[str] | None = None,
+    batch_size: int = 500,
+    reference_images: Tensor | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{score: {ood_set: AUROC}}`` for every score and OOD set (:func:`ood_scores`, then AUROCs)."""
+    return ood_scores(
+        model, in_images, out_sets, scores=scores, batch_size=batch_size, reference_images=reference_images
+    ).aurocs()
 
 
 # --- sample quality -------------------------------------------------------------------------------

@@ -14,14 +14,17 @@ Stages read the ``seed`` and ``images`` sections of ``params.yaml`` and log to t
   buffer sample grids → ``reports/images/``.
 - **evaluate**: accuracy, OOD AUROC per score and OOD set, FD of samples (from the buffer and from noise)
   next to the real-image floor, AIS log Z, restoration PSNR → ``reports/images/metrics.json`` and the
-  samples and restoration panels in ``reports/images/samples/``.
-- **render**: PNG grids of samples, inpainting and denoising, and the training curves.
+  samples and restoration panels in ``reports/images/samples/``; the ROC curves of the headline OOD score
+  (``evaluation.ood_score``) against each OOD set → ``reports/images/ood_roc/<ood_set>.csv``
+  (``ood_set,fpr,tpr``, thinned).
+- **render**: PNG grids of samples, inpainting and denoising, the training curves and the OOD ROC curves.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -30,11 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, torch_save, write_json
 from ebm.config import ConfigError, from_dict, load_params, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
+from ebm.evaluation.curves import read_curve_csv, write_curve_csv
 from ebm.evaluation.images import (
     OOD_SCORES,
     AISConfig,
@@ -42,7 +47,7 @@ from ebm.evaluation.images import (
     ais_log_partition,
     bits_per_dim,
     frechet_distance,
-    ood_aurocs,
+    ood_scores,
     ood_sets,
     penultimate_features,
 )
@@ -287,7 +292,9 @@ def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
     sampler = params.recipe.sampler.build()
 
     out_sets = ood_sets(x_test, generator=generator)
-    aurocs = ood_aurocs(energy, x_test, out_sets, reference_images=validation.unit())
+    scores = ood_scores(energy, x_test, out_sets, reference_images=validation.unit())
+    aurocs = scores.aurocs()
+    _write_ood_roc(paths.reports / "ood_roc", scores.roc_curves(config.ood_score))
     digits = out_sets["sklearn_digits"]
 
     # bits/dim scores the test pixels as training saw them, dequantised to (k + u) / 256; its own seeded
@@ -417,6 +424,9 @@ def render(params: ImagesParams, paths: ImagePaths) -> list[Path]:
         stacked = torch.cat([panels[row][:8] for row in rows])  # (3·8, C, H, W): one row per panel
         written.append(save_image_grid(stacked, figures / f"{task}.png"))
     written.append(_plot_curves(paths.reports / "curves.csv", figures / "curves.png"))
+    written.append(
+        _plot_ood_roc(paths.reports / "ood_roc", paths.reports / "metrics.json", figures / "ood_roc.png")
+    )
     return written
 
 
@@ -466,6 +476,32 @@ def _write_curves(path: Path, history: Sequence[Mapping[str, float]]) -> None:
             writer.writerows(history)
 
     atomic_write(path, write)
+
+
+def _write_ood_roc(folder: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """One ``<ood_set>.csv`` (``ood_set,fpr,tpr``) per OOD set; CSV files of other sets are removed."""
+    for stale in folder.glob("*.csv") if folder.is_dir() else ():
+        if stale.stem not in curves:
+            stale.unlink()
+    for name, (fpr, tpr) in curves.items():
+        write_curve_csv(folder / f"{name}.csv", {"ood_set": name, "fpr": fpr, "tpr": tpr})
+
+
+def _plot_ood_roc(folder: Path, metrics_path: Path, out: Path) -> Path:
+    """The OOD ROC curves the evaluate stage wrote, one line per set, AUROCs from its metrics."""
+    from ebm.plots import plot_roc_curves, save_figure
+
+    metrics = json.loads(metrics_path.read_text())
+    score = metrics["ood_score"]
+    curves = {path.stem: read_curve_csv(path, "fpr", "tpr") for path in sorted(folder.glob("*.csv"))}
+    if not curves:
+        raise ValueError(f"{folder}: no OOD ROC curves (*.csv); rerun the evaluate stage")
+    figure = plot_roc_curves(
+        curves,
+        metrics["ood_auroc_by_score"][score],
+        title=f"OOD detection by the {score!r} score (positive: test images)",
+    )
+    return save_figure(figure, out)
 
 
 def _plot_curves(csv_path: Path, out: Path) -> Path:
@@ -529,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run.log_artifact(paths.reports / "grids", "grids")
         elif args.stage == "evaluate":
             run.log_metrics(_flat(evaluate(params, paths)))
+            run.log_artifact(paths.reports / "ood_roc")  # a folder lands under its own name: ood_roc/
         else:
             for figure in render(params, paths):
                 run.log_artifact(figure, "figures")
