@@ -417,6 +417,22 @@ def test_one_langevin_step_moves_by_the_gradient_step_plus_the_noise_scale_times
     assert sampler.sigma == pytest.approx(sigma)
 
 
+def test_langevin_reports_the_gradient_norm_averaged_over_its_steps_and_chains() -> None:
+    energy = GaussianEnergy(MEAN, COVARIANCE)
+    sampler = Langevin(step_size=0.2, noise_scale=0.0)  # deterministic: the path can be replayed by hand
+    x = 3 * torch.randn(16, 2, generator=seeded(16))
+    norms = []
+    for _ in range(3):
+        gradient = (x - MEAN) @ PRECISION  # ∇ₓE = P(x − μ)
+        norms.append(gradient.norm(dim=1))
+        x = x - 0.2 * gradient
+
+    _, stats = sampler.run(energy, 3 * torch.randn(16, 2, generator=seeded(16)), 3)
+
+    torch.testing.assert_close(stats.grad_norm, torch.stack(norms).mean())
+    assert not torch.allclose(stats.grad_norm, norms[0].mean()), "the steps' norms must differ: test too weak"
+
+
 def test_zero_noise_is_deterministic_gradient_descent_to_the_mode() -> None:
     energy = GaussianEnergy(MEAN, COVARIANCE)
     sampler = Langevin(step_size=0.2, noise_scale=0.0)
