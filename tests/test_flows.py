@@ -32,6 +32,8 @@ from flows.pipeline import (
     where_results_are,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _write_params(root: Path, params: dict[str, Any]) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -267,6 +269,14 @@ def test_a_stage_policy_of_the_wrong_type_is_an_error_naming_the_stage_and_key(
     # a quoted timeout used to reach threading.Timer, whose thread died, and the stage ran with no timeout
     with pytest.raises(ValueError, match=f"^schedule.stages.train: {complaint}$"):
         stage_policy("train", {"stages": {"train": override}})
+
+
+def test_the_default_params_give_every_long_stage_a_timeout_and_name_only_real_stages() -> None:
+    schedule = load_schedule_config(REPO)
+    check_scheduled_stages(schedule, stage_order(REPO))
+    for stage in ("train_toy", "train_images", "train_rbm", "evaluate_images"):
+        timeout = stage_policy(stage, schedule).timeout_seconds
+        assert timeout is not None and timeout >= 3600, (stage, timeout)  # hung, not just slow
 
 
 def test_scheduled_stages_must_be_stages_of_the_pipeline() -> None:
