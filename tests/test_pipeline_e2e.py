@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
+from netguard import GuardedProcesses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,11 +95,12 @@ def test_quick_pipeline_runs_every_stage_then_skips_them_and_dvc_agrees(
     assert "moons/energy_pos" in train_run.data.metrics
     assert len(client.get_metric_history(train_run.info.run_id, "moons/energy_pos")) > 5
 
-    anomaly_stages = ["prepare_anomaly", "train_anomaly", "evaluate_anomaly", "register_anomaly"]
+    anomaly_stages = [f"{step}_anomaly" for step in ("prepare", "train", "evaluate", "render", "register")]
     assert [stage for stage in stages if stage.endswith("_anomaly")] == anomaly_stages
     registration = json.loads((root / "reports" / "anomaly" / "registration.json").read_text())
     assert registration["version"] == "1" and registration["alias_moved"]
     assert (root / "reports" / "anomaly" / "energy_histogram.png").stat().st_size > 5_000
+    assert (root / "reports" / "anomaly" / "curves.png").stat().st_size > 10_000  # ROC and PR
     champion = client.get_model_version_by_alias("ebm-anomaly-detector", "champion")
     assert str(champion.version) == "1" and champion.tags["model_hash"] == registration["model_hash"]
     import pandas as pd
@@ -113,3 +118,58 @@ def test_quick_pipeline_runs_every_stage_then_skips_them_and_dvc_agrees(
     assert {outcome.outcome for outcome in second.stages} == {"skipped"}
     with Repo(str(root)) as repo:
         assert repo.status() == {}
+
+    # By hand, as a user goes on: every command and the stages it runs under the network guard, without
+    # the offline switches the flow sets (the project's .dvc/config and the stage entry points must do)
+    guarded = GuardedProcesses(tmp_path)
+    dvc = partial(guarded.run, str(Path(sys.executable).parent / "dvc"), cwd=root)
+    assert _stages_run(dvc("repro")) == []
+    _dvc_commands_a_user_runs_next(root, dvc)
+    assert guarded.refused == []
+    assert guarded.guarded_processes >= 10  # eight dvc commands and the two stages the experiment ran
+
+
+def _stages_run(output: str) -> list[str]:
+    """The stages a ``dvc repro`` / ``dvc exp run`` output says it ran, in order."""
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def _dvc_commands_a_user_runs_next(root: Path, dvc: Callable[..., str]) -> None:
+    """An experiment on one parameter, the plots, and a push and pull through the local remote."""
+    # toy.sampling is read by evaluate_toy alone; render_toy draws what evaluate_toy writes, so it follows
+    ran = _stages_run(dvc("exp", "run", "-S", "toy.sampling.n_steps=120"))
+    assert ran == ["evaluate_toy", "render_toy"], ran
+    shown = json.loads(dvc("exp", "show", "--json"))
+    experiments = [
+        exp["data"]
+        for commit in shown
+        for branch in commit.get("experiments") or []
+        for exp in branch.get("revs", [])
+    ]
+    assert any(
+        data["params"]["params.yaml"]["data"]["toy"]["sampling"]["n_steps"] == 120 for data in experiments
+    ), shown
+    assert "n_steps: 120" in (root / "params.yaml").read_text()  # the workspace holds the experiment
+
+    # PNG plots are copied next to the HTML page, so they can be looked at without its CDN-hosted viewer
+    dvc("plots", "show", "-o", "plots_out")
+    copied = sorted(path.name for path in (root / "plots_out").rglob("*.png"))  # named after their paths
+    for plot in ("reports_toy_heatmaps.png", "reports_anomaly_energy_histogram.png"):
+        assert any(name.endswith(plot) for name in copied), (plot, copied)
+    plots = json.loads(dvc("plots", "show", "--json"))["data"]  # what a script or IDE reads instead
+    for plot in ("reports/toy/heatmaps.png", "reports/anomaly/roc", "reports/anomaly/pr"):
+        assert any(name.startswith(plot) for name in plots), (plot, sorted(plots))
+
+    model = root / "models" / "toy" / "moons.pt"
+    before = model.read_bytes()
+    dvc("push")
+    shutil.rmtree(root / ".dvc" / "cache")
+    for out in ("data", "models"):
+        shutil.rmtree(root / out)
+    dvc("pull")
+    assert model.read_bytes() == before
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        assert repo.status() == {}
+    assert _stages_run(dvc("repro")) == []
