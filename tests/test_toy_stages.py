@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +91,57 @@ def test_each_stage_writes_its_outs_and_runs_only_code_its_deps_declare(
     assert set(data.files) == set(reseeded.files) and not any(
         np.array_equal(data[k], reseeded[k]) for k in data.files
     )
+
+
+@pytest.mark.slow
+def test_a_train_stage_killed_halfway_leaves_no_partial_file_and_its_rerun_resumes_to_the_same_model(
+    tmp_path: Path, mlflow_tracking_uri: str
+) -> None:
+    from ebm.checkpoint import load_checkpoint, load_model
+    from ebm.stages.toy import main
+
+    raw = quick_params()
+    raw["toy"].update(datasets=["moons"], n_train=500, n_test=100)
+    raw["toy"]["train"].update(steps=400, checkpoint_every=50, log_every=10)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    for root in (killed, whole):
+        main(["prepare", "--params", str(params), "--root", str(root)])
+
+    stage = [sys.executable, "-m", "ebm.stages.toy", "train", "--params", str(params), "--root", str(killed)]
+    one_thread = os.environ | {"OMP_NUM_THREADS": "1"}  # as this process computes: the same floats
+    process = subprocess.Popen(stage, env=one_thread, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((killed / "checkpoints" / "toy").glob("moons-*.ckpt")):
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the end"
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+
+    # whatever the kill interrupted, no file is half there: the outs are whole or absent
+    (checkpoint,) = (killed / "checkpoints" / "toy").glob("moons-*.ckpt")
+    assert not (killed / "models" / "toy" / "moons.pt").exists(), "killed too late: the model was out"
+    assert not [path for path in killed.rglob(".*") if path.is_file()], "a temporary file was left"
+    resumed_from = load_checkpoint(checkpoint)["step"]
+    assert 50 <= resumed_from < 400
+
+    main(["train", "--params", str(params), "--root", str(killed)])  # the stage's rerun: the same command
+    main(["train", "--params", str(params), "--root", str(whole)])  # never interrupted
+
+    assert not checkpoint.exists()
+    rerun_state = load_model(killed / "models" / "toy" / "moons.pt").state_dict()
+    whole_state = load_model(whole / "models" / "toy" / "moons.pt").state_dict()
+    assert rerun_state.keys() == whole_state.keys()
+    assert all(torch.equal(rerun_state[key], whole_state[key]) for key in whole_state)
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_tracking_uri)
+    finished_training = "tags.dvc_stage = 'train_toy' and attributes.status = 'FINISHED'"
+    runs = client.search_runs([client.get_experiment_by_name("toy2d").experiment_id], finished_training)
+    first_steps = sorted(
+        min(m.step for m in client.get_metric_history(run.info.run_id, "moons/energy_pos")) for run in runs
+    )
+    assert first_steps[0] == 1 and first_steps[1] > resumed_from  # the rerun went on from the checkpoint
