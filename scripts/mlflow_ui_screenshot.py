@@ -17,8 +17,10 @@ its background networking, component updates, sync and QUIC off.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -153,26 +155,14 @@ def latest_run(base: str, experiment_id: str, stage: str | None) -> dict[str, An
     return runs[0] if runs else None
 
 
-def screenshot(
-    url: str,
-    out: Path,
-    *,
-    window: tuple[int, int] = WINDOW,
-    virtual_time_budget_ms: int = VIRTUAL_TIME_BUDGET_MS,
-    timeout: float = 120.0,
-) -> Path:
-    """Load ``url`` in headless Chromium and write what it renders to ``out`` (PNG).
-
-    Raises:
-        FileNotFoundError: No Chromium on ``PATH`` (Debian: ``apt-get install chromium``).
-        RuntimeError: Chromium failed or wrote no image.
-    """
+def _headless(
+    url: str, action: str, *, window: tuple[int, int], virtual_time_budget_ms: int, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run headless Chromium on ``url`` with ``action`` (``--screenshot=…`` or ``--dump-dom``), after the
+    page's scripts have had ``virtual_time_budget_ms`` of virtual time; the finished process."""
     chromium = find_chromium()
     if chromium is None:
         raise FileNotFoundError("no chromium on PATH; install it with `apt-get install -y chromium`")
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         command = [
             chromium,
@@ -188,15 +178,66 @@ def screenshot(
             f"--user-data-dir={profile}",
             f"--window-size={window[0]},{window[1]}",
             f"--virtual-time-budget={virtual_time_budget_ms}",
-            f"--screenshot={out}",
+            action,
             url,
         ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def screenshot(
+    url: str,
+    out: Path,
+    *,
+    window: tuple[int, int] = WINDOW,
+    virtual_time_budget_ms: int = VIRTUAL_TIME_BUDGET_MS,
+    timeout: float = 120.0,
+) -> Path:
+    """Load ``url`` in headless Chromium and write what it renders to ``out`` (PNG).
+
+    Raises:
+        FileNotFoundError: No Chromium on ``PATH`` (Debian: ``apt-get install chromium``).
+        RuntimeError: Chromium failed or wrote no image.
+    """
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    result = _headless(
+        url,
+        f"--screenshot={out}",
+        window=window,
+        virtual_time_budget_ms=virtual_time_budget_ms,
+        timeout=timeout,
+    )
     if result.returncode != 0 or not out.is_file():
         raise RuntimeError(
             f"chromium wrote no screenshot of {url} (exit {result.returncode}):\n{result.stderr}"
         )
     return out
+
+
+def rendered_text(
+    url: str,
+    *,
+    window: tuple[int, int] = WINDOW,
+    virtual_time_budget_ms: int = VIRTUAL_TIME_BUDGET_MS,
+    timeout: float = 120.0,
+) -> str:
+    """The text a reader sees on ``url`` once its scripts have run: the rendered DOM, tags stripped.
+
+    What the screenshot shows as pixels, as words a test can look for (the UI is a single-page app: the
+    HTML the server sends holds none of it).
+
+    Raises:
+        FileNotFoundError: No Chromium on ``PATH``.
+        RuntimeError: Chromium failed or printed no page.
+    """
+    result = _headless(
+        url, "--dump-dom", window=window, virtual_time_budget_ms=virtual_time_budget_ms, timeout=timeout
+    )
+    if result.returncode != 0 or "<body" not in result.stdout:
+        raise RuntimeError(f"chromium printed no page for {url} (exit {result.returncode}):\n{result.stderr}")
+    text = re.sub(r"<script\b.*?</script>|<style\b.*?</style>", " ", result.stdout, flags=re.DOTALL)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)))
 
 
 def capture(

@@ -63,6 +63,11 @@ def test_ui_serves_the_stage_runs_with_their_tags_and_chromium_renders_them(
         served = ui.api(base, "runs/search", {"experiment_ids": [shot["experiment_id"]]})["runs"]
         train = ui.api(base, "runs/get", run_id=shot["run_id"])["run"]
         history = ui.api(base, "metrics/get-history", run_id=shot["run_id"], metric_key="moons/energy_pos")
+        view = "?workflowType=machine_learning"
+        listed = ui.rendered_text(f"{base}/#/experiments/{shot['experiment_id']}{view}")
+        shown = ui.rendered_text(
+            f"{base}/#/experiments/{shot['experiment_id']}/runs/{shot['run_id']}{view}", window=ui.RUN_WINDOW
+        )
         with pytest.raises(LookupError, match="no experiment 'mnist'"):
             ui.capture(base, "mnist", None, tmp_path / "none.png", tmp_path / "none-run.png")
 
@@ -75,3 +80,7 @@ def test_ui_serves_the_stage_runs_with_their_tags_and_chromium_renders_them(
     assert {"git_commit", "dvc_deps"} <= set(tags)
     assert {param["key"]: param["value"] for param in train["data"]["params"]}["toy.train.steps"] == "3"
     assert [metric["step"] for metric in history["metrics"]] == [0, 1, 2]
+    # what the pictures show, read as text: both runs listed, the run's page with its tags and params
+    assert "prepare_toy" in listed and "train_toy" in listed, listed[:2000]
+    for word in ("train_toy", "dvc_stage", "git_commit", "toy.train.steps", "moons/energy_pos"):
+        assert word in shown, (word, shown[:3000])
