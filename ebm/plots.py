@@ -118,8 +118,11 @@ class DensityPanel:
     gap: float | None = None
 
 
+SAMPLES_TITLE = "data and samples on the learned density"
+
+
 def plot_density_grid(panels: Sequence[DensityPanel], *, resolution: int = 150) -> Figure:
-    """One row per dataset: true density, learned density, learned energy, sampler samples.
+    """One row per dataset: true density, learned density, learned energy, data and samples overlaid.
 
     The true and learned densities of a row share one colour scale (the colour bar on the learned
     one). A missing true density or missing samples leave their panel blank with a note.
@@ -163,8 +166,19 @@ def _density_row(row: Sequence[Axes], panel: DensityPanel, resolution: int) -> N
     if samples is None:
         _blank(samples_ax, "no samples")
         return
-    _overlay(samples_ax, data, samples, data_style={"c": "tab:gray", "alpha": 0.25})
-    samples_ax.set(xlim=panel.bounds, ylim=panel.bounds, title="sampler output", xlabel="x₁", ylabel="x₂")
+    # the learned density again, in grey under the points: where the samples fall against where the model
+    # puts its mass, and the data (blue) beside them
+    samples_ax.imshow(
+        density.numpy(),
+        origin="lower",
+        extent=(*panel.bounds, *panel.bounds),
+        cmap="Greys",
+        vmin=0.0,
+        vmax=vmax,
+        interpolation="nearest",
+    )
+    _overlay(samples_ax, data, samples, data_style={"c": "tab:blue", "alpha": 0.3})
+    samples_ax.set(xlim=panel.bounds, ylim=panel.bounds, title=SAMPLES_TITLE, xlabel="x₁", ylabel="x₂")
     samples_ax.set_aspect("equal")
     samples_ax.legend(loc="upper right", fontsize="small", markerscale=3, framealpha=0.8)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from matplotlib.contour import ContourSet
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ebm.energies import ClassConditionalEnergy, GaussianMixtureEnergy
 from ebm.plots import (
+    SAMPLES_TITLE,
     DensityPanel,
     plot_decision_energy,
     plot_density_grid,
@@ -121,9 +123,12 @@ def test_density_grid_has_four_panels_per_dataset_and_states_the_metrics() -> No
     first_row_titles = [ax.get_title() for ax in fig.axes[:4]]
     assert first_row_titles[0] == "four: true density"
     assert "NLL 2.346" in first_row_titles[1] and "gap 0.012" in first_row_titles[1]
-    assert first_row_titles[3] == "sampler output"
+    assert first_row_titles[3] == SAMPLES_TITLE
     true_image, learned_image = fig.axes[0].images[0], fig.axes[1].images[0]
     assert true_image.get_clim() == learned_image.get_clim()  # one colour scale for both densities
+    overlay = fig.axes[3]  # the data and the samples drawn over the learned density, in grey
+    assert np.array_equal(overlay.images[0].get_array(), learned_image.get_array())
+    assert [c.get_offsets().shape[0] for c in overlay.collections] == [200, 100]
     assert not fig.axes[4].axison and not fig.axes[7].axison  # no truth, no samples: blank panels
 
 
