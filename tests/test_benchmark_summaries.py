@@ -19,6 +19,8 @@ def test_toy_density_counts_the_bar_and_takes_the_median_training_time() -> None
         "pcd_within_goal": 1,  # counted on PCD's own gaps, not the polished ones
         "beats_kde": 2,  # a lower NLL than the KDE's
         "gap_goal": toy.GAP_GOAL,
+        "within_time_goal": 2,  # 400 s is past the 3 minutes
+        "time_goal_seconds": 180.0,
         "median_train_seconds": 110.0,  # not the mean, 203.3
     }
 
