@@ -118,7 +118,7 @@ class DensityPanel:
     gap: float | None = None
 
 
-SAMPLES_TITLE = "data and samples on the learned density"
+SAMPLES_TITLE = "data and samples over p(x)"
 
 
 def plot_density_grid(panels: Sequence[DensityPanel], *, resolution: int = 150) -> Figure:
