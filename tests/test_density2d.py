@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from ebm.data.toy2d import make_toy_dataset
 from ebm.energies import GaussianMixtureEnergy
 from ebm.evaluation.density2d import (
     DensityReport,
@@ -157,11 +158,24 @@ def test_kde_baseline_picks_a_sensible_bandwidth_and_nearly_matches_a_gaussian()
     assert 0.0 < kde_nll - ENTROPY_OF_STANDARD_2D_GAUSSIAN < 0.1
 
 
-def test_kde_baseline_rescales_the_bandwidth_found_on_a_subsample() -> None:
-    x = torch.randn(3000, 2, generator=torch.Generator().manual_seed(1))
-    kde = KDEBaseline(max_cv_points=600, seed=0).fit(x)
-    assert kde.bandwidth_ == pytest.approx(kde.cv_bandwidth_ * (600 / 3000) ** (1 / 6))
-    assert kde.log_prob(x[:5]).shape == (5,)
+def test_kde_baseline_chooses_its_bandwidth_on_all_points_not_by_rescaling_a_subsample_s_alone() -> None:
+    # the checkerboard's edges break the smooth-density rate: rescaled from 400 of 4,000 points the
+    # bandwidth is ~1.8× the one cross-validation picks on all of them
+    checkerboard = make_toy_dataset("checkerboard")
+    x = checkerboard.sample(4000, generator=torch.Generator().manual_seed(0))
+    refined = KDEBaseline(max_cv_points=400, seed=0).fit(x)
+    on_all_points = KDEBaseline(max_cv_points=4000, seed=0).fit(x)  # the whole first-round grid on all
+    rescaled = refined.cv_bandwidth_ * (400 / 4000) ** (1 / 6)
+    assert rescaled > 1.5 * on_all_points.bandwidth_  # what the baseline used to be fit with
+    assert refined.bandwidth_ == pytest.approx(on_all_points.bandwidth_, rel=0.1)
+    assert refined.log_prob(x[:5]).shape == (5,)
+
+
+def test_kde_baseline_refinement_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="n_refine must be ≥ 3 and refine_span > 1"):
+        KDEBaseline(n_refine=2)
+    with pytest.raises(ValueError, match="n_refine must be ≥ 3 and refine_span > 1"):
+        KDEBaseline(refine_span=1.0)
 
 
 @pytest.mark.parametrize(

@@ -313,18 +313,24 @@ def mmd(
 class KDEBaseline:
     """A Gaussian kernel density estimate with its bandwidth chosen by k-fold cross-validation.
 
-    The bandwidth maximises the held-out log-likelihood over ``n_bandwidths`` log-spaced multiples
-    (``bandwidth_range``) of Scott's rule ``h = σ̄ · n^(−1/6)`` (σ̄: mean per-dimension std).
-    To keep the search fast, it runs on a seeded subsample of at most ``max_cv_points`` points; the
-    chosen bandwidth is then rescaled by ``(n_cv / n)^(1/6)``, the rate at which the optimal
-    bandwidth shrinks with n in 2D, and the final KDE is fit on all points.
+    The bandwidth maximises the ``n_folds``-fold held-out log-likelihood on all the training points. The
+    search has two rounds, to stay fast on tens of thousands of points:
+
+    1. over ``n_bandwidths`` log-spaced multiples (``bandwidth_range``) of Scott's rule
+       ``h = σ̄ · n^(−1/6)`` (σ̄: mean per-dimension std), on a seeded subsample of at most
+       ``max_cv_points`` points; the best is rescaled by ``(n_cv / n)^(1/(d+4))``, the rate at which
+       the optimal bandwidth of a smooth density shrinks with n;
+    2. on all the points, over ``n_refine`` log-spaced multiples of that guess from ``1/refine_span`` to
+       ``refine_span``, moved along while the best lies at an end. The rescaling is only a guess: a
+       density with edges (the checkerboard) wants a smaller bandwidth than the smooth rate says
+       (0.061 against 0.089 on 20,000 points, 0.079 nats from the entropy floor against 0.096).
 
     Densities are evaluated with sklearn's tree KDE at relative tolerance ``rtol`` (so log-densities
     are within about ``rtol`` nats of exact), which is ~3× faster than exact.
 
     Attributes (after :meth:`fit`):
-        bandwidth_: the bandwidth of the fitted KDE.
-        cv_bandwidth_: the bandwidth the cross-validation picked on the subsample.
+        bandwidth_: the bandwidth of the fitted KDE, chosen on all the points.
+        cv_bandwidth_: the bandwidth the first round picked on the subsample (before rescaling).
     """
 
     def __init__(
@@ -334,13 +340,19 @@ class KDEBaseline:
         n_bandwidths: int = 25,
         bandwidth_range: tuple[float, float] = (0.02, 2.0),
         max_cv_points: int = 2000,
+        n_refine: int = 5,
+        refine_span: float = 1.5,
         rtol: float = 1e-4,
         seed: int = 0,
     ) -> None:
+        if n_refine < 3 or not refine_span > 1:
+            raise ValueError(f"n_refine must be ≥ 3 and refine_span > 1, got {n_refine} and {refine_span}")
         self.n_folds = n_folds
         self.n_bandwidths = n_bandwidths
         self.bandwidth_range = bandwidth_range
         self.max_cv_points = max_cv_points
+        self.n_refine = n_refine
+        self.refine_span = refine_span
         self.rtol = rtol
         self.seed = seed
 
@@ -365,17 +377,30 @@ class KDEBaseline:
         if not scott > 0:
             raise ValueError("the KDE's training points have no spread: every point is the same")
         low, high = self.bandwidth_range
-        grid = scott * np.geomspace(low, high, self.n_bandwidths)
+        self.cv_bandwidth_ = self._best_bandwidth(
+            cv_points, scott * np.geomspace(low, high, self.n_bandwidths)
+        )
+        bandwidth = self.cv_bandwidth_ * (n_cv / n) ** (1 / (dim + 4))
+        if n > n_cv:
+            factors = np.geomspace(1 / self.refine_span, self.refine_span, self.n_refine)
+            for _ in range(8):  # each move shifts the grid by refine_span: 1.5⁸ ≈ 26× at most
+                grid = bandwidth * factors
+                bandwidth = self._best_bandwidth(points, grid)
+                if grid[0] < bandwidth < grid[-1]:
+                    break
+        self.bandwidth_ = bandwidth
+        self.model_ = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth_, rtol=self.rtol).fit(points)
+        return self
+
+    def _best_bandwidth(self, points: np.ndarray, grid: np.ndarray) -> float:
+        """The bandwidth of ``grid`` with the highest ``n_folds``-fold held-out log-likelihood."""
         search = GridSearchCV(
             KernelDensity(kernel="gaussian", rtol=self.rtol),
             {"bandwidth": grid},
             cv=KFold(self.n_folds, shuffle=True, random_state=self.seed),
         )
-        search.fit(cv_points)
-        self.cv_bandwidth_ = float(search.best_params_["bandwidth"])
-        self.bandwidth_ = self.cv_bandwidth_ * (n_cv / n) ** (1 / (dim + 4))
-        self.model_ = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth_, rtol=self.rtol).fit(points)
-        return self
+        search.fit(points)
+        return float(search.best_params_["bandwidth"])
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log p̂(x) of shape ``(B,)``, float64 on the CPU."""
