@@ -349,8 +349,10 @@ class ClassConditionalEnergy(nn.Module):
 
     ``forward(x)`` is the marginal energy, so the module satisfies the ``(B, *event) → (B,)``
     contract; :meth:`joint` gives E(x, y) and :meth:`logits` the classifier view
-    (JEM, Grathwohl et al. 2019, https://arxiv.org/abs/1912.03263). The network sees
-    ``input_scale · x + input_shift`` (:meth:`network_input`); subclasses set both, and may check x there.
+    (JEM, Grathwohl et al. 2019, https://arxiv.org/abs/1912.03263); ``forward(x, return_logits=True)``
+    is :meth:`logits` too, for a trainer that must reach the logits through a wrapper's forward. The
+    network sees ``input_scale · x + input_shift`` (:meth:`network_input`); subclasses set both, and may
+    check x there.
     """
 
     input_scale: float = 1.0
@@ -385,8 +387,17 @@ class ClassConditionalEnergy(nn.Module):
             raise ValueError(f"joint needs integer class labels, got {y.dtype}")
         return -self.logits(x).gather(1, y.long().view(-1, 1)).squeeze(1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return -torch.logsumexp(self.logits(x), dim=1)
+    def forward(self, x: Tensor, *, return_logits: bool = False) -> Tensor:
+        """E(x), shape ``(B,)``; with ``return_logits`` the logits ``(B, n_classes)`` instead.
+
+        The logits come through ``forward`` so that a training objective can ask
+        :class:`~torch.nn.parallel.DistributedDataParallel` for them: DDP averages a backward pass's
+        gradients over the ranks only when its own forward built the graph, and a cross-entropy on
+        :meth:`logits` of the module inside it would train each rank's classifier alone
+        (:class:`~ebm.jem.JEMObjective`).
+        """
+        logits = self.logits(x)
+        return logits if return_logits else -torch.logsumexp(logits, dim=1)
 
     def frozen_energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(E(x), ∇ₓE(x))`` by :mod:`ebm.fastgrad`'s hand-written pass, for frozen weights; ``None`` for

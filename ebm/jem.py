@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ebm.energies import ClassConditionalEnergy
 from ebm.losses import ContrastiveDivergence, NonFiniteLossError
@@ -139,7 +140,19 @@ class JEMObjective:
         config: :class:`JEMConfig`.
 
     Called as ``objective(energy, (images, labels), generator=, step=)`` with a
-    :class:`~ebm.energies.ClassConditionalEnergy` (e.g. :class:`~ebm.image_energies.ImageEnergy`).
+    :class:`~ebm.energies.ClassConditionalEnergy` (e.g. :class:`~ebm.image_energies.ImageEnergy`), or,
+    under ``torchrun``, the trainer's :class:`~torch.nn.parallel.DistributedDataParallel` around one.
+
+    Every term that trains the weights runs through ``energy``'s forward, so under DDP the ranks'
+    gradients are averaged: the logits as ``energy(x, return_logits=True)`` (DDP passes the keyword on),
+    the CD term's energies inside :class:`~ebm.losses.ContrastiveDivergence`. DDP reduces a backward
+    pass's gradients only when its own forward built the graph; a cross-entropy on ``energy.logits`` of
+    the module inside would leave a plain classifier (``generative_weight = 0``) training each rank's
+    copy alone. Two forwards (logits, then the CD energies) before one backward are what DDP allows:
+    autograd sums each weight's two contributions before DDP's hook averages them. Asking the one
+    forward for logits keeps the ``(B, *event) → (B,)`` energy contract for every other caller, and in
+    one process it computes exactly what ``energy.logits`` did. What needs no weight gradient (the
+    noise probe, the chains) runs on the bare module: no collective per call.
 
     Raises:
         NonFiniteLossError: the loss is NaN or infinite (with the step).
@@ -176,26 +189,20 @@ class JEMObjective:
         generator: torch.Generator | None = None,
         step: int | None = None,
     ) -> tuple[Tensor, JEMStats]:
-        if isinstance(energy, torch.nn.parallel.DistributedDataParallel):
-            # Its classifier term calls energy.logits, which would bypass DDP's forward and so its
-            # gradient averaging: each rank would train its own model, silently.
-            raise NotImplementedError(
-                "JEM training does not run under DistributedDataParallel (torchrun): train the image "
-                "energy in one process"
-            )
-        if not isinstance(energy, ClassConditionalEnergy):
+        model = energy.module if isinstance(energy, DistributedDataParallel) else energy
+        if not isinstance(model, ClassConditionalEnergy):
             raise TypeError(
-                f"JEM needs a ClassConditionalEnergy (logits and E(x)), got {type(energy).__name__}"
+                f"JEM needs a ClassConditionalEnergy (logits and E(x)), got {type(model).__name__}"
             )
         images, labels = batch
         x_pos = self.positives(images, generator=generator)
-        logits = energy.logits(x_pos).float()  # (B, n_classes)
+        logits = energy(x_pos, return_logits=True).float()  # (B, n_classes); through DDP's forward
         cross_entropy = F.cross_entropy(logits, labels.long(), label_smoothing=self.config.label_smoothing)
         noise = torch.rand(
             (self.config.n_noise_probe, *x_pos.shape[1:]), generator=generator, device=x_pos.device
         )
-        with torch.no_grad():
-            energy_noise = energy(noise).float().mean()
+        with torch.no_grad():  # a diagnostic: no gradient, so no need of DDP's forward and its collectives
+            energy_noise = model(noise).float().mean()
             energy_pos = -torch.logsumexp(logits.detach(), dim=1).mean()
         zero = torch.zeros((), device=x_pos.device)
         if self.cd is not None:

@@ -252,16 +252,50 @@ def test_jem_on_the_core_trainer_learns_to_classify_and_to_prefer_data_over_nois
         )
 
 
-def test_jem_refuses_a_data_parallel_energy_instead_of_training_each_rank_alone(tmp_path: Any) -> None:
-    # energy.logits would bypass DDP's forward, and with it the averaging of the classifier's gradients
+class CountingDDP(nn.parallel.DistributedDataParallel):
+    """DDP that counts the forwards it ran with gradients on: the ones whose backward it averages."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.graph_forwards = 0
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        self.graph_forwards += torch.is_grad_enabled()
+        return super().forward(*inputs, **kwargs)
+
+
+@pytest.mark.parametrize("generative_weight", [0.0, 1.0])
+def test_every_term_that_trains_the_weights_runs_through_the_data_parallel_wrapper(
+    generative_weight: float, tmp_path: Any
+) -> None:
+    # before: JEM refused a DDP energy, since its cross-entropy called energy.logits on the module, which
+    # DDP never sees; a plain classifier's gradients would then not be averaged at all. A one-rank group
+    # averages nothing, so here the wrapper must give exactly the bare energy's loss and gradients, and
+    # every forward with gradients (the logits; the CD energies) must be its own.
     import torch.distributed as dist
 
-    images, labels = tiny_batch()
+    def loss_and_grads(wrap: bool) -> tuple[Tensor, list[Tensor], int]:
+        energy = tiny_energy()
+        cd = tiny_cd() if generative_weight else None
+        objective = JEMObjective(cd, JEMConfig(generative_weight=generative_weight))
+        wrapped = CountingDDP(energy) if wrap else energy
+        loss, _ = objective(wrapped, tiny_batch(), generator=torch.Generator().manual_seed(0), step=0)
+        loss.backward()
+        forwards = wrapped.graph_forwards if isinstance(wrapped, CountingDDP) else 0
+        return loss.detach(), [p.grad.clone() for p in energy.parameters()], forwards
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        wrapped = nn.parallel.DistributedDataParallel(tiny_energy())
-        objective = JEMObjective(None, JEMConfig(generative_weight=0.0))
-        with pytest.raises(NotImplementedError, match="does not run under DistributedDataParallel"):
-            objective(wrapped, (images, labels), generator=torch.Generator().manual_seed(0))
+        loss, grads, forwards = loss_and_grads(wrap=True)
     finally:
         dist.destroy_process_group()
+    bare_loss, bare_grads, _ = loss_and_grads(wrap=False)
+    assert forwards == (2 if generative_weight else 1)
+    assert torch.equal(loss, bare_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, bare_grads, strict=True))
+
+
+def test_the_energy_forward_gives_the_logits_when_asked_and_the_energy_otherwise() -> None:
+    energy, x = tiny_energy(), torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(energy(x, return_logits=True), energy.logits(x))
+    assert energy(x).shape == (4,) and torch.equal(energy(x), -torch.logsumexp(energy.logits(x), dim=1))
