@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, cast
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ebm.distributed import process_group_context
 from ebm.energies import energy_and_grad, seed_linear_layers_
 from ebm.image_energies import (
     CNN28,
@@ -298,6 +299,34 @@ def make_energy(spec: ImageEnergySpec, *, device: torch.device, seed: int) -> Im
     return energy.to(device)
 
 
+def rank_share(recipe: ImageRecipe, world_size: int) -> ImageRecipe:
+    """What one of ``world_size`` data-parallel ranks runs of ``recipe``: its share of the replay buffer
+    (``loss.buffer_size``) and of the chains per step (``jem.generative_batch``). The batch is shared out
+    by the trainer. With one process, ``recipe`` itself.
+
+    Raises:
+        ValueError: a share that does not divide evenly (a remainder would be dropped, a 0 share fail);
+            only the settings a run uses count (no buffer without a generative term or persistence).
+    """
+    if world_size == 1 or recipe.jem.generative_weight == 0:
+        return recipe
+    shared = {"jem.generative_batch": recipe.jem.generative_batch}
+    if recipe.loss.persistent:
+        shared["loss.buffer_size"] = recipe.loss.buffer_size
+    for key, count in shared.items():
+        if count is not None and count % world_size:
+            raise ValueError(
+                f"{key} {count} must be divisible by the {world_size} data-parallel processes: each takes "
+                f"{key.partition('.')[2]} / world_size"
+            )
+    generative_batch = recipe.jem.generative_batch
+    jem = replace(
+        recipe.jem, generative_batch=None if generative_batch is None else generative_batch // world_size
+    )
+    loss = replace(recipe.loss, buffer_size=recipe.loss.buffer_size // world_size)
+    return replace(recipe, loss=loss if recipe.loss.persistent else recipe.loss, jem=jem)
+
+
 def train_image_energy(
     images: Tensor,
     labels: Tensor,
@@ -309,17 +338,33 @@ def train_image_energy(
 ) -> tuple[ImageEnergy, Trainer, TrainResult]:
     """Train a JEM energy on uint8 ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``.
 
+    In a data-parallel run (a process group joined with :func:`ebm.distributed.init_from_env`) every
+    rank calls this alike, as the 2D recipe's ranks do: it trains on the device the launcher gave it,
+    draws ``batch_size / world_size`` positives a step with its own generator, keeps a replay-buffer
+    shard of ``buffer_size / world_size`` chains filled from its own seed and advances
+    ``generative_batch / world_size`` of them a step (:func:`rank_share`). DDP averages the gradients
+    (:class:`~ebm.jem.JEMObjective`), so every rank keeps the same weights, and the run is one process's
+    with the configured global batch, buffer and chains per step, up to the random numbers drawn.
+
     Returns:
         The weights to use (the EMA copy, as a plain CPU-loadable :class:`ImageEnergy` in eval mode on the
-        training device), the trainer (its objective holds the replay buffer) and the run's result.
+        training device), the trainer (its objective holds this rank's replay buffer) and the run's result.
+
+    Raises:
+        ValueError: ``loss.buffer_size``, ``jem.generative_batch`` or ``train.batch_size`` is not divisible
+            by the number of data-parallel processes.
     """
-    device = resolve_device(recipe.train.device)
+    context = process_group_context()
+    device = context.device or resolve_device(recipe.train.device)
     energy = make_energy(spec, device=device, seed=recipe.train.seed)
+    recipe = rank_share(recipe, context.world_size)
+    # seed + 1 in one process; under DDP seeds that no rank's trainer generator (seed + rank) also uses.
+    buffer_seed = recipe.train.seed + context.world_size + context.rank
     objective = build_objective(
         recipe,
         spec.image_shape,
         device=device,
-        generator=torch.Generator(device).manual_seed(recipe.train.seed + 1),
+        generator=torch.Generator(device).manual_seed(buffer_seed),
         proposal=buffer_proposal(recipe, spec.image_shape, images, labels),
     )
     trainer = Trainer(

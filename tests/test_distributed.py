@@ -17,6 +17,7 @@ import shutil
 import socket
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -314,12 +315,13 @@ def write_stage_project(folder: Path) -> None:
     ebm.stages.toy.prepare(params, ToyPaths(folder / "project"))
 
 
-def spawn_ranks(folder: Path, mlflow_template_db: Path) -> None:
-    """Run :func:`rank_worker` on two spawned ranks, which save what they saw in ``folder``."""
-    write_stage_project(folder)
-    shutil.copyfile(mlflow_template_db, folder / "mlflow.db")
-    args = (free_port(), str(folder), f"sqlite:///{folder / 'mlflow.db'}")
-    processes = torch.multiprocessing.spawn(rank_worker, args=args, nprocs=WORLD_SIZE, join=False)
+def join_ranks(worker: Callable[..., None], args: tuple[Any, ...]) -> None:
+    """Run ``worker(rank, *args)`` on ``WORLD_SIZE`` spawned processes and wait for all of them.
+
+    Fails the test, with the rank's traceback, if a rank raised, and kills the ranks if they outlast
+    ``JOIN_TIMEOUT_S`` (a collective that one rank never reached).
+    """
+    processes = torch.multiprocessing.spawn(worker, args=args, nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not processes.join(timeout=5):  # raises, with the rank's traceback, if a rank failed
         if time.monotonic() > deadline:
@@ -328,26 +330,41 @@ def spawn_ranks(folder: Path, mlflow_template_db: Path) -> None:
             pytest.fail(f"the ranks did not finish within {JOIN_TIMEOUT_S} s: a collective deadlocked?")
 
 
-@pytest.fixture(scope="session")
-def ranks(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
-    """The folder of one two-rank run, made once per test session.
+def spawn_ranks(folder: Path, mlflow_template_db: Path) -> None:
+    """Run :func:`rank_worker` on two spawned ranks, which save what they saw in ``folder``."""
+    write_stage_project(folder)
+    shutil.copyfile(mlflow_template_db, folder / "mlflow.db")
+    join_ranks(rank_worker, (free_port(), str(folder), f"sqlite:///{folder / 'mlflow.db'}"))
 
-    The tests below are one xdist group, but with pytest 9 xdist 3.8 no longer keeps a group on one
-    worker, so they can land on both: the first worker to get here spawns the ranks while the other
+
+def once_per_session(
+    tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]
+) -> Path:
+    """The folder ``name`` that ``make(folder)`` filled, made once per test session.
+
+    A module's tests are one xdist group, but with pytest 9 xdist 3.8 no longer keeps a group on one
+    worker, so they can land on both: the first worker to get here makes the folder while the other
     waits on the lock, then reads the same folder (the xdist recipe for once-per-session fixtures).
     """
     base = tmp_path_factory.getbasetemp()
     under_xdist = "PYTEST_XDIST_WORKER" in os.environ
     shared = base.parent if under_xdist else base  # the parent is the whole xdist session's
-    folder = shared / "ddp"
-    with open(shared / "ddp.lock", "w") as lock:
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "done").exists():
             shutil.rmtree(folder, ignore_errors=True)  # what a failed try left
             folder.mkdir()
-            spawn_ranks(folder, request.getfixturevalue("mlflow_template_db"))
+            make(folder)
             (folder / "done").touch()
     return folder
+
+
+@pytest.fixture(scope="session")
+def ranks(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """The folder of one two-rank run, made once per test session."""
+    template = request.getfixturevalue("mlflow_template_db")
+    return once_per_session(tmp_path_factory, "ddp", lambda folder: spawn_ranks(folder, template))
 
 
 def rank_results(folder: Path) -> list[dict[str, Any]]:
@@ -503,16 +520,22 @@ def test_a_replay_buffer_that_does_not_split_evenly_over_the_ranks_is_refused(
             train_energy(torch.zeros(10, 2), odd, bounds=(-4.0, 4.0))
 
 
-@pytest.mark.parametrize("family", ["images", "anomaly", "boltzmann"])
+@pytest.mark.parametrize(
+    ("family", "stage"),
+    [("images", "evaluate"), ("images", "render"), ("anomaly", "train"), ("boltzmann", "train_rbm")],
+)
 def test_stages_that_join_no_process_group_refuse_torchrun(
-    family: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    family: str,
+    stage: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     # before: each of torchrun's processes ran the whole stage, wrote the same outs and logged its own run
     import importlib
 
     stages = importlib.import_module(f"ebm.stages.{family}")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    stage = {"images": "train", "anomaly": "train", "boltzmann": "train_rbm"}[family]
     with pytest.raises(SystemExit) as exited:
         stages.main([stage, "--root", str(tmp_path)])
     assert exited.value.code == 2 and "not under torchrun (2 processes)" in capsys.readouterr().err

@@ -54,15 +54,18 @@ def stage_arguments(module: str, description: str | None, stages: Iterable[str])
     return parser
 
 
-def refuse_torchrun(parser: argparse.ArgumentParser, family: str) -> None:
-    """Stop with a usage error when started by ``torchrun`` with more than one process: these stages join
-    no process group, so each process would run the whole stage, write the same outs and log its own run.
+def refuse_torchrun(parser: argparse.ArgumentParser, family: str, *, stage: str | None = None) -> None:
+    """Stop with a usage error when started by ``torchrun`` with more than one process: these stages (or
+    this ``stage`` of the family) join no process group, so each process would run the whole stage, write
+    the same outs and log its own run. Called before the process group would be joined or anything read.
     """
     world_size = os.environ.get("WORLD_SIZE", "1")
     if world_size.isdigit() and int(world_size) > 1:
+        what = f"the {family} stages run" if stage is None else f"the {family} {stage} stage runs"
         parser.error(
-            f"the {family} stages run as one process, not under torchrun ({world_size} processes); "
-            "only `python -m ebm.stages.toy train` trains data-parallel"
+            f"{what} as one process, not under torchrun ({world_size} processes); only the training "
+            "stages `python -m ebm.stages.toy train` and `python -m ebm.stages.images train` train "
+            "data-parallel"
         )
 
 

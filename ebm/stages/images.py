@@ -4,6 +4,7 @@ Each stage is a function with explicit paths that writes exactly the outs ``dvc.
 thin entry point::
 
     python -m ebm.stages.images prepare|train|evaluate|render [--params params.yaml] [--root .]
+    torchrun --standalone --nproc-per-node 2 -m ebm.stages.images train    # data-parallel training
 
 Stages read the ``seed`` and ``images`` sections of ``params.yaml`` and log to the MLflow experiment
 ``images`` through :mod:`ebm.tracking` (imported lazily, at the boundary).
@@ -11,7 +12,8 @@ Stages read the ``seed`` and ``images`` sections of ``params.yaml`` and log to t
 - **prepare**: the originals (local copy or torchvision download) → ``data/images/`` (seeded splits).
 - **train**: the JEM energy and, for the Fréchet distance's feature space, a plain classifier of the
   same architecture → ``models/images/``; the replay buffer → ``models/images/buffer.pt``; curves and
-  buffer sample grids → ``reports/images/``.
+  buffer sample grids → ``reports/images/``. It also runs data-parallel under ``torchrun`` (gloo on CPU,
+  NCCL with a GPU per rank): rank 0 writes the outs and logs; the other stages refuse ``torchrun``.
 - **evaluate**: accuracy, OOD AUROC per score and OOD set, FD of samples (from the buffer and from noise)
   next to the real-image floor, AIS log Z, restoration PSNR → ``reports/images/metrics.json`` and the
   samples and restoration panels in ``reports/images/samples/``; the ROC curves of the headline OOD score
@@ -39,6 +41,7 @@ import torch
 from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, torch_save, write_json
 from ebm.config import ConfigError, from_dict, load_params, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
+from ebm.distributed import init_from_env, process_group_context
 from ebm.evaluation.curves import read_curve_csv, write_curve_csv
 from ebm.evaluation.images import (
     OOD_SCORES,
@@ -59,6 +62,7 @@ from ebm.images import (
     buffer_proposal,
     buffer_states,
     generate,
+    rank_share,
     restore_images,
     save_image_grid,
     train_image_energy,
@@ -219,7 +223,20 @@ def prepare(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
 
 
 def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> dict[str, float]:
-    """Train the JEM energy and the plain classifier into ``models/images/``; return train metrics."""
+    """Train the JEM energy and the plain classifier into ``models/images/``; return train metrics.
+
+    In a data-parallel run every rank calls this alike and they train both models together (the
+    classifier data-parallel too, so no rank waits idle through it); rank 0 alone writes the files and
+    logs to ``run`` (``None`` elsewhere). The buffer file holds the whole replay buffer, every rank's
+    shard gathered to rank 0 in rank order, what the evaluate stage starts its chains from; the grids
+    during training show rank 0's shard. Every collective (training steps, checkpoints, the gather)
+    is reached by all ranks in the same order; rank 0's writes sit between them.
+
+    Raises:
+        ValueError: a batch or buffer that does not divide evenly over the ranks, before any training.
+    """
+    context = process_group_context()
+    _check_rank_shares(params, context.world_size)
     data_dir = paths.data / params.data.dataset
     split = load_image_split(data_dir, "train")
     spec = params.spec()
@@ -229,7 +246,8 @@ def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> di
         if run is not None:
             run.log_metrics({k: v for k, v in values.items() if k != "step"}, step=step)
 
-    shutil.rmtree(paths.reports / "grids", ignore_errors=True)  # no stale grids from an earlier run
+    if context.is_main:  # the grids are rank 0's (the trainer runs callbacks there only)
+        shutil.rmtree(paths.reports / "grids", ignore_errors=True)  # no stale grids from an earlier run
     grids = buffer_grid_callback(paths.reports / "grids", recipe.grid_every)
     fingerprint = run_fingerprint(to_dict(recipe), (data_dir / "train.pt").read_bytes())
     checkpoint = paths.checkpoints / f"jem-{fingerprint}.ckpt"
@@ -238,26 +256,29 @@ def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> di
         split.images, split.labels, spec, recipe, checkpoint_path=checkpoint, callbacks=[log, grids]
     )
     seconds = time.perf_counter() - start
-    metadata = {"dataset": params.data.dataset, "steps": result.steps, "objective": "jem"}
-    save_model(paths.models / "energy.pt", energy, kind="image_energy", config=spec, metadata=metadata)
     states = buffer_states(trainer)
-    states = states if states is not None else torch.empty(0, *spec.image_shape)
-    quantised = (states.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    torch_save({"states": quantised}, paths.models / "buffer.pt")
-    _write_curves(paths.reports / "curves.csv", result.history)
-    checkpoint.unlink(missing_ok=True)
-
-    classifier_recipe = params.classifier_recipe()
-    classifier_start = time.perf_counter()
-    classifier, _, _ = train_image_energy(split.images, split.labels, spec, classifier_recipe)
-    classifier_seconds = time.perf_counter() - classifier_start
-    save_model(
-        paths.models / "classifier.pt",
-        classifier,
-        kind="image_energy",
-        config=spec,
-        metadata={"dataset": params.data.dataset, "objective": "cross-entropy (FD feature space)"},
+    shards = context.gather(
+        (states if states is not None else torch.empty(0, *spec.image_shape)).detach().cpu()
     )
+    if shards is not None:  # rank 0
+        metadata = {"dataset": params.data.dataset, "steps": result.steps, "objective": "jem"}
+        save_model(paths.models / "energy.pt", energy, kind="image_energy", config=spec, metadata=metadata)
+        quantised = (torch.cat(shards).clamp(0, 1) * 255).round().to(torch.uint8)
+        torch_save({"states": quantised}, paths.models / "buffer.pt")
+        _write_curves(paths.reports / "curves.csv", result.history)
+        checkpoint.unlink(missing_ok=True)
+
+    classifier_start = time.perf_counter()
+    classifier, _, _ = train_image_energy(split.images, split.labels, spec, params.classifier_recipe())
+    classifier_seconds = time.perf_counter() - classifier_start
+    if context.is_main:
+        save_model(
+            paths.models / "classifier.pt",
+            classifier,
+            kind="image_energy",
+            config=spec,
+            metadata={"dataset": params.data.dataset, "objective": "cross-entropy (FD feature space)"},
+        )
     metrics = {
         "train_seconds": seconds,
         "classifier_seconds": classifier_seconds,
@@ -271,8 +292,24 @@ def train(params: ImagesParams, paths: ImagePaths, run: Any | None = None) -> di
             for key, name in (("final_gap", "gap"), ("final_train_accuracy", "accuracy"))
             if name in final
         }
-    write_json(paths.reports / "train.json", metrics)
+    if context.is_main:
+        write_json(paths.reports / "train.json", metrics)
     return metrics
+
+
+def _check_rank_shares(params: ImagesParams, world_size: int) -> None:
+    """Refuse, before any training, a batch or buffer the data-parallel ranks cannot share out evenly:
+    the classifier's batch would otherwise be refused only after the JEM run."""
+    for key, count in (
+        ("images.train.batch_size", params.recipe.train.batch_size),
+        ("images.classifier.batch_size", params.classifier.batch_size),
+    ):
+        if count % world_size:
+            raise ValueError(
+                f"{key} {count} must be divisible by the {world_size} data-parallel processes: each draws "
+                "batch_size / world_size images a step"
+            )
+    rank_share(params.recipe, world_size)  # the buffer and the chains per step
 
 
 def evaluate(params: ImagesParams, paths: ImagePaths) -> dict[str, Any]:
@@ -539,15 +576,27 @@ STAGES = ("prepare", "train", "evaluate", "render")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.images", __doc__, STAGES)
     args = parser.parse_args(argv)
-    refuse_torchrun(parser, "images")
+    if args.stage != "train":
+        refuse_torchrun(parser, "images", stage=args.stage)
     params = ImagesParams.from_params(load_params(args.params))
     paths = ImagePaths(args.root.resolve())
     if params.threads is not None:
         torch.set_num_threads(params.threads)  # the entry point owns the process: a CLI-boundary setting
-    stage = f"{args.stage}_images"
+    context = init_from_env(params.recipe.train.device)  # joins torchrun's process group, if any
+    try:
+        if context.is_main:
+            _run_tracked(args.stage, params, paths)
+        else:
+            train(params, paths)  # the same training as rank 0, which alone logs and writes
+    finally:
+        context.destroy()
 
+
+def _run_tracked(stage_name: str, params: ImagesParams, paths: ImagePaths) -> None:
+    """Run one stage inside its MLflow run."""
     from ebm.tracking import start_run
 
+    stage = f"{stage_name}_images"
     with start_run(
         project_root=paths.root,
         experiment=EXPERIMENT,
@@ -555,15 +604,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         params={"seed": params.seed, "images": params.logged()},
         run_name=stage,
     ) as run:
-        if args.stage == "prepare":
+        if stage_name == "prepare":
             manifest = prepare(params, paths)
             run.log_metrics({f"{name}_count": float(s["count"]) for name, s in manifest["splits"].items()})
-        elif args.stage == "train":
+        elif stage_name == "train":
             run.log_metrics(train(params, paths, run))
             run.log_artifact(paths.reports / "curves.csv")
             if (paths.reports / "grids").is_dir():
                 run.log_artifact(paths.reports / "grids", "grids")
-        elif args.stage == "evaluate":
+        elif stage_name == "evaluate":
             run.log_metrics(_flat(evaluate(params, paths)))
             run.log_artifact(paths.reports / "ood_roc")  # a folder lands under its own name: ood_roc/
         else:
