@@ -189,6 +189,11 @@ def test_the_stage_cli_logs_each_stage_to_the_images_experiment(
     assert logged == {f"ood_roc/{name}.csv" for name in metrics["ood_auroc_by_score"]["energy"]}
     figures = {a.path for a in client.list_artifacts(by_name["render_images"].info.run_id, "figures")}
     assert "figures/ood_roc.png" in figures
+    for model in ("energy.pt", "classifier.pt"):  # the trained models, in the training run
+        logged_model = client.download_artifacts(
+            by_name["train_images"].info.run_id, f"models/{model}", str(tmp_path / "logged")
+        )
+        assert Path(logged_model).read_bytes() == (root / "models" / "images" / model).read_bytes()
 
 
 @pytest.mark.slow

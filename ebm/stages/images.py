@@ -610,6 +610,8 @@ def _run_tracked(stage_name: str, params: ImagesParams, paths: ImagePaths) -> No
         elif stage_name == "train":
             run.log_metrics(train(params, paths, run))
             run.log_artifact(paths.reports / "curves.csv")
+            for model in ("energy.pt", "classifier.pt"):  # as `ebm.load_model` reads them
+                run.log_artifact(paths.models / model, "models")
             if (paths.reports / "grids").is_dir():
                 run.log_artifact(paths.reports / "grids", "grids")
         elif stage_name == "evaluate":
