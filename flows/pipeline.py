@@ -18,11 +18,11 @@ Per-stage policy comes from the optional ``schedule.stages`` section of ``params
         train_images: {timeout_seconds: 7200}
 
 Stages whose name starts with ``prepare`` retry once after 10 s by default (downloads flake); a stage
-has no timeout unless the params give it one (the project's ``params.yaml`` does for its long stages, about
-four times their time on 2 cores). A timeout is enforced here rather than by Prefect's ``timeout_seconds``,
-which cannot interrupt a sync task blocked on a subprocess: past its deadline the stage's command (found by
-the ``DVC_STAGE`` variable DVC gives it) is terminated, DVC records the stage as failed and the task raises
-:class:`StageTimeoutError`.
+has no timeout unless the params give it one (the project's ``params.yaml`` does for its long stages: at
+least four times their time on 2 cores, and at least an hour). A timeout is enforced here rather than by
+Prefect's ``timeout_seconds``, which cannot interrupt a sync task blocked on a subprocess: past its deadline
+the stage's command (found by the ``DVC_STAGE`` variable DVC gives it) is terminated, DVC records the stage
+as failed and the task raises :class:`StageTimeoutError`.
 
 Usage::
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,12 @@ def test_curves_refuse_inputs_they_cannot_draw(labels: list[int], scores: list[f
 
     with pytest.raises(ValueError, match=message):
         detection_curves(labels, scores)
+
+
+def test_a_curve_file_with_a_short_row_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    from ebm.evaluation.curves import read_curve_csv
+
+    path = tmp_path / "ebm.csv"
+    path.write_text("model,fpr,tpr\nebm,0.0,0.0\nebm,0.5\n")  # the last row lost its tpr
+    with pytest.raises(ValueError, match=r"ebm\.csv: "):
+        read_curve_csv(path, "fpr", "tpr")

@@ -63,6 +63,13 @@ def test_stages_write_their_outs_and_register_once(
         for a in mlflow.MlflowClient(mlflow_tracking_uri).list_artifacts(render_run.info.run_id, "curves/roc")
     }
     assert logged == {f"curves/roc/{m}.csv" for m in models}
+    train_run = mlflow.MlflowClient(mlflow_tracking_uri).search_runs(
+        [mlflow.get_experiment_by_name("anomaly").experiment_id], "tags.dvc_stage = 'train_anomaly'"
+    )[0]
+    logged_model = mlflow.MlflowClient(mlflow_tracking_uri).download_artifacts(
+        train_run.info.run_id, f"models/{paths.model.name}", str(tmp_path / "logged")
+    )
+    assert Path(logged_model).read_bytes() == paths.model.read_bytes()
     first = json.loads((paths.reports / "registration.json").read_text())
     assert first["version"] == "1" and first["alias_moved"] and not first["reused"]
 

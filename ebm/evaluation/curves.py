@@ -186,7 +186,7 @@ def read_curve_csv(path: str | os.PathLike[str], x: str, y: str) -> tuple[np.nda
     try:
         xs = np.array([float(row[x]) for row in rows])
         ys = np.array([float(row[y]) for row in rows])
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # TypeError: a short row, whose missing cells read as None
         raise ValueError(f"{path}: {err}") from None
     if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
         raise ValueError(f"{path}: the columns {x!r} and {y!r} hold NaN or infinite values")

@@ -328,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             run.log_metrics(prepare(params, paths))
         elif args.stage == "train":
             run.log_metrics(train(params, paths))
+            run.log_artifact(paths.model, "models")  # the file; register_anomaly logs the served pyfunc
         elif args.stage == "evaluate":
             run.log_metrics(_flat(evaluate(params, paths)))
             run.log_artifact(paths.reports / "energy_histogram.png", "figures")

@@ -557,8 +557,11 @@ STAGE_ARTIFACTS = {
     "evaluate_structured": ("structured_figures",),
 }
 
-# the models each training stage writes under models/boltzmann/, logged to its MLflow run as well
-STAGE_MODELS = {"train_rbm": ("rbm",), "train_structured": ("structured.pt",)}
+# the models each training stage writes, logged to its MLflow run as well (a folder under its own name)
+STAGE_MODELS: dict[str, Callable[[BoltzmannPaths], Path]] = {
+    "train_rbm": lambda paths: paths.rbm_models,
+    "train_structured": lambda paths: paths.structured_model,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -583,8 +586,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run.log_metrics(_flat(metrics))
         for artifact in STAGE_ARTIFACTS[args.stage]:
             run.log_artifact(paths.reports / artifact)  # a folder arrives as <name>/ in the run's artifacts
-        for model in STAGE_MODELS.get(args.stage, ()):
-            run.log_artifact(paths.models / model)  # as `ebm.checkpoint.load_model` reads them
+        if args.stage in STAGE_MODELS:
+            run.log_artifact(STAGE_MODELS[args.stage](paths))  # as `ebm.checkpoint.load_model` reads them
     print(f"{args.stage}: done; MLflow run {run.url}", flush=True)
 
 
