@@ -18,13 +18,17 @@ install: $(STAMP)
 # Fashion-MNIST's original IDX files from Debian (the pipeline reads them without the network). Where the
 # package cannot be installed (no apt, not root) the pipeline goes on without it: prepare_images then lets
 # torchvision download the files (images.data.download), and says what to do if there is no network either.
+# apt is tried once per virtual environment (the stamp), not at every `make test`.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-data: $(FASHION_MNIST)
+DATA_STAMP := $(VENV)/.fashion-mnist-checked
+data: $(DATA_STAMP)
 
-$(FASHION_MNIST):
-	(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
+$(DATA_STAMP): | $(STAMP)
+	test -d $(FASHION_MNIST) \
+		|| apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
 		|| echo "could not install Debian's dataset-fashion-mnist: prepare_images will try torchvision's download" \
 			"(images.data.download in params.yaml), or name a copy of the original files in images.data.local_copy" >&2
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
