@@ -307,3 +307,11 @@ def test_nll_of_an_unnormalised_energy_does_not_depend_on_its_constant() -> None
         log_z = grid_log_partition(shifted, BOUNDS, 256)
         assert log_z == pytest.approx(grid_log_partition(mixture, BOUNDS, 256) - c, abs=1e-5)
         assert nll(shifted, x, log_z) == pytest.approx(reference, abs=1e-5)
+
+
+def test_kde_baseline_says_when_its_bandwidth_search_runs_off_its_grid() -> None:
+    # 20 points, each 200 times: held-out folds hold exact copies, so the likelihood grows without bound
+    # as the bandwidth shrinks, and no grid around the subsample's guess holds a best bandwidth
+    distinct = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="bandwidth search on all 4000 points ended at the edge"):
+        KDEBaseline(max_cv_points=400, seed=0).fit(distinct.repeat(200, 1))

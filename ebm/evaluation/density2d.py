@@ -321,7 +321,8 @@ class KDEBaseline:
        ``max_cv_points`` points; the best is rescaled by ``(n_cv / n)^(1/(d+4))``, the rate at which
        the optimal bandwidth of a smooth density shrinks with n;
     2. on all the points, over ``n_refine`` log-spaced multiples of that guess from ``1/refine_span`` to
-       ``refine_span``, moved along while the best lies at an end. The rescaling is only a guess: a
+       ``refine_span`` (by default as fine as the first round, 1.22× apart), moved along while the best
+       lies at an end; a :class:`ValueError` if it still does after 8 moves. The rescaling is only a guess: a
        density with edges (the checkerboard) wants a smaller bandwidth than the smooth rate says
        (0.061 against 0.089 on 20,000 points, 0.079 nats from the entropy floor against 0.096).
 
@@ -388,6 +389,12 @@ class KDEBaseline:
                 bandwidth = self._best_bandwidth(points, grid)
                 if grid[0] < bandwidth < grid[-1]:
                     break
+            else:
+                raise ValueError(
+                    f"the KDE's bandwidth search on all {n} points ended at the edge of its grid "
+                    f"({grid[0]:.3g}–{grid[-1]:.3g}, best {bandwidth:.3g}), far from the subsample's guess: "
+                    "the training points are not like a density's draws (duplicates? a few distant outliers?)"
+                )
         self.bandwidth_ = bandwidth
         self.model_ = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth_, rtol=self.rtol).fit(points)
         return self
