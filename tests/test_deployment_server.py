@@ -4,7 +4,7 @@ The other flow tests talk to Prefect's test harness, which has no scheduler and 
 ``prefect server start --host 127.0.0.1``, ``python -m flows.deploy`` and ``prefect deployment run`` run as
 the docstring tells users to run them, in subprocesses with the offline switches of ``ebm.offline``, on a
 tiny DVC pipeline; the server's REST API then says what the deployment and its run became. Everything binds
-and connects to loopback only.
+to loopback, and every process runs under ``netguard``, which refuses and records any connection beyond it.
 """
 
 import os
@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from netguard import GuardedProcesses
 
 from ebm.offline import OFFLINE_ENV
 
@@ -105,6 +106,7 @@ class LocalServer:
     api_url: str
     client_env: dict[str, str]
     process: Background
+    guard: GuardedProcesses
 
     def wait_until_healthy(self) -> None:
         _wait_until(lambda: _answers(f"{self.api_url}/health"), "answer from /api/health", [self.process])
@@ -128,12 +130,14 @@ def prefect_server(tmp_path: Path) -> Iterator[LocalServer]:
     api_url = f"http://127.0.0.1:{port}/api"
     logs = tmp_path / "logs"
     logs.mkdir()
-    env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
-    env |= OFFLINE_ENV | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    guard = GuardedProcesses(tmp_path)  # no PREFECT_API_URL, PREFECT_HOME in tmp_path, the network guard
+    env = guard.env | OFFLINE_ENV  # the switches flows/deploy.py's docstring tells users to export
     command = (PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port))
     server = Background.start("prefect-server", command, cwd=tmp_path, env=env, logs=logs)
     try:
-        yield LocalServer(api_url=api_url, client_env=env | {"PREFECT_API_URL": api_url}, process=server)
+        yield LocalServer(
+            api_url=api_url, client_env=env | {"PREFECT_API_URL": api_url}, process=server, guard=guard
+        )
     finally:
         server.stop(signal.SIGTERM, grace_seconds=15.0)
 
@@ -210,3 +214,6 @@ def test_served_nightly_deployment_runs_the_pipeline_on_a_local_server_when_trig
     assert experiment is not None, f"no MLflow experiment 'tiny'\n{_tails(processes)}"
     (train_run,) = client.search_runs([experiment.experiment_id])
     assert train_run.data.tags["prefect_flow_run_id"] == flow_run["id"]
+    # The server, the serving process, the CLI, DVC and the stage: all guarded, nothing went beyond loopback.
+    assert prefect_server.guard.refused == []
+    assert prefect_server.guard.guarded_processes >= 5
