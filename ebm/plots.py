@@ -166,15 +166,16 @@ def _density_row(row: Sequence[Axes], panel: DensityPanel, resolution: int) -> N
     if samples is None:
         _blank(samples_ax, "no samples")
         return
-    # the learned density again, in grey under the points: where the samples fall against where the model
-    # puts its mass, and the data (blue) beside them
+    # the learned density again, in light grey under the points (its peak at mid-grey, so the points stay
+    # legible on a flat density): where the samples fall against where the model puts its mass, and the
+    # data (blue) beside them
     samples_ax.imshow(
         density.numpy(),
         origin="lower",
         extent=(*panel.bounds, *panel.bounds),
         cmap="Greys",
         vmin=0.0,
-        vmax=vmax,
+        vmax=2 * vmax,
         interpolation="nearest",
     )
     _overlay(samples_ax, data, samples, data_style={"c": "tab:blue", "alpha": 0.3})
