@@ -522,7 +522,13 @@ def test_a_replay_buffer_that_does_not_split_evenly_over_the_ranks_is_refused(
 
 @pytest.mark.parametrize(
     ("family", "stage"),
-    [("images", "evaluate"), ("images", "render"), ("anomaly", "train"), ("boltzmann", "train_rbm")],
+    [
+        ("toy", "evaluate"),
+        ("images", "evaluate"),
+        ("images", "render"),
+        ("anomaly", "train"),
+        ("boltzmann", "train_rbm"),
+    ],
 )
 def test_stages_that_join_no_process_group_refuse_torchrun(
     family: str,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ebm.config import ConfigError, section
+from ebm.distributed import init_from_env
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,24 @@ def refuse_torchrun(parser: argparse.ArgumentParser, family: str, *, stage: str 
             "stages `python -m ebm.stages.toy train` and `python -m ebm.stages.images train` train "
             "data-parallel"
         )
+
+
+def run_on_ranks(
+    device: str, on_rank_zero: Callable[[], object], on_other_ranks: Callable[[], object]
+) -> None:
+    """Join ``torchrun``'s process group if there is one (:func:`~ebm.distributed.init_from_env`), run, leave.
+
+    Rank 0 (or the one process) runs ``on_rank_zero``: the stage inside its MLflow run, writing the outs.
+    The other ranks run ``on_other_ranks``: the same training, which writes and logs nothing.
+    """
+    context = init_from_env(device)
+    try:
+        if context.is_main:
+            on_rank_zero()
+        else:
+            on_other_ranks()
+    finally:
+        context.destroy()
 
 
 def read_seed(params: Mapping[str, Any]) -> int:

@@ -41,7 +41,7 @@ import torch
 from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, torch_save, write_json
 from ebm.config import ConfigError, from_dict, load_params, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
-from ebm.distributed import init_from_env, process_group_context
+from ebm.distributed import process_group_context
 from ebm.evaluation.curves import read_curve_csv, write_curve_csv
 from ebm.evaluation.images import (
     OOD_SCORES,
@@ -75,6 +75,7 @@ from ebm.stages.common import (
     read_mapping,
     read_seed,
     refuse_torchrun,
+    run_on_ranks,
     stage_arguments,
 )
 from ebm.trainer import resolve_device
@@ -582,14 +583,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = ImagePaths(args.root.resolve())
     if params.threads is not None:
         torch.set_num_threads(params.threads)  # the entry point owns the process: a CLI-boundary setting
-    context = init_from_env(params.recipe.train.device)  # joins torchrun's process group, if any
-    try:
-        if context.is_main:
-            _run_tracked(args.stage, params, paths)
-        else:
-            train(params, paths)  # the same training as rank 0, which alone logs and writes
-    finally:
-        context.destroy()
+    run_on_ranks(
+        params.recipe.train.device,
+        lambda: _run_tracked(args.stage, params, paths),
+        lambda: train(params, paths),  # the same training as rank 0, which alone logs and writes
+    )
 
 
 def _run_tracked(stage_name: str, params: ImagesParams, paths: ImagePaths) -> None:

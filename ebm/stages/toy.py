@@ -33,8 +33,16 @@ import torch
 from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model, write_json
 from ebm.config import from_dict, load_params, section, to_dict
 from ebm.data.toy2d import TOY_DATASETS, make_toy_dataset
-from ebm.distributed import init_from_env, process_group_context
-from ebm.stages.common import StagePaths, check_count, read_mapping, read_seed, stage_arguments
+from ebm.distributed import process_group_context
+from ebm.stages.common import (
+    StagePaths,
+    check_count,
+    read_mapping,
+    read_seed,
+    refuse_torchrun,
+    run_on_ranks,
+    stage_arguments,
+)
 from ebm.toy import Toy2DConfig, evaluate_energy, polish_checkpoint, train_energy
 
 EXPERIMENT = "toy2d"
@@ -264,18 +272,15 @@ STAGES = ("prepare", "train", "evaluate", "render")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_arguments("ebm.stages.toy", __doc__, STAGES)
     args = parser.parse_args(argv)
+    if args.stage != "train":
+        refuse_torchrun(parser, "toy", stage=args.stage)
     params = ToyParams.from_params(load_params(args.params))
     paths = ToyPaths(args.root.resolve())
-    context = init_from_env(params.recipe.train.device)  # joins torchrun's process group, if any
-    try:
-        if context.is_distributed and args.stage != "train":
-            parser.error(f"only the train stage runs under torchrun; run {args.stage} as one process")
-        if context.is_main:
-            _run_tracked(args.stage, params, paths)
-        else:
-            train(params, paths)  # the same training as rank 0, which alone logs and writes
-    finally:
-        context.destroy()
+    run_on_ranks(
+        params.recipe.train.device,
+        lambda: _run_tracked(args.stage, params, paths),
+        lambda: train(params, paths),  # the same training as rank 0, which alone logs and writes
+    )
 
 
 def _run_tracked(stage_name: str, params: ToyParams, paths: ToyPaths) -> None:
