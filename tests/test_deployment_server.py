@@ -48,7 +48,13 @@ class Background:
         log = logs / f"{name}.log"
         with log.open("wb") as output:
             process = subprocess.Popen(
-                command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=cwd,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_default_sigint,
             )
         return cls(name, process, log)
 
@@ -67,6 +73,17 @@ class Background:
                 self.process.wait(timeout=wait_seconds)
             except subprocess.TimeoutExpired:
                 continue
+
+
+def _default_sigint() -> None:
+    """In the child, before exec: Ctrl-C's default action, whatever this process had.
+
+    An ignored SIGINT is inherited through exec, and Python then installs no KeyboardInterrupt handler, so
+    the served deployment would never see the test's Ctrl-C. DVC ignores SIGINT while it runs a stage in
+    the main thread and restores the old handler only when that was truthy, so after an in-process
+    ``dvc repro`` in a test worker whose handler was ``SIG_DFL`` (0), SIGINT stays ignored.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _tails(processes: Sequence[Background]) -> str:
