@@ -271,7 +271,8 @@ def controller_lengths(rank: int) -> list[int]:
     return sampler.lengths
 
 
-def rank_worker(rank: int, port: int, folder: str, tracking_uri: str) -> None:
+def become_rank(rank: int, port: int, tracking_uri: str) -> None:
+    """Give this spawned process torchrun's environment for ``rank`` of :data:`WORLD_SIZE` on loopback."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -281,6 +282,10 @@ def rank_worker(rank: int, port: int, folder: str, tracking_uri: str) -> None:
         MLFLOW_TRACKING_URI=tracking_uri,
     )
     torch.set_num_threads(1)
+
+
+def rank_worker(rank: int, port: int, folder: str, tracking_uri: str) -> None:
+    become_rank(rank, port, tracking_uri)
     out = Path(folder)
     context = init_from_env("cpu")
     assert (context.rank, context.world_size, context.backend) == (rank, WORLD_SIZE, "gloo")

@@ -9,7 +9,6 @@ ranks with each other and rank 0's models with a one-process run of the same sta
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 from dataclasses import replace
@@ -22,7 +21,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 from paramfiles import quick_params
-from test_distributed import WORLD_SIZE, assert_same, free_port, join_ranks, once_per_session
+from test_distributed import (
+    WORLD_SIZE,
+    assert_same,
+    become_rank,
+    free_port,
+    join_ranks,
+    once_per_session,
+)
 from test_images_data import write_idx
 from torch import Tensor
 
@@ -151,15 +157,7 @@ def run_train_stage(rank: int, folder: Path) -> list[dict[str, Any]]:
 
 
 def rank_worker(rank: int, port: int, folder: str, tracking_uri: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        MLFLOW_TRACKING_URI=tracking_uri,
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, port, tracking_uri)
     out = Path(folder)
     params = ImagesParams.from_params(yaml.safe_load((out / "params.yaml").read_text()))
     init_from_env("cpu")
