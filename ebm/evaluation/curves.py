@@ -172,6 +172,20 @@ def write_curve_csv(
     return atomic_write(path, write, suffix=".tmp.csv")
 
 
+def write_curve_folder(
+    folder: str | os.PathLike[str], tables: Mapping[str, Mapping[str, Sequence[float] | np.ndarray | str]]
+) -> None:
+    """One ``<name>.csv`` per entry of ``tables`` in ``folder`` (:func:`write_curve_csv`), and no other:
+    CSV files of names no longer in ``tables`` (a baseline or OOD set dropped from the params) are removed,
+    so a DVC plot of the folder shows only this run's curves."""
+    folder = Path(folder)
+    for stale in folder.glob("*.csv") if folder.is_dir() else ():
+        if stale.stem not in tables:
+            stale.unlink()
+    for name, columns in tables.items():
+        write_curve_csv(folder / f"{name}.csv", columns)
+
+
 def read_curve_csv(path: str | os.PathLike[str], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     """The ``x`` and ``y`` columns of a curve written by :func:`write_curve_csv`.
 

@@ -236,7 +236,7 @@ def render(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, DetectionCur
         ValueError: the scored test file lacks a column, its labels hold one class only, or a score is
             NaN or infinite; the message names the file and the column.
     """
-    from ebm.evaluation.curves import detection_curves, write_curve_csv
+    from ebm.evaluation.curves import detection_curves, write_curve_folder
     from ebm.plots import plot_detection_curves, save_figure
 
     columns = {"ebm": EBM_SCORE, **{name: f"{name}_score" for name in params.evaluate.baselines}}
@@ -257,16 +257,13 @@ def render(params: AnomalyParams, paths: AnomalyPaths) -> dict[str, DetectionCur
             curves[model] = detection_curves(labels, scored[column].to_numpy())
         except ValueError as err:
             raise ValueError(f"{paths.scored_test}: column {column!r}: {err}") from None
-    for folder in (paths.reports / "roc", paths.reports / "pr"):
-        for stale in folder.glob("*.csv") if folder.is_dir() else ():
-            if stale.stem not in curves:
-                stale.unlink()
-    for model, c in curves.items():
-        write_curve_csv(paths.reports / "roc" / f"{model}.csv", {"model": model, "fpr": c.fpr, "tpr": c.tpr})
-        write_curve_csv(
-            paths.reports / "pr" / f"{model}.csv",
-            {"model": model, "recall": c.recall, "precision": c.precision},
-        )
+    write_curve_folder(
+        paths.reports / "roc", {m: {"model": m, "fpr": c.fpr, "tpr": c.tpr} for m, c in curves.items()}
+    )
+    write_curve_folder(
+        paths.reports / "pr",
+        {m: {"model": m, "recall": c.recall, "precision": c.precision} for m, c in curves.items()},
+    )
     figure = plot_detection_curves(curves, title="Synthetic transactions, test period")
     save_figure(figure, paths.reports / "curves.png")
     return curves

@@ -42,7 +42,7 @@ from ebm.checkpoint import atomic_write, load_model, run_fingerprint, save_model
 from ebm.config import ConfigError, from_dict, load_params, to_dict
 from ebm.data.images import ImageDataConfig, image_dataset, load_image_split, prepare_image_data
 from ebm.distributed import process_group_context
-from ebm.evaluation.curves import read_curve_csv, write_curve_csv
+from ebm.evaluation.curves import read_curve_csv, write_curve_folder
 from ebm.evaluation.images import (
     OOD_SCORES,
     AISConfig,
@@ -518,11 +518,9 @@ def _write_curves(path: Path, history: Sequence[Mapping[str, float]]) -> None:
 
 def _write_ood_roc(folder: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """One ``<ood_set>.csv`` (``ood_set,fpr,tpr``) per OOD set; CSV files of other sets are removed."""
-    for stale in folder.glob("*.csv") if folder.is_dir() else ():
-        if stale.stem not in curves:
-            stale.unlink()
-    for name, (fpr, tpr) in curves.items():
-        write_curve_csv(folder / f"{name}.csv", {"ood_set": name, "fpr": fpr, "tpr": tpr})
+    write_curve_folder(
+        folder, {name: {"ood_set": name, "fpr": fpr, "tpr": tpr} for name, (fpr, tpr) in curves.items()}
+    )
 
 
 def _plot_ood_roc(folder: Path, metrics_path: Path, out: Path) -> Path:
